@@ -1,0 +1,254 @@
+//! The device's access list and its decision function.
+//!
+//! The device is the only authority over who may control it. The cloud may
+//! mirror this list for display but never decides with it.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::capability::DeviceKind;
+use crate::envelope::{self, Kind};
+use crate::ids::{ControllerId, DeviceId};
+use crate::keys::PublicKey;
+use crate::message::{decode_command, Command, CommandPayload};
+use crate::FRESHNESS_WINDOW_SECS;
+
+/// Most controllers one device will hold; bounds the stored state.
+pub const MAX_ENTRIES: usize = 64;
+
+/// What a controller may do on a device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Paired first; may operate and (later) share and revoke.
+    Owner,
+    /// May operate the device; may not share.
+    Member,
+}
+
+/// One controller on the access list.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AclEntry {
+    /// The controller's id (derived from `key`).
+    pub controller: ControllerId,
+    /// Its public key.
+    pub key: PublicKey,
+    /// Its role.
+    pub role: Role,
+    /// Unix seconds when it was added.
+    pub added_at: u64,
+}
+
+/// Why a device refused a command. Sent back, signed, in the result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Refusal {
+    /// The bytes were not a well-formed signed command.
+    Malformed,
+    /// The signer is not on this device's access list.
+    NotPaired,
+    /// The signature did not verify with the listed key.
+    BadSignature,
+    /// The command names another device.
+    WrongDevice,
+    /// The counter is not above the last one seen from this controller.
+    Replayed,
+    /// `issued_at` is outside the freshness window.
+    Stale,
+    /// The controller's role does not allow this command.
+    NotPermitted,
+    /// This device has no such capability.
+    Unsupported,
+}
+
+impl Refusal {
+    /// A sentence a person can act on.
+    pub fn explain(self) -> &'static str {
+        match self {
+            Refusal::Malformed => "the device could not read the command",
+            Refusal::NotPaired => "this controller is not paired with the device",
+            Refusal::BadSignature => "the command's signature is not valid",
+            Refusal::WrongDevice => "the command was signed for another device",
+            Refusal::Replayed => "the command was already used (replay refused)",
+            Refusal::Stale => "the command is too old or from the future (check the clock)",
+            Refusal::NotPermitted => "this controller's role does not allow that",
+            Refusal::Unsupported => "the device cannot do that",
+        }
+    }
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.explain())
+    }
+}
+
+/// The device's list of controllers.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessList {
+    entries: Vec<AclEntry>,
+}
+
+/// The highest counter seen per controller. Must be persisted before a
+/// command takes effect, or a restart would reopen the replay window.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplayState {
+    last: BTreeMap<ControllerId, u64>,
+}
+
+impl ReplayState {
+    /// Records an accepted command. Call only with a [`Decision`] from
+    /// [`AccessList::decide`] on this state.
+    pub fn commit(&mut self, decision: &Decision) {
+        self.last.insert(decision.controller.clone(), decision.counter);
+    }
+
+    /// Forgets a controller (when it leaves the access list).
+    pub fn forget(&mut self, controller: &ControllerId) {
+        self.last.remove(controller);
+    }
+
+    /// The last accepted counter of a controller.
+    pub fn last(&self, controller: &ControllerId) -> Option<u64> {
+        self.last.get(controller).copied()
+    }
+}
+
+/// A command the device may execute.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    /// Who sent it.
+    pub controller: ControllerId,
+    /// Their role.
+    pub role: Role,
+    /// Its counter (to commit).
+    pub counter: u64,
+    /// What to do.
+    pub command: Command,
+}
+
+/// A refused command, with what could be learned about its sender so the
+/// device can address a signed refusal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    /// Why.
+    pub reason: Refusal,
+    /// The claimed sender, when the envelope named one.
+    pub controller: Option<ControllerId>,
+    /// The claimed counter, when the payload could be read.
+    pub counter: Option<u64>,
+}
+
+/// Facts about the device a decision depends on.
+#[derive(Debug, Clone, Copy)]
+pub struct DeviceContext<'a> {
+    /// This device's id.
+    pub device: &'a DeviceId,
+    /// Its kind (for capability checks).
+    pub kind: DeviceKind,
+    /// The device clock, unix seconds.
+    pub now: u64,
+}
+
+impl AccessList {
+    /// The entries, in the order they were added.
+    pub fn entries(&self) -> &[AclEntry] {
+        &self.entries
+    }
+
+    /// Whether nobody is paired.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Looks up a controller.
+    pub fn get(&self, controller: &ControllerId) -> Option<&AclEntry> {
+        self.entries.iter().find(|e| &e.controller == controller)
+    }
+
+    /// Adds or replaces a controller. Returns false when the list is full.
+    pub fn upsert(&mut self, key: PublicKey, role: Role, now: u64) -> bool {
+        let controller = key.controller_id();
+        if let Some(e) = self.entries.iter_mut().find(|e| e.controller == controller) {
+            e.role = role;
+            return true;
+        }
+        if self.entries.len() >= MAX_ENTRIES {
+            return false;
+        }
+        self.entries.push(AclEntry { controller, key, role, added_at: now });
+        true
+    }
+
+    /// Removes every entry (factory reset).
+    pub fn clear(&mut self) {
+        self.entries.clear();
+    }
+
+    /// Decides whether to execute a signed command. The steps, in order:
+    ///
+    /// 1. decode the COSE_Sign1 envelope and require the command content type;
+    /// 2. find the signer (key id) on this access list;
+    /// 3. verify the signature with that entry's key, and only then read the payload;
+    /// 4. the payload must name this device and the same controller;
+    /// 5. `issued_at` within [`FRESHNESS_WINDOW_SECS`] of the device clock;
+    /// 6. `counter` strictly above the last one accepted from this controller;
+    /// 7. the device has the capability and the role allows the command.
+    ///
+    /// Pure: nothing changes until the caller commits the decision's counter.
+    pub fn decide(&self, ctx: DeviceContext<'_>, replay: &ReplayState, bytes: &[u8]) -> Result<Decision, Refused> {
+        let refuse = |reason, controller: Option<&ControllerId>, counter| Refused {
+            reason,
+            controller: controller.cloned(),
+            counter,
+        };
+        // Step 1.
+        let unverified = envelope::open(bytes).map_err(|_| refuse(Refusal::Malformed, None, None))?;
+        if unverified.kind() != Kind::Command {
+            return Err(refuse(Refusal::Malformed, None, None));
+        }
+        // Step 2.
+        let kid: [u8; ControllerId::BYTES] =
+            unverified.key_id().try_into().map_err(|_| refuse(Refusal::Malformed, None, None))?;
+        let claimed = ControllerId::from_bytes(kid);
+        let Some(entry) = self.get(&claimed) else {
+            return Err(refuse(Refusal::NotPaired, Some(&claimed), None));
+        };
+        // Step 3.
+        let payload =
+            unverified.verify(&entry.key).map_err(|_| refuse(Refusal::BadSignature, Some(&claimed), None))?;
+        let cmd: CommandPayload =
+            decode_command(&payload).map_err(|_| refuse(Refusal::Malformed, Some(&claimed), None))?;
+        let counter = Some(cmd.counter);
+        // Step 4.
+        if cmd.controller != entry.controller {
+            return Err(refuse(Refusal::Malformed, Some(&claimed), counter));
+        }
+        if &cmd.device != ctx.device {
+            return Err(refuse(Refusal::WrongDevice, Some(&claimed), counter));
+        }
+        // Step 5.
+        if cmd.issued_at.abs_diff(ctx.now) > FRESHNESS_WINDOW_SECS {
+            return Err(refuse(Refusal::Stale, Some(&claimed), counter));
+        }
+        // Step 6.
+        if replay.last(&entry.controller).is_some_and(|last| cmd.counter <= last) {
+            return Err(refuse(Refusal::Replayed, Some(&claimed), counter));
+        }
+        // Step 7.
+        if let Some(cap) = cmd.command.needs() {
+            if !ctx.kind.has(cap) {
+                return Err(refuse(Refusal::Unsupported, Some(&claimed), counter));
+            }
+        }
+        match entry.role {
+            Role::Owner | Role::Member => {}
+        }
+        Ok(Decision { controller: entry.controller.clone(), role: entry.role, counter: cmd.counter, command: cmd.command })
+    }
+}

@@ -1,0 +1,228 @@
+//! The signed payloads. Each is CBOR (RFC 8949) inside a COSE_Sign1
+//! envelope; unknown fields are refused.
+
+use p256::ecdsa::SigningKey;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::acl::Refusal;
+use crate::capability::{Capability, DeviceKind};
+use crate::envelope::{self, Kind};
+use crate::error::malformed;
+use crate::ids::{ControllerId, DeviceId};
+use crate::keys::PublicKey;
+use crate::{Error, PROTOCOL_VERSION};
+
+/// What a controller asks a device to do.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Command {
+    /// Switch the relay on or off.
+    SetRelay {
+        /// The wanted relay state.
+        on: bool,
+    },
+    /// Flip the relay.
+    Toggle,
+    /// Report the current state (read-only).
+    GetState,
+}
+
+impl Command {
+    /// The capability a device needs to execute this command, if any.
+    pub fn needs(&self) -> Option<Capability> {
+        match self {
+            Command::SetRelay { .. } | Command::Toggle => Some(Capability::Switch),
+            Command::GetState => None,
+        }
+    }
+
+    /// Whether the command changes anything on the device.
+    pub fn is_write(&self) -> bool {
+        !matches!(self, Command::GetState)
+    }
+}
+
+/// Controller → device. Signed by the controller; `kid` is its controller id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommandPayload {
+    /// Protocol version, always [`PROTOCOL_VERSION`].
+    pub v: u8,
+    /// The device this command is for; a device refuses commands for others.
+    pub device: DeviceId,
+    /// The signer; must match the envelope's key id.
+    pub controller: ControllerId,
+    /// Strictly increasing per controller (replay protection).
+    pub counter: u64,
+    /// Unix seconds when the controller signed it (freshness).
+    pub issued_at: u64,
+    /// What to do.
+    pub command: Command,
+}
+
+/// The state a device reports. Fields a device does not have are absent.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceState {
+    /// Relay on/off, for devices with [`Capability::Switch`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay: Option<bool>,
+    /// Motion detected, for motion sensors.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub motion: Option<bool>,
+    /// Instantaneous power in milliwatts, for energy meters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub power_mw: Option<u64>,
+}
+
+/// How a command ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Outcome {
+    /// The device executed the command.
+    Done,
+    /// The device refused it, and why.
+    Refused {
+        /// The reason.
+        reason: Refusal,
+    },
+}
+
+/// Device → controller: the answer to one command. Signed by the device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResultPayload {
+    /// Protocol version.
+    pub v: u8,
+    /// The device answering.
+    pub device: DeviceId,
+    /// The controller the command claimed to come from.
+    pub controller: ControllerId,
+    /// The command's counter, so the controller can match the answer.
+    pub counter: u64,
+    /// Done or refused.
+    pub outcome: Outcome,
+    /// The device's state after the command.
+    pub state: DeviceState,
+    /// Device clock, unix seconds.
+    pub at: u64,
+}
+
+/// Why the device's state changed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "by", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Cause {
+    /// A controller's command.
+    Command {
+        /// Who sent it.
+        controller: ControllerId,
+    },
+    /// Something on the device itself (button, sensor, boot).
+    Local,
+    /// A periodic or on-connect report with no change.
+    Report,
+}
+
+/// Device → all controllers: the current state. Signed by the device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatePayload {
+    /// Protocol version.
+    pub v: u8,
+    /// The reporting device.
+    pub device: DeviceId,
+    /// What kind of device it is.
+    pub kind: DeviceKind,
+    /// Increases with every report the device makes (persisted), so a
+    /// controller can ignore an older report delivered late or replayed.
+    pub seq: u64,
+    /// Device clock, unix seconds.
+    pub at: u64,
+    /// The state.
+    pub state: DeviceState,
+    /// Why this report was made.
+    pub cause: Cause,
+}
+
+pub(crate) fn to_cbor<T: Serialize>(value: &T, what: &'static str) -> Result<Vec<u8>, Error> {
+    let mut out = Vec::new();
+    ciborium::into_writer(value, &mut out).map_err(|_| Error::Encode(what))?;
+    Ok(out)
+}
+
+pub(crate) fn from_cbor<T: DeserializeOwned>(bytes: &[u8], what: &'static str) -> Result<T, Error> {
+    // ciborium bounds recursion itself; sizes are bounded by the envelope limit.
+    ciborium::from_reader(bytes).map_err(|e| malformed(what, e))
+}
+
+fn check_version(v: u8, what: &'static str) -> Result<(), Error> {
+    if v == PROTOCOL_VERSION {
+        Ok(())
+    } else {
+        Err(malformed(what, format!("protocol version {v} is not supported")))
+    }
+}
+
+/// Signs a command with the controller's key.
+pub fn sign_command(key: &SigningKey, payload: &CommandPayload) -> Result<Vec<u8>, Error> {
+    let id = ControllerId::of_key(&PublicKey::from(key));
+    if id != payload.controller {
+        return Err(Error::Encode("command signed by a key that is not its controller"));
+    }
+    envelope::sign(key, Kind::Command, &hex::decode(id.as_str()).map_err(|_| Error::Encode("id"))?, to_cbor(payload, "command")?)
+}
+
+/// Decodes a command payload that has already been verified.
+pub fn decode_command(verified_payload: &[u8]) -> Result<CommandPayload, Error> {
+    let p: CommandPayload = from_cbor(verified_payload, "command")?;
+    check_version(p.v, "command")?;
+    Ok(p)
+}
+
+/// The key id a device signs with: its raw device id bytes.
+pub fn device_key_id(device: &DeviceId) -> Vec<u8> {
+    // A DeviceId is always valid lowercase hex, so this decode cannot fail.
+    hex::decode(device.as_str()).unwrap_or_default()
+}
+
+/// Signs a command result with the device's key.
+pub fn sign_result(key: &SigningKey, payload: &ResultPayload) -> Result<Vec<u8>, Error> {
+    envelope::sign(key, Kind::CommandResult, &device_key_id(&payload.device), to_cbor(payload, "result")?)
+}
+
+/// Verifies a command result from `device` with the device's public key.
+pub fn verify_result(bytes: &[u8], device: &DeviceId, key: &PublicKey) -> Result<ResultPayload, Error> {
+    let payload = envelope::open(bytes)?.verify_as(Kind::CommandResult, key)?;
+    let p: ResultPayload = from_cbor(&payload, "result")?;
+    check_version(p.v, "result")?;
+    if &p.device != device {
+        return Err(malformed("result", format!("signed for device {}, expected {device}", p.device)));
+    }
+    Ok(p)
+}
+
+/// Signs a state report with the device's key.
+pub fn sign_state(key: &SigningKey, payload: &StatePayload) -> Result<Vec<u8>, Error> {
+    envelope::sign(key, Kind::StateReport, &device_key_id(&payload.device), to_cbor(payload, "state report")?)
+}
+
+/// Verifies a state report from `device` with the device's public key.
+pub fn verify_state(bytes: &[u8], device: &DeviceId, key: &PublicKey) -> Result<StatePayload, Error> {
+    let payload = envelope::open(bytes)?.verify_as(Kind::StateReport, key)?;
+    let p: StatePayload = from_cbor(&payload, "state report")?;
+    check_version(p.v, "state report")?;
+    if &p.device != device {
+        return Err(malformed("state report", format!("signed for device {}, expected {device}", p.device)));
+    }
+    Ok(p)
+}
+
+/// Reads the device id a result or state envelope claims, without
+/// verifying it (for routing and for picking the key to verify with).
+pub fn claimed_device(bytes: &[u8]) -> Result<DeviceId, Error> {
+    let u = envelope::open(bytes)?;
+    let id: [u8; DeviceId::BYTES] =
+        u.key_id().try_into().map_err(|_| malformed("envelope", "key id is not a device id"))?;
+    Ok(DeviceId::from_bytes(id))
+}
