@@ -104,6 +104,12 @@ impl Unverified {
         self.sign1.payload.ok_or_else(|| malformed("envelope", "detached payloads are not used"))
     }
 
+    /// The payload without any signature check. Only for routing hints
+    /// that nothing relies on (see `message::peek_command`).
+    pub(crate) fn into_unverified_payload(self) -> Vec<u8> {
+        self.sign1.payload.unwrap_or_default()
+    }
+
     /// Checks kind and signature in one step.
     pub fn verify_as(self, expected: Kind, key: &PublicKey) -> Result<Vec<u8>, Error> {
         if self.kind != expected {

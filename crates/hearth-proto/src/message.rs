@@ -226,3 +226,36 @@ pub fn claimed_device(bytes: &[u8]) -> Result<DeviceId, Error> {
         u.key_id().try_into().map_err(|_| malformed("envelope", "key id is not a device id"))?;
     Ok(DeviceId::from_bytes(id))
 }
+
+/// Routing facts read from an envelope *without* verifying it: the claimed
+/// controller and counter of a command or of a result. The cloud uses them
+/// only to match a result to the request waiting for it; nothing is trusted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peek {
+    /// The claimed device.
+    pub device: DeviceId,
+    /// The claimed controller.
+    pub controller: ControllerId,
+    /// The claimed counter.
+    pub counter: u64,
+}
+
+/// Reads the routing facts of a command envelope without verifying it.
+pub fn peek_command(bytes: &[u8]) -> Result<Peek, Error> {
+    let u = envelope::open(bytes)?;
+    if u.kind() != Kind::Command {
+        return Err(malformed("command", "envelope is not a command"));
+    }
+    let p: CommandPayload = from_cbor(&u.into_unverified_payload(), "command")?;
+    Ok(Peek { device: p.device, controller: p.controller, counter: p.counter })
+}
+
+/// Reads the routing facts of a result envelope without verifying it.
+pub fn peek_result(bytes: &[u8]) -> Result<Peek, Error> {
+    let u = envelope::open(bytes)?;
+    if u.kind() != Kind::CommandResult {
+        return Err(malformed("result", "envelope is not a command result"));
+    }
+    let p: ResultPayload = from_cbor(&u.into_unverified_payload(), "result")?;
+    Ok(Peek { device: p.device, controller: p.controller, counter: p.counter })
+}
