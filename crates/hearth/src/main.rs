@@ -1,1 +1,225 @@
-fn main() {}
+//! `hearth`: the controller CLI, the cloud server, the factory tools and the demo.
+#![forbid(unsafe_code)]
+
+use hearth::{controller, demo, server};
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use hearth_proto::capability::DeviceKind;
+use hearth_proto::message::Command;
+
+use hearth::config::Config;
+
+/// Hearth: smart plugs and sensors you can switch from anywhere, through a cloud you do not have to trust.
+#[derive(Parser)]
+#[command(name = "hearth", version, propagate_version = true)]
+struct Cli {
+    /// Controller directory (key, session, known devices).
+    #[arg(long, global = true, env = "HEARTH_CONFIG_DIR")]
+    config_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create an account and log in (password from $HEARTH_PASSWORD or a prompt).
+    Signup(LoginArgs),
+    /// Log in to an existing account.
+    Login(LoginArgs),
+    /// Forget the session.
+    Logout,
+    /// Pair with a device in setup mode, using its label's QR payload or typed code.
+    Pair {
+        /// `HEARTH:1:…` from the QR code, or the typed code `XXXX-XXXX-…`.
+        code: String,
+        /// A name for the device.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List this account's devices.
+    Ls,
+    /// Switch a device on.
+    On {
+        /// Device name or id.
+        device: String,
+    },
+    /// Switch a device off.
+    Off {
+        /// Device name or id.
+        device: String,
+    },
+    /// Flip a device.
+    Toggle {
+        /// Device name or id.
+        device: String,
+    },
+    /// Show the last verified state of one or all devices.
+    Status {
+        /// Device name or id.
+        device: Option<String>,
+    },
+    /// Print live state changes as they are pushed.
+    Watch {
+        /// One JSON object per line, for scripts.
+        #[arg(long)]
+        json: bool,
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<usize>,
+        /// Stop after this many seconds.
+        #[arg(long)]
+        seconds: Option<u64>,
+    },
+    /// Manage a deployment's certificate authorities.
+    #[command(subcommand)]
+    Pki(PkiCmd),
+    /// Factory tools for devices.
+    #[command(subcommand)]
+    Device(DeviceCmd),
+    /// Run the cloud.
+    #[command(subcommand)]
+    Cloud(CloudCmd),
+    /// Run a cloud and three simulated devices on this machine, with no set-up.
+    Demo(demo::DemoArgs),
+}
+
+#[derive(clap::Args)]
+struct LoginArgs {
+    /// Account email.
+    #[arg(long)]
+    email: String,
+    /// Cloud URL, e.g. https://127.0.0.1:8443 (remembered).
+    #[arg(long)]
+    cloud: Option<String>,
+    /// The cloud CA certificate to trust (remembered; nothing else is trusted).
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// The manufacturer CA, to check devices this controller did not pair itself.
+    #[arg(long)]
+    manufacturer_ca: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum PkiCmd {
+    /// Create the manufacturer CA, the cloud CA and the cloud's server certificate.
+    Init {
+        /// Where to write them (keys get mode 0600; keep the CA keys offline).
+        #[arg(long)]
+        dir: PathBuf,
+        /// DNS names or IP addresses the cloud is reached at.
+        #[arg(long = "name", default_values_t = ["localhost".to_string(), "127.0.0.1".to_string()])]
+        names: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeviceCmd {
+    /// Provision a device: it makes its own key, the manufacturer CA certifies it, a setup label is printed.
+    Provision {
+        /// The deployment's PKI directory (from `hearth pki init`).
+        #[arg(long)]
+        pki: PathBuf,
+        /// The device's state directory.
+        #[arg(long)]
+        state_dir: PathBuf,
+        /// plug, energy-plug or motion-sensor.
+        #[arg(long, default_value = "plug")]
+        kind: DeviceKind,
+        /// Where the cloud's device port is.
+        #[arg(long, default_value = "127.0.0.1:8444")]
+        cloud: String,
+        /// The name on the cloud's certificate.
+        #[arg(long, default_value = "localhost")]
+        server_name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum CloudCmd {
+    /// Serve the API and the device links.
+    Serve(server::ServeArgs),
+}
+
+fn config_dir(cli: &Option<PathBuf>) -> Result<PathBuf> {
+    match cli {
+        Some(d) => Ok(d.clone()),
+        None => Config::default_dir(),
+    }
+}
+
+async fn run(cli: Cli) -> Result<u8> {
+    let dir = || config_dir(&cli.config_dir);
+    match cli.command {
+        Cmd::Signup(a) => {
+            let mut cfg = Config::load(&dir()?)?;
+            controller::login(&mut cfg, a.cloud, a.ca, a.manufacturer_ca, a.email, true).await?;
+        }
+        Cmd::Login(a) => {
+            let mut cfg = Config::load(&dir()?)?;
+            controller::login(&mut cfg, a.cloud, a.ca, a.manufacturer_ca, a.email, false).await?;
+        }
+        Cmd::Logout => controller::logout(&mut Config::load(&dir()?)?).await?,
+        Cmd::Pair { code, name } => controller::pair(&mut Config::load(&dir()?)?, &code, name).await?,
+        Cmd::Ls => controller::ls(&Config::load(&dir()?)?).await?,
+        Cmd::On { device } => return controller::switch(&mut Config::load(&dir()?)?, &device, Command::SetRelay { on: true }).await,
+        Cmd::Off { device } => return controller::switch(&mut Config::load(&dir()?)?, &device, Command::SetRelay { on: false }).await,
+        Cmd::Toggle { device } => return controller::switch(&mut Config::load(&dir()?)?, &device, Command::Toggle).await,
+        Cmd::Status { device } => controller::status(&Config::load(&dir()?)?, device).await?,
+        Cmd::Watch { json, count, seconds } => {
+            controller::watch(&Config::load(&dir()?)?, json, count, seconds.map(Duration::from_secs)).await?
+        }
+        Cmd::Pki(PkiCmd::Init { dir, names }) => {
+            hearth_pki::PkiDir::init(&dir, &names).with_context(|| format!("creating the PKI in {}", dir.display()))?;
+            println!("Created the manufacturer CA, the cloud CA and a server certificate for {} in {}", names.join(", "), dir.display());
+            println!("Keep manufacturer-ca.key and cloud-ca.key offline; the cloud needs cloud-server.* and manufacturer-ca.pem.");
+        }
+        Cmd::Device(DeviceCmd::Provision { pki, state_dir, kind, cloud, server_name }) => {
+            let pki = hearth_pki::PkiDir::open(pki);
+            let p = hearth_device::provision(
+                &state_dir,
+                &pki.manufacturer()?,
+                &pki.read(hearth_pki::CLOUD_CA)?,
+                kind,
+                &cloud,
+                &server_name,
+            )?;
+            println!("Provisioned {} {} in {}", kind.as_str(), p.device, state_dir.display());
+            println!("Setup code: {}", p.label.secret.code());
+            println!("QR label:   {}", p.label_svg.display());
+        }
+        Cmd::Cloud(CloudCmd::Serve(args)) => server::serve(args).await?,
+        Cmd::Demo(args) => demo::run(args).await?,
+    }
+    Ok(0)
+}
+
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+

@@ -1,0 +1,417 @@
+//! The controller commands: sign up, log in, pair, list, switch, watch.
+//!
+//! Every answer from a device is checked against the device's key before it
+//! is shown; the cloud only carries the bytes.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use futures_util::{SinkExt, StreamExt};
+use hearth_proto::acl::Refusal;
+use hearth_proto::ids::{ControllerId, DeviceId};
+use hearth_proto::keys::PublicKey;
+use hearth_proto::link::ControllerPush;
+use hearth_proto::message::{self, Cause, Command, CommandPayload, DeviceState, Outcome, StatePayload};
+use hearth_proto::pairing::{PendingPairing, SetupLabel};
+use hearth_proto::{b64, PROTOCOL_VERSION};
+use hyper::{Method, StatusCode};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::client::{ApiError, Cloud};
+use crate::config::{Config, KnownDevice};
+
+/// Exit code for "the device refused".
+pub const EXIT_REFUSED: u8 = 3;
+
+/// A device as the cloud lists it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ListedDevice {
+    /// Its id.
+    pub id: DeviceId,
+    /// Its name.
+    pub name: String,
+    /// Its kind.
+    pub kind: String,
+    /// Whether its link is up.
+    pub online: bool,
+    /// Its manufacturer certificate, base64url DER.
+    #[serde(default)]
+    pub certificate: Option<String>,
+    /// The last signed state report, base64url.
+    #[serde(default)]
+    pub last_state: Option<String>,
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// Reads the account password: `$HEARTH_PASSWORD`, else a prompt without echo.
+fn password(prompt: &str) -> Result<String> {
+    if let Ok(p) = std::env::var("HEARTH_PASSWORD") {
+        return Ok(p);
+    }
+    rpassword::prompt_password(prompt).context("reading the password (or set HEARTH_PASSWORD)")
+}
+
+/// `hearth signup` / `hearth login`.
+pub async fn login(cfg: &mut Config, cloud: Option<String>, ca: Option<std::path::PathBuf>, manufacturer_ca: Option<std::path::PathBuf>, email: String, signup: bool) -> Result<()> {
+    if let Some(url) = cloud {
+        cfg.settings.cloud = Some(url);
+    }
+    if let Some(path) = ca {
+        let pem = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        hearth_pki::certs_from_pem(&pem).with_context(|| format!("{} is not a PEM certificate", path.display()))?;
+        cfg.settings.cloud_ca_pem = Some(pem);
+    }
+    if let Some(path) = manufacturer_ca {
+        let pem = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        hearth_pki::certs_from_pem(&pem).with_context(|| format!("{} is not a PEM certificate", path.display()))?;
+        cfg.settings.manufacturer_ca_pem = Some(pem);
+    }
+    let (url, ca_pem) = cfg.cloud()?;
+    let api = Cloud::new(url, ca_pem, None)?;
+    let password = password(if signup { "Choose a password: " } else { "Password: " })?;
+    let creds = json!({ "email": email, "password": password });
+    if signup {
+        api.call(Method::POST, "/api/v1/signup", Some(creds.clone())).await?;
+    }
+    let session = api.call(Method::POST, "/api/v1/login", Some(creds)).await?;
+    let token = session.get("token").and_then(Value::as_str).context("the cloud sent no token")?.to_owned();
+    cfg.settings.token = Some(token.clone());
+    cfg.settings.email = Some(email.clone());
+    cfg.save()?;
+    // Register this controller's public key with the account, so the cloud
+    // can show it; the devices, not the cloud, decide what it may do.
+    let key = cfg.key()?;
+    let public = PublicKey::from(&key);
+    let api = Cloud::new(url, ca_pem, Some(token))?;
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "cli".into());
+    api.call(Method::POST, "/api/v1/controllers", Some(json!({ "public_key": public, "name": format!("cli@{host}") }))).await?;
+    println!(
+        "{} {email}; this controller is {}",
+        if signup { "Signed up and logged in as" } else { "Logged in as" },
+        public.controller_id()
+    );
+    Ok(())
+}
+
+fn api(cfg: &Config) -> Result<Cloud> {
+    let (url, ca) = cfg.cloud()?;
+    Cloud::new(url, ca, Some(cfg.token()?.to_owned()))
+}
+
+/// `hearth logout`.
+pub async fn logout(cfg: &mut Config) -> Result<()> {
+    if cfg.settings.token.is_some() {
+        // Best effort: the local token is forgotten whatever the cloud says.
+        let _ = api(cfg)?.call(Method::POST, "/api/v1/logout", None).await;
+    }
+    cfg.settings.token = None;
+    cfg.save()?;
+    println!("Logged out.");
+    Ok(())
+}
+
+/// `hearth pair`.
+pub async fn pair(cfg: &mut Config, label: &str, name: Option<String>) -> Result<()> {
+    let label = SetupLabel::parse(label).context("reading the setup code")?;
+    let key = cfg.key()?;
+    let pending = PendingPairing::start(label.secret.clone(), &key);
+    let name = name.unwrap_or_else(|| "device".into());
+    // With a QR payload the cloud can route by device id, so even a wrong
+    // secret reaches the device (which counts the failure); a typed code is
+    // matched by the one-way lookup value the device announces.
+    let mut body = json!({
+        "code_lookup": label.secret.lookup(),
+        "name": name,
+        "request": pending.request(),
+    });
+    if let Some(device) = &label.device {
+        body["device"] = json!(device);
+    }
+    let answer = match api(cfg)?.call(Method::POST, "/api/v1/pair", Some(body)).await {
+        Ok(v) => v,
+        Err(e) => {
+            if let Some(api) = e.downcast_ref::<ApiError>() {
+                if api.status == StatusCode::NOT_FOUND {
+                    bail!("no device in setup mode with this code is online (is it powered and connected? was it reset?)");
+                }
+            }
+            return Err(e.context("pairing failed"));
+        }
+    };
+    let response = serde_json::from_value(answer.get("response").cloned().unwrap_or(Value::Null))
+        .context("the cloud's pairing answer is malformed")?;
+    // The MAC under the setup secret proves this key belongs to the device
+    // on the label; a cloud in the middle cannot fake it.
+    let paired = pending.finish(&response, label.device.as_ref()).context("the device's answer failed verification")?;
+    cfg.settings.devices.insert(paired.device.clone(), KnownDevice { name: name.clone(), key: paired.device_key });
+    cfg.save()?;
+    println!("Paired {name} ({}); this controller is its owner.", paired.device);
+    Ok(())
+}
+
+async fn list(cfg: &Config) -> Result<Vec<ListedDevice>> {
+    let v = api(cfg)?.call(Method::GET, "/api/v1/devices", None).await?;
+    serde_json::from_value(v.get("devices").cloned().unwrap_or(Value::Null)).context("the cloud's device list is malformed")
+}
+
+/// The key to check a device's signatures with, and how it is known.
+fn device_key(cfg: &Config, dev: &ListedDevice) -> Option<(PublicKey, &'static str)> {
+    if let Some(k) = cfg.settings.devices.get(&dev.id) {
+        return Some((k.key.clone(), "paired"));
+    }
+    // Not paired by us: accept the key from the device certificate the cloud
+    // hands out only if it chains to the manufacturer CA we were given.
+    let ca = cfg.settings.manufacturer_ca_pem.as_deref()?;
+    let der = b64::decode(dev.certificate.as_deref()?).ok()?;
+    let (id, key) = hearth_pki::verify_device_cert(ca, &der.into()).ok()?;
+    (id == dev.id).then_some((key, "certified"))
+}
+
+fn describe_state(s: &DeviceState) -> String {
+    let mut parts = Vec::new();
+    if let Some(r) = s.relay {
+        parts.push(if r { "ON".to_owned() } else { "off".to_owned() });
+    }
+    if let Some(m) = s.motion {
+        parts.push(if m { "motion".to_owned() } else { "no motion".to_owned() });
+    }
+    if let Some(p) = s.power_mw {
+        parts.push(format!("{:.1} W", p as f64 / 1000.0));
+    }
+    if parts.is_empty() {
+        "-".to_owned()
+    } else {
+        parts.join(", ")
+    }
+}
+
+fn verified_state(cfg: &Config, dev: &ListedDevice) -> String {
+    let Some(env) = dev.last_state.as_deref() else { return "unknown".into() };
+    let Some((key, _)) = device_key(cfg, dev) else { return "(unverifiable: device key unknown)".into() };
+    match b64::decode(env).map_err(anyhow::Error::from).and_then(|b| Ok(message::verify_state(&b, &dev.id, &key)?)) {
+        Ok(s) => describe_state(&s.state),
+        Err(_) => "(REJECTED: bad signature)".into(),
+    }
+}
+
+/// `hearth ls`.
+pub async fn ls(cfg: &Config) -> Result<()> {
+    let devices = list(cfg).await?;
+    if devices.is_empty() {
+        println!("No devices yet. Pair one with `hearth pair <setup code>`.");
+        return Ok(());
+    }
+    println!("{:<16} {:<24} {:<14} {:<8} STATE", "NAME", "ID", "KIND", "LINK");
+    for d in &devices {
+        println!(
+            "{:<16} {:<24} {:<14} {:<8} {}",
+            d.name,
+            d.id,
+            d.kind,
+            if d.online { "online" } else { "offline" },
+            verified_state(cfg, d)
+        );
+    }
+    Ok(())
+}
+
+fn resolve<'a>(devices: &'a [ListedDevice], wanted: &str) -> Result<&'a ListedDevice> {
+    if let Some(d) = devices.iter().find(|d| d.name == wanted || d.id.as_str() == wanted) {
+        return Ok(d);
+    }
+    let prefixed: Vec<_> = devices.iter().filter(|d| d.id.as_str().starts_with(wanted)).collect();
+    match prefixed.as_slice() {
+        [one] => Ok(one),
+        [] => bail!("not paired with this device: no device named {wanted:?} on this account (see `hearth ls`)"),
+        _ => bail!("{wanted:?} matches several devices; use more of the id"),
+    }
+}
+
+/// `hearth status`.
+pub async fn status(cfg: &Config, device: Option<String>) -> Result<()> {
+    let devices = list(cfg).await?;
+    let shown: Vec<&ListedDevice> = match &device {
+        Some(d) => vec![resolve(&devices, d)?],
+        None => devices.iter().collect(),
+    };
+    for d in shown {
+        println!("{}: {} ({})", d.name, verified_state(cfg, d), if d.online { "online" } else { "offline" });
+    }
+    Ok(())
+}
+
+/// `hearth on|off|toggle`: signs, sends, and verifies the device's answer.
+pub async fn switch(cfg: &mut Config, wanted: &str, command: Command) -> Result<u8> {
+    let devices = list(cfg).await?;
+    let dev = resolve(&devices, wanted)?.clone();
+    let key = cfg.key()?;
+    let controller = ControllerId::of_key(&PublicKey::from(&key));
+    let counter = cfg.next_counter()?;
+    let payload = CommandPayload {
+        v: PROTOCOL_VERSION,
+        device: dev.id.clone(),
+        controller: controller.clone(),
+        counter,
+        issued_at: now_secs(),
+        command,
+    };
+    let envelope = message::sign_command(&key, &payload)?;
+    let started = Instant::now();
+    let answer = api(cfg)?
+        .call(Method::POST, &format!("/api/v1/devices/{}/command", dev.id), Some(json!({ "envelope": b64::encode(&envelope) })))
+        .await
+        .map_err(|e| match e.downcast_ref::<ApiError>().map(|a| a.status) {
+            Some(StatusCode::SERVICE_UNAVAILABLE) => anyhow!("{} is offline", dev.name),
+            Some(StatusCode::NOT_FOUND) => anyhow!("not paired with this device ({} is not on this account)", dev.name),
+            _ => e,
+        })?;
+    let rtt = started.elapsed();
+    let result = b64::decode(answer.get("result").and_then(Value::as_str).context("no result in the answer")?)?;
+    let (dev_key, _) = device_key(cfg, &dev)
+        .ok_or_else(|| anyhow!("cannot check {}'s answer: this controller did not pair it and has no manufacturer CA", dev.name))?;
+    let r = message::verify_result(&result, &dev.id, &dev_key).context("the answer is not signed by the device")?;
+    if r.controller != controller || r.counter != counter {
+        bail!("the device's answer is for another command (possible replay by the cloud)");
+    }
+    match r.outcome {
+        Outcome::Done => {
+            println!("{} is {} (signed by the device, {} ms)", dev.name, describe_state(&r.state), rtt.as_millis());
+            Ok(0)
+        }
+        Outcome::Refused { reason } => {
+            eprintln!("{} refused: {}", dev.name, explain(reason));
+            Ok(EXIT_REFUSED)
+        }
+    }
+}
+
+fn explain(r: Refusal) -> &'static str {
+    r.explain()
+}
+
+/// `hearth watch`: prints verified live state until interrupted.
+pub async fn watch(cfg: &Config, json_lines: bool, count: Option<usize>, duration: Option<Duration>) -> Result<()> {
+    let devices = list(cfg).await?;
+    let deadline = duration.map(|d| tokio::time::Instant::now() + d);
+    let mut seen = 0usize;
+    let mut last_seq = std::collections::HashMap::<DeviceId, u64>::new();
+    let mut backoff = Duration::from_millis(500);
+    'link: loop {
+    let mut ws = match api(cfg)?.link().await {
+        Ok(ws) => {
+            backoff = Duration::from_millis(500);
+            ws
+        }
+        Err(e) => {
+            // The cloud may be restarting: keep trying, with a capped backoff.
+            eprintln!("live link unavailable ({e:#}); retrying in {} ms", backoff.as_millis());
+            let sleep = tokio::time::sleep(backoff);
+            tokio::select! {
+                _ = sleep => {}
+                _ = tokio::signal::ctrl_c() => return Ok(()),
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(10));
+            if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+                return Ok(());
+            }
+            continue 'link;
+        }
+    };
+    if json_lines {
+        println!("{}", json!({"event": "ready"}));
+    } else {
+        eprintln!("Watching {} device(s); Ctrl-C to stop.", devices.len());
+    }
+    loop {
+        let next = async {
+            match deadline {
+                Some(d) => tokio::time::timeout_at(d, ws.next()).await.ok(),
+                None => Some(ws.next().await),
+            }
+        };
+        let msg = tokio::select! {
+            m = next => m,
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        };
+        let msg = match msg {
+            None => return Ok(()),
+            Some(None) | Some(Some(Err(_))) | Some(Some(Ok(Message::Close(_)))) => {
+                eprintln!("live link lost; reconnecting");
+                continue 'link;
+            }
+            Some(Some(Ok(m))) => m,
+        };
+        let text = match msg {
+            Message::Text(t) => t,
+            Message::Ping(p) => {
+                if ws.send(Message::Pong(p)).await.is_err() {
+                    continue 'link;
+                }
+                continue;
+            }
+            _ => continue,
+        };
+        let push: ControllerPush = match serde_json::from_str(text.as_str()) {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("warning: ignoring an unreadable message from the cloud: {e}");
+                continue;
+            }
+        };
+        let name = |id: &DeviceId| devices.iter().find(|d| &d.id == id).map(|d| d.name.clone()).unwrap_or_else(|| id.to_string());
+        match push {
+            ControllerPush::State { device, envelope } => {
+                let Some(dev) = devices.iter().find(|d| d.id == device) else { continue };
+                let Some((key, _)) = device_key(cfg, dev) else {
+                    eprintln!("{}: state changed (cannot verify: device key unknown)", dev.name);
+                    continue;
+                };
+                let s: StatePayload = match message::verify_state(&envelope, &device, &key) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        eprintln!("WARNING: {} sent a state report that failed verification ({e}); ignored", dev.name);
+                        continue;
+                    }
+                };
+                // Reports carry a sequence number: an old one delivered late
+                // (or replayed by the cloud) must not overwrite newer state.
+                if last_seq.get(&device).is_some_and(|&l| s.seq <= l) {
+                    continue;
+                }
+                last_seq.insert(device.clone(), s.seq);
+                if json_lines {
+                    println!("{}", json!({"event": "state", "device": device, "name": dev.name, "seq": s.seq, "state": s.state, "verified": true}));
+                } else {
+                    let why = match &s.cause {
+                        Cause::Command { controller } => format!("by controller {}", &controller.as_str()[..8]),
+                        Cause::Local => "on the device".into(),
+                        Cause::Report => "report".into(),
+                    };
+                    println!("{}: {} ({why})", dev.name, describe_state(&s.state));
+                }
+            }
+            ControllerPush::Presence { device, online } => {
+                if json_lines {
+                    println!("{}", json!({"event": "presence", "device": device, "online": online}));
+                } else {
+                    println!("{} is {}", name(&device), if online { "online" } else { "offline" });
+                }
+            }
+            ControllerPush::Result { .. } => continue,
+            ControllerPush::Undeliverable { device, message } => {
+                eprintln!("{}: {message}", name(&device));
+                continue;
+            }
+        }
+        seen += 1;
+        if count.is_some_and(|c| seen >= c) {
+            return Ok(());
+        }
+    }
+    }
+}

@@ -1,0 +1,79 @@
+//! `hearth cloud serve`: validated settings in, a running cloud out.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use tokio::net::TcpListener;
+
+/// Arguments of `hearth cloud serve`.
+#[derive(clap::Args, Debug)]
+pub struct ServeArgs {
+    /// The PKI directory (needs cloud-server.pem/.key and manufacturer-ca.pem).
+    #[arg(long)]
+    pub pki: PathBuf,
+    /// Where the database lives.
+    #[arg(long)]
+    pub data_dir: PathBuf,
+    /// HTTPS API and controller links.
+    #[arg(long, default_value = "127.0.0.1:8443")]
+    pub api_listen: SocketAddr,
+    /// Device links (mutual TLS).
+    #[arg(long, default_value = "127.0.0.1:8444")]
+    pub device_listen: SocketAddr,
+    /// How long a login session lasts, in hours.
+    #[arg(long, default_value_t = 24 * 7)]
+    pub session_hours: u64,
+}
+
+/// Builds the cloud configuration from a PKI directory and a data directory.
+pub fn cloud_config(pki: &hearth_pki::PkiDir, data_dir: &std::path::Path, session: Duration) -> Result<hearth_cloud::CloudConfig> {
+    std::fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+    Ok(hearth_cloud::CloudConfig {
+        db_path: data_dir.join("hearth.sqlite3"),
+        server: pki.cloud_server().context("loading the cloud's server certificate")?,
+        manufacturer_ca_pem: pki.read(hearth_pki::MANUFACTURER_CA)?,
+        session_ttl: session,
+    })
+}
+
+/// Binds a listener with a message that says what to do when the port is taken.
+pub async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener> {
+    TcpListener::bind(addr).await.with_context(|| format!("cannot listen for {what} on {addr} (in use? pick another with --{what}-listen)"))
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Runs the cloud until Ctrl-C or SIGTERM.
+pub async fn serve(args: ServeArgs) -> Result<()> {
+    let pki = hearth_pki::PkiDir::open(&args.pki);
+    let config = cloud_config(&pki, &args.data_dir, Duration::from_secs(args.session_hours * 3600))?;
+    let api = bind(args.api_listen, "api").await?;
+    let devices = bind(args.device_listen, "device").await?;
+    println!("hearth cloud: api https://{} devices {}", api.local_addr()?, devices.local_addr()?);
+    hearth_cloud::serve(config, hearth_cloud::Listeners { api, devices }, shutdown_signal()).await?;
+    println!("hearth cloud: stopped");
+    Ok(())
+}
