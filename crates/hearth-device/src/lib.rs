@@ -1,1 +1,30 @@
+//! The Hearth device agent: a simulated smart plug, energy plug or motion
+//! sensor.
+//!
+//! * [`provision`] — the factory step: the device makes its own key, gets a
+//!   manufacturer certificate, learns the one cloud CA it trusts, and gets a
+//!   setup label.
+//! * [`protocol`] — the sans-IO protocol core ([`DeviceCore`]): commands,
+//!   pairing, reset and buttons over the persisted state.
+//! * [`agent`] — the tokio loop: dial the cloud over mutual TLS 1.3,
+//!   reconnect with [`backoff`], move frames, serve local events ([`spawn`],
+//!   [`run`]).
+//! * [`store`] — the state directory and atomic writes.
+//!
+//! Invariants: the device writes nothing to a socket before the TLS
+//! handshake verified the cloud against the provisioned CA and name; every
+//! change is persisted before it is reported; every command gets a signed
+//! answer; the private key never leaves the state directory.
 #![forbid(unsafe_code)]
+
+pub mod agent;
+pub mod backoff;
+pub mod protocol;
+mod error;
+mod provision;
+pub mod store;
+
+pub use agent::{run, spawn, AgentHandle, AgentOptions, Snapshot};
+pub use protocol::DeviceCore;
+pub use error::Error;
+pub use provision::{provision, Provisioned};

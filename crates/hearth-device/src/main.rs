@@ -1,0 +1,159 @@
+//! `hearth-device`: run, reset, inspect or provision a simulated device.
+#![forbid(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use hearth_device::protocol::DeviceCore;
+use hearth_device::store::{self, Identity, StateFile};
+use hearth_device::{AgentHandle, AgentOptions};
+use hearth_proto::capability::DeviceKind;
+
+/// A simulated Hearth smart plug, energy plug or motion sensor.
+#[derive(Debug, Parser)]
+#[command(name = "hearth-device", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run the agent: dial the cloud and serve commands until Ctrl-C or
+    /// SIGTERM. SIGUSR1 = physical reset, SIGUSR2 = local button.
+    Run {
+        /// The provisioned state directory.
+        #[arg(long, env = "HEARTH_DEVICE_STATE_DIR")]
+        state_dir: PathBuf,
+        /// Dial this HOST:PORT instead of the provisioned cloud address.
+        #[arg(long)]
+        cloud: Option<String>,
+        /// Expect this name on the cloud's certificate instead of the provisioned one.
+        #[arg(long)]
+        server_name: Option<String>,
+    },
+    /// Physical reset of a stopped device: forget every controller and reopen setup mode.
+    Reset {
+        /// The provisioned state directory.
+        #[arg(long, env = "HEARTH_DEVICE_STATE_DIR")]
+        state_dir: PathBuf,
+    },
+    /// Show the device's id, kind, relay and controllers.
+    Show {
+        /// The provisioned state directory.
+        #[arg(long, env = "HEARTH_DEVICE_STATE_DIR")]
+        state_dir: PathBuf,
+    },
+    /// Factory step: provision a new device from a PKI directory (`hearth pki init`).
+    Provision {
+        /// The new device's state directory.
+        #[arg(long)]
+        state_dir: PathBuf,
+        /// The PKI directory holding the manufacturer CA and the cloud CA.
+        #[arg(long)]
+        pki: PathBuf,
+        /// plug, energy-plug or motion-sensor.
+        #[arg(long, default_value = "plug")]
+        kind: DeviceKind,
+        /// The cloud's device port, HOST:PORT.
+        #[arg(long, default_value = "localhost:8444")]
+        cloud: String,
+        /// The name on the cloud's certificate.
+        #[arg(long, default_value = "localhost")]
+        server_name: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    match real_main(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("hearth-device: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Cmd::Run { state_dir, cloud, server_name } => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            rt.block_on(run(AgentOptions { state_dir, cloud_addr_override: cloud, server_name_override: server_name }))
+        }
+        Cmd::Reset { state_dir } => reset(&state_dir),
+        Cmd::Show { state_dir } => show(&state_dir),
+        Cmd::Provision { state_dir, pki, kind, cloud, server_name } => {
+            let pki = hearth_pki::PkiDir::open(pki);
+            let manufacturer = pki.manufacturer()?;
+            let cloud_ca = pki.read(hearth_pki::CLOUD_CA)?;
+            let p = hearth_device::provision(&state_dir, &manufacturer, &cloud_ca, kind, &cloud, &server_name)?;
+            println!("provisioned {} {} in {}", p.device, kind.as_str(), state_dir.display());
+            println!("setup code: {}", p.label.secret.code());
+            println!("label: {}", p.label_svg.display());
+            Ok(())
+        }
+    }
+}
+
+async fn run(opts: AgentOptions) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut usr1 = signal(SignalKind::user_defined1()).context("installing the SIGUSR1 handler")?;
+    let mut usr2 = signal(SignalKind::user_defined2()).context("installing the SIGUSR2 handler")?;
+    let handle: AgentHandle = hearth_device::spawn(opts)?;
+    // Tests and scripts wait for this line.
+    println!("hearth-device {} {} running", handle.device(), handle.kind().as_str());
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+            _ = usr1.recv() => handle.press_reset().await?,
+            _ = usr2.recv() => {
+                let state = handle.press_button().await?;
+                tracing::info!(?state, "button pressed (SIGUSR2)");
+            }
+        }
+    }
+    tracing::info!("shutting down");
+    handle.shutdown().await
+}
+
+fn reset(dir: &Path) -> anyhow::Result<()> {
+    // Holding the lock means no running agent will overwrite this with its own view.
+    let _lock = store::DirLock::acquire(dir)?;
+    let id = Identity::load(dir)?;
+    let mut file = StateFile::in_dir(dir);
+    let state = file.load()?;
+    let mut core = DeviceCore::new(id.config.device.clone(), id.config.kind, id.key, id.secret, state);
+    core.reset(&mut file)?;
+    println!("device {} reset: access list cleared, setup mode open", id.config.device);
+    Ok(())
+}
+
+fn show(dir: &Path) -> anyhow::Result<()> {
+    let config = store::load_config(dir)?;
+    let state = StateFile::in_dir(dir).load()?;
+    println!("device       {}", config.device);
+    println!("kind         {}", config.kind.as_str());
+    println!("relay        {}", if state.relay { "on" } else { "off" });
+    let setup = if state.gate.setup_mode { "open" } else { "closed" };
+    println!("setup mode   {setup} ({} failed attempts)", state.gate.failed_attempts);
+    println!("cloud        {} (certificate name {})", config.cloud_addr, config.server_name);
+    if state.access.is_empty() {
+        println!("controllers  none");
+    }
+    for entry in state.access.entries() {
+        println!("controller   {} {:?} since {}", entry.controller, entry.role, entry.added_at);
+    }
+    Ok(())
+}
