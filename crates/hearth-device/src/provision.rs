@@ -169,7 +169,15 @@ fn create_private_dir(dir: &Path) -> Result<(), Error> {
         use std::os::unix::fs::DirBuilderExt;
         builder.mode(0o700);
     }
-    builder.create(dir).map_err(|e| io_err(dir, e))
+    builder.create(dir).map_err(|e| io_err(dir, e))?;
+    // The directory may have existed already (with the umask's mode); it is
+    // about to hold the private key, so only its owner may list or enter it.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(|e| io_err(dir, e))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

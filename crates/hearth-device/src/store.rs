@@ -269,7 +269,7 @@ impl Identity {
         let cloud_ca_pem = read_identity_file(dir, CLOUD_CA_FILE)?;
         hearth_pki::certs_from_pem(&cloud_ca_pem).map_err(|e| corrupt(&dir.join(CLOUD_CA_FILE), e))?;
         let secret_path = dir.join(SECRET_FILE);
-        let secret = SetupSecret::from_code(&read_identity_file(dir, SECRET_FILE)?)
+        let secret = SetupSecret::from_code(read_identity_file(dir, SECRET_FILE)?.trim())
             .map_err(|e| corrupt(&secret_path, e))?;
         Ok(Self { config, key, key_pem, cert_pem, cloud_ca_pem, secret })
     }
