@@ -268,6 +268,7 @@ fn observable(kind: DeviceKind, state: &PersistentState, motion: bool) -> Device
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use hearth_proto::keys::{self, PublicKey};

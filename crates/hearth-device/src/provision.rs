@@ -139,12 +139,8 @@ fn finish(
         .build();
     // The label carries the setup secret, so only the owner of the directory may read it.
     store::write_atomic(&label_svg, svg.as_bytes(), 0o600)?;
-    let text = format!(
-        "Hearth {kind}\nDevice: {device}\nSetup code: {code}\nQR payload: {qr}\n",
-        kind = kind.as_str(),
-        code = label.secret.code(),
-        qr = label.qr_payload(),
-    );
+    // Just the typed code: tools read this file back as the code (see `hearth demo`).
+    let text = format!("{}\n", label.secret.code());
     store::write_atomic(&label_txt, text.as_bytes(), 0o600)?;
 
     // Written last: a directory with a config file is a complete identity.
@@ -181,6 +177,7 @@ fn create_private_dir(dir: &Path) -> Result<(), Error> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -84,3 +84,25 @@ fn errors_are_reported_with_context_and_a_failure_exit_code() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a provisioned device"));
 }
+
+#[tokio::test]
+async fn a_rejected_cloud_certificate_is_logged_clearly() {
+    let pki = Pki::new();
+    let cloud = FakeCloud::genuine(&pki).await;
+    let dev = Device::new(&pki, DeviceKind::Plug);
+    // The genuine certificate names localhost; the device is told to expect another name.
+    let child = Command::new(BIN)
+        .args(["run", "--cloud", &cloud.addr.to_string(), "--server-name", "cloud.example", "--state-dir"])
+        .arg(dev.dir.path())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(cloud.try_handshake().await.is_err());
+    signal(&child, "TERM");
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output()).await.unwrap().unwrap();
+    assert!(out.status.success());
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("certificate was rejected") && log.contains("NotValidForName"), "{log}");
+}

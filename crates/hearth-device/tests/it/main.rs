@@ -1,5 +1,7 @@
 //! Integration tests for the device agent: a real agent, a fake cloud on
 //! 127.0.0.1, real mutual TLS.
+// A failed unwrap is a failed test, with the error printed: exactly what a test wants.
+#![allow(clippy::unwrap_used)]
 
 mod binary;
 mod commands;

@@ -31,7 +31,7 @@ fn provision_keeps_the_key_private_and_writes_a_label() {
     let svg = fs::read_to_string(&dev.prov.label_svg).unwrap();
     assert!(svg.contains("<svg"), "QR label must be SVG");
     let txt = fs::read_to_string(&dev.prov.label_txt).unwrap();
-    assert!(txt.contains(&dev.secret().code()), "label text must carry the typed code: {txt}");
+    assert_eq!(txt.trim(), dev.secret().code(), "label text is the typed code");
     let parsed = SetupLabel::parse(&dev.prov.label.qr_payload()).unwrap();
     assert_eq!(parsed.device.as_ref(), Some(dev.id()));
     assert_eq!(parsed.secret, dev.secret());
