@@ -20,6 +20,8 @@ pub mod b64;
 pub mod capability;
 pub mod envelope;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod ids;
 pub mod keys;
 pub mod link;

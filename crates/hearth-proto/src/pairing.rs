@@ -373,8 +373,14 @@ pub struct PairedDevice {
 impl PendingPairing {
     /// Starts pairing: builds the request to send.
     pub fn start(secret: SetupSecret, controller: &SigningKey) -> Self {
+        Self::start_with_nonce(secret, controller, rand::random())
+    }
+
+    /// [`PendingPairing::start`] with a chosen nonce. Crate-private: only
+    /// the fuzzing fixture needs a deterministic request, and a caller that
+    /// reused nonces would weaken the response MAC's freshness.
+    pub(crate) fn start_with_nonce(secret: SetupSecret, controller: &SigningKey, nonce: [u8; NONCE_LEN]) -> Self {
         let controller_key = PublicKey::from(controller);
-        let nonce: [u8; NONCE_LEN] = rand::random();
         let mac = request_mac(&secret.mac_key(), &controller_key, &nonce).finalize().into_bytes().to_vec();
         Self { secret, request: PairRequest { controller_key, nonce: nonce.to_vec(), mac } }
     }

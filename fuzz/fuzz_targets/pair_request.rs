@@ -1,0 +1,4 @@
+#![no_main]
+//! Fuzz target: `hearth_proto::fuzzing::pair_request`.
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| hearth_proto::fuzzing::pair_request(data));
