@@ -1,1 +1,187 @@
+//! The Hearth cloud: accounts, the device registry, and routing of signed
+//! envelopes between controllers and devices (ADR 0002).
+//!
+//! One process serves two TLS ports:
+//!
+//! * the **API port** (default 8443): HTTPS JSON API and the controller
+//!   WebSocket link. Routes, all under `/api/v1`:
+//!
+//!   | method and path | auth | body → answer |
+//!   |---|---|---|
+//!   | `GET /health` | – | `{"status":"ok"}` |
+//!   | `POST /signup` | – | `{email, password}` → 201 `{"account": "<id>"}`; 409 if the email is taken |
+//!   | `POST /login` | – | `{email, password}` → `{"token", "expires_at"}` (Unix seconds); 401; 429 + `Retry-After` |
+//!   | `POST /logout` | bearer | → 204 |
+//!   | `POST /controllers` | bearer | `{public_key, name}` → 201 `{"controller": "<id>"}` (idempotent) |
+//!   | `GET /devices` | bearer | → `{"devices": [{id, name, kind, online, certificate, last_state}]}` |
+//!   | `POST /pair` | bearer | `{code_lookup, name, request}` → `{device, response}`; 404; 409 `{error, pair_error}`; 502; 504 |
+//!   | `POST /devices/{id}/command` | bearer | `{envelope}` → `{"result": "<envelope>"}`; 404; 503; 504 |
+//!   | `GET /link` | bearer, or `?token=` for browsers | WebSocket: `ControllerPush` down, `ControllerFrame` up |
+//!
+//!   Bodies are `application/json` (else 415), at most 64 KiB (else 413),
+//!   with unknown fields refused (400). Every error is `{"error": "..."}`.
+//! * the **device port** (default 8444): mutual TLS with certificates from
+//!   the manufacturer CA, then length-prefixed JSON frames.
+//!
+//! The cloud routes signed envelopes but cannot forge them; it records a
+//! device under an account only on the device's signed pairing
+//! confirmation, checked with the key in the device's certificate.
+//!
+//! State lives in SQLite ([`store`](crate::store) is the only module with
+//! SQL); routing is in memory ([`router`](crate::router)) so both can be
+//! swapped for PostgreSQL and NATS when one node is not enough.
 #![forbid(unsafe_code)]
+
+mod api;
+mod auth;
+mod controller_link;
+mod device_link;
+mod error;
+mod ratelimit;
+mod router;
+mod server;
+mod store;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::sync::{mpsc, watch, Semaphore};
+
+/// Login and signup attempts allowed at once per client IP and per email.
+pub const RATE_LIMIT_BURST: u32 = 10;
+/// One more attempt is allowed after each interval of this length.
+pub const RATE_LIMIT_REFILL: Duration = Duration::from_secs(6);
+/// Default lifetime of a login session.
+pub const DEFAULT_SESSION_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+/// How often expired sessions are deleted from the database.
+const SESSION_SWEEP_EVERY: Duration = Duration::from_secs(600);
+/// How long `serve` waits for open connections to finish at shutdown.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Everything the cloud needs to run.
+#[derive(Debug, Clone)]
+pub struct CloudConfig {
+    /// The SQLite database file (created if missing).
+    pub db_path: PathBuf,
+    /// The TLS server certificate and key for both ports
+    /// (`PkiDir::cloud_server()`).
+    pub server: hearth_pki::CertifiedKey,
+    /// The manufacturer CA, PEM; device certificates must chain to it.
+    pub manufacturer_ca_pem: String,
+    /// How long a login session lasts (e.g. [`DEFAULT_SESSION_TTL`]).
+    pub session_ttl: Duration,
+}
+
+/// The bound sockets to serve on. Binding is the caller's job, so it can
+/// pick ports (or port 0 in tests) and report them before serving.
+#[derive(Debug)]
+pub struct Listeners {
+    /// The HTTPS API and controller link port.
+    pub api: tokio::net::TcpListener,
+    /// The device link port.
+    pub devices: tokio::net::TcpListener,
+}
+
+/// State shared by every handler and link.
+pub(crate) struct Shared {
+    pub(crate) store: store::Store,
+    pub(crate) router: Arc<router::Router>,
+    pub(crate) limiter: ratelimit::RateLimiter,
+    pub(crate) hash_slots: Semaphore,
+    pub(crate) session_ttl: Duration,
+    /// Becomes true when the server shuts down.
+    pub(crate) stop: watch::Receiver<bool>,
+}
+
+pub(crate) type AppState = Arc<Shared>;
+
+/// Runs the cloud until `shutdown` resolves, then stops accepting, closes
+/// every link (devices redial, controllers reconnect), lets in-flight HTTP
+/// requests finish for a few seconds, and returns.
+///
+/// Fails early if the database cannot be opened or migrated, or the TLS
+/// material is unusable.
+pub async fn serve(
+    config: CloudConfig,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let store = store::Store::open(&config.db_path)
+        .await
+        .with_context(|| format!("opening the database {}", config.db_path.display()))?;
+    let api_tls = hearth_pki::server_config(&config.server, None, &[b"http/1.1"])
+        .context("building the API port's TLS configuration")?;
+    let device_tls = hearth_pki::server_config(&config.server, Some(&config.manufacturer_ca_pem), &[])
+        .context("building the device port's TLS configuration (is the manufacturer CA valid?)")?;
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
+    let state: AppState = Arc::new(Shared {
+        store: store.clone(),
+        router: router::Router::new(),
+        limiter: ratelimit::RateLimiter::new(RATE_LIMIT_BURST, RATE_LIMIT_REFILL),
+        hash_slots: Semaphore::new(auth::HASH_SLOTS),
+        session_ttl: config.session_ttl,
+        stop: stop_rx.clone(),
+    });
+
+    let acceptor = |tls: rustls::ServerConfig| server::Acceptor {
+        tls: tokio_rustls::TlsAcceptor::from(Arc::new(tls)),
+        limit: Arc::new(Semaphore::new(server::MAX_CONNECTIONS)),
+        done: done_tx.clone(),
+        stop: stop_rx.clone(),
+    };
+    tracing::info!(
+        api = ?listeners.api.local_addr().ok(),
+        devices = ?listeners.devices.local_addr().ok(),
+        "cloud serving"
+    );
+    let api_task = tokio::spawn(server::serve_api(listeners.api, acceptor(api_tls), api::app(state.clone())));
+    let device_task = tokio::spawn(server::serve_devices(listeners.devices, acceptor(device_tls), state.clone()));
+    let sweeper = tokio::spawn(sweep_sessions(store, stop_rx.clone()));
+    drop(done_tx);
+    drop(state);
+
+    shutdown.await;
+    tracing::info!("shutting down");
+    // Every receiver has been handed out above, so sending cannot fail
+    // while they live; if they are gone, there is nothing left to stop.
+    let _ = stop_tx.send(true);
+    for task in [api_task, device_task, sweeper] {
+        if let Err(e) = task.await {
+            tracing::error!(error = %e, "a server task failed");
+        }
+    }
+    // Each connection holds a clone of `done_tx`; recv returns None once
+    // the last one is dropped.
+    if tokio::time::timeout(SHUTDOWN_GRACE, done_rx.recv()).await.is_err() {
+        tracing::warn!("some connections did not close in time");
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn sweep_sessions(store: store::Store, mut stop: watch::Receiver<bool>) {
+    let mut every = tokio::time::interval(SESSION_SWEEP_EVERY);
+    loop {
+        tokio::select! {
+            _ = every.tick() => match store.delete_expired_sessions(store::unix_now()).await {
+                Ok(0) => {}
+                Ok(n) => tracing::debug!(n, "expired sessions deleted"),
+                Err(e) => tracing::warn!(error = %e, "could not delete expired sessions"),
+            },
+            () = crate::stopped(&mut stop) => return,
+        }
+    }
+}
+
+/// Resolves once the server is shutting down (or can no longer learn
+/// whether it is, which means the same).
+pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
+    // The guard `wait_for` returns must not live across an await, so it is
+    // dropped here rather than in the caller's select.
+    let _ = stop.wait_for(|s| *s).await;
+}

@@ -1,0 +1,484 @@
+//! The HTTPS JSON API (ADR 0002, "HTTPS JSON API (v1)"). This is the only
+//! module that knows HTTP routes, status codes and request bodies.
+//!
+//! Request bodies go through [`JsonBody`]: `application/json` only, at most
+//! [`MAX_BODY`] bytes (refused from `Content-Length` before reading, and
+//! counted while reading otherwise), read within [`BODY_TIMEOUT`], and
+//! decoded into structs that refuse unknown fields.
+
+use std::error::Error as _;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query, Request, State};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json};
+use hearth_proto::acl::Role;
+use hearth_proto::b64;
+use hearth_proto::ids::DeviceId;
+use hearth_proto::keys::PublicKey;
+use hearth_proto::link::{CloudFrame, PairOutcome};
+use hearth_proto::pairing::{verify_confirmation, PairRequest};
+use hearth_proto::MAX_FRAME_LEN;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::auth;
+use crate::error::ApiError;
+use crate::router::RouteError;
+use crate::server::ConnGuard;
+use crate::store::{unix_now, AccountId};
+use crate::AppState;
+
+/// Largest accepted request body.
+pub const MAX_BODY: usize = 64 * 1024;
+/// Time allowed for a request body to arrive once the headers have.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time a device has to answer a pairing request.
+pub const PAIR_TIMEOUT: Duration = Duration::from_secs(15);
+/// Time a device has to answer a command.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest device or controller name, in characters.
+pub const MAX_NAME_LEN: usize = 64;
+
+const NO_SUCH_DEVICE: &str = "no such device on this account";
+const NO_SETUP_DEVICE: &str = "no device in setup mode with this code is online";
+
+/// The API's routes.
+pub fn app(state: AppState) -> axum::Router {
+    axum::Router::new()
+        .route("/api/v1/health", get(health))
+        .route("/api/v1/signup", post(signup))
+        .route("/api/v1/login", post(login))
+        .route("/api/v1/logout", post(logout))
+        .route("/api/v1/controllers", post(register_controller))
+        .route("/api/v1/devices", get(list_devices))
+        .route("/api/v1/devices/{id}/command", post(command))
+        .route("/api/v1/pair", post(pair))
+        .route("/api/v1/link", get(link))
+        .fallback(no_route)
+        .method_not_allowed_fallback(wrong_method)
+        // Extractors other than JsonBody (none today) get the same limit.
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::map_response(common_headers))
+        .with_state(state)
+}
+
+async fn common_headers(mut resp: Response) -> Response {
+    let h = resp.headers_mut();
+    // Answers carry session tokens and device state: never cache them.
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    resp
+}
+
+async fn no_route() -> ApiError {
+    ApiError::not_found("no such API route")
+}
+
+async fn wrong_method() -> ApiError {
+    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "this method is not allowed on this route")
+}
+
+async fn health() -> Json<Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+// ---- extractors ----
+
+/// The peer address of the connection a request came on, inserted by the
+/// server for every request.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientAddr(pub SocketAddr);
+
+/// The client's address for rate limiting. IPv6 clients are keyed by their
+/// /64, since one host usually controls a whole /64.
+struct ClientIp(IpAddr);
+
+impl<S: Send + Sync> FromRequestParts<S> for ClientIp {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let ip = parts.extensions.get::<ClientAddr>().map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |a| a.0.ip());
+        let ip = match ip {
+            IpAddr::V6(v6) if v6.to_ipv4_mapped().is_none() => {
+                let s = v6.segments();
+                IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+            IpAddr::V6(v6) => IpAddr::V4(v6.to_ipv4_mapped().unwrap_or(Ipv4Addr::UNSPECIFIED)),
+            v4 => v4,
+        };
+        Ok(ClientIp(ip))
+    }
+}
+
+/// An authenticated session.
+pub struct Session {
+    /// The account.
+    pub account: AccountId,
+    /// The SHA-256 of the token, to end or re-check the session.
+    pub token_hash: [u8; 32],
+}
+
+/// Looks up a bearer token.
+pub async fn authenticate(state: &AppState, token: &str) -> Result<Session, ApiError> {
+    // Real tokens are 43 characters; anything long is not worth hashing.
+    if token.len() > 256 {
+        return Err(ApiError::unauthorized());
+    }
+    let token_hash = auth::token_hash(token);
+    match state.store.session_account(token_hash, unix_now()).await? {
+        Some(account) => Ok(Session { account, token_hash }),
+        None => Err(ApiError::unauthorized()),
+    }
+}
+
+fn header_token(headers: &HeaderMap) -> Option<&str> {
+    headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(auth::bearer)
+}
+
+impl FromRequestParts<AppState> for Session {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        let token = header_token(&parts.headers).ok_or_else(ApiError::unauthorized)?;
+        authenticate(state, token).await
+    }
+}
+
+/// A JSON request body (see the module docs for the rules).
+pub struct JsonBody<T>(pub T);
+
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/json"))
+}
+
+fn too_large() -> ApiError {
+    ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("request body is larger than the {MAX_BODY}-byte limit"))
+}
+
+fn hit_length_limit(e: &axum::Error) -> bool {
+    let mut source = e.source();
+    while let Some(s) = source {
+        if s.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = s.source();
+    }
+    false
+}
+
+/// Turns a serde_json error into a sentence for the client.
+fn json_error(e: &serde_json::Error) -> ApiError {
+    use serde_json::error::Category;
+    match e.classify() {
+        Category::Syntax | Category::Eof | Category::Io => ApiError::bad_request(format!("malformed JSON: {e}")),
+        Category::Data => ApiError::bad_request(format!("invalid request: {e}")),
+    }
+}
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, _: &S) -> Result<Self, Self::Rejection> {
+        let (parts, body) = req.into_parts();
+        let declared = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        // Refuse before reading a byte, so a huge upload costs us nothing.
+        if declared.is_some_and(|len| len > MAX_BODY as u64) {
+            return Err(too_large());
+        }
+        if !is_json(&parts.headers) {
+            return Err(ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "only application/json bodies are accepted"));
+        }
+        let bytes = match tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, MAX_BODY)).await {
+            Err(_) => return Err(ApiError::new(StatusCode::REQUEST_TIMEOUT, "the request body did not arrive in time")),
+            Ok(Err(e)) if hit_length_limit(&e) => return Err(too_large()),
+            Ok(Err(_)) => return Err(ApiError::bad_request("could not read the request body")),
+            Ok(Ok(b)) => b,
+        };
+        serde_json::from_slice(&bytes).map(JsonBody).map_err(|e| json_error(&e))
+    }
+}
+
+fn check_name(raw: &str) -> Result<String, ApiError> {
+    let name = raw.trim();
+    if name.is_empty() || name.chars().count() > MAX_NAME_LEN || name.chars().any(char::is_control) {
+        return Err(ApiError::bad_request(format!(
+            "name must be 1 to {MAX_NAME_LEN} characters without control characters"
+        )));
+    }
+    Ok(name.to_owned())
+}
+
+// ---- accounts ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Credentials {
+    email: String,
+    password: String,
+}
+
+fn rate_limit(state: &AppState, action: &str, ip: IpAddr, email: &str) -> Result<(), ApiError> {
+    let keys = [format!("{action} ip {ip}"), format!("{action} email {email}")];
+    state.limiter.check(&keys, Instant::now()).map_err(|wait| {
+        // Round up: a client that waits the advertised time must succeed.
+        let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+        ApiError::too_many(secs.max(1))
+    })
+}
+
+async fn run_hash<T: Send + 'static>(state: &AppState, f: impl FnOnce() -> T + Send + 'static) -> Result<T, ApiError> {
+    // The semaphore lives as long as the state and is never closed.
+    let _slot = state.hash_slots.acquire().await.map_err(ApiError::internal)?;
+    tokio::task::spawn_blocking(f).await.map_err(ApiError::internal)
+}
+
+async fn signup(
+    State(s): State<AppState>,
+    ClientIp(ip): ClientIp,
+    JsonBody(c): JsonBody<Credentials>,
+) -> Result<Response, ApiError> {
+    let email = auth::normalize_email(&c.email)?;
+    auth::check_new_password(&c.password)?;
+    rate_limit(&s, "signup", ip, &email)?;
+    let hash = run_hash(&s, move || auth::hash_password(&c.password)).await??;
+    match s.store.create_account(email, hash).await? {
+        Some(account) => {
+            tracing::info!(%account, "account created");
+            Ok((StatusCode::CREATED, Json(json!({ "account": account.as_str() }))).into_response())
+        }
+        None => Err(ApiError::new(StatusCode::CONFLICT, "an account with this email already exists")),
+    }
+}
+
+async fn login(
+    State(s): State<AppState>,
+    ClientIp(ip): ClientIp,
+    JsonBody(c): JsonBody<Credentials>,
+) -> Result<Json<Value>, ApiError> {
+    let email = auth::normalize_email(&c.email)?;
+    rate_limit(&s, "login", ip, &email)?;
+    let wrong = || ApiError::new(StatusCode::UNAUTHORIZED, "wrong email or password");
+    if !auth::password_len_ok(&c.password) {
+        return Err(wrong());
+    }
+    let found = s.store.account_by_email(email).await?;
+    let (account, phc) = match found {
+        Some((account, phc)) => (Some(account), phc),
+        // Same work for an unknown email as for a wrong password.
+        None => (None, auth::dummy_hash().to_owned()),
+    };
+    let ok = run_hash(&s, move || auth::verify_password(&phc, &c.password)).await?;
+    let account = match account {
+        Some(a) if ok => a,
+        _ => return Err(wrong()),
+    };
+    let (token, token_hash) = auth::new_token();
+    let expires_at = unix_now().saturating_add(s.session_ttl.as_secs().max(1));
+    s.store.create_session(token_hash, account.clone(), expires_at).await?;
+    tracing::info!(%account, "logged in");
+    Ok(Json(json!({ "token": token, "expires_at": expires_at })))
+}
+
+async fn logout(State(s): State<AppState>, session: Session) -> Result<StatusCode, ApiError> {
+    s.store.delete_session(session.token_hash).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ControllerBody {
+    public_key: PublicKey,
+    name: String,
+}
+
+async fn register_controller(
+    State(s): State<AppState>,
+    session: Session,
+    JsonBody(body): JsonBody<ControllerBody>,
+) -> Result<Response, ApiError> {
+    let name = check_name(&body.name)?;
+    let id = body.public_key.controller_id();
+    s.store.upsert_controller(session.account, id.to_string(), body.public_key.to_sec1(), name).await?;
+    Ok((StatusCode::CREATED, Json(json!({ "controller": id }))).into_response())
+}
+
+// ---- devices ----
+
+async fn list_devices(State(s): State<AppState>, session: Session) -> Result<Json<Value>, ApiError> {
+    let rows = s.store.devices_of(session.account).await?;
+    let devices: Vec<Value> = rows
+        .into_iter()
+        .map(|d| {
+            // The link's copy is newer than the database's while the device
+            // is online (the database write may still be in flight).
+            let last_state = s.router.last_state(&d.id).or(d.last_state);
+            json!({
+                "id": d.id,
+                "name": d.name,
+                "kind": d.kind,
+                "online": s.router.is_online(&d.id),
+                "certificate": b64::encode(&d.certificate),
+                "last_state": last_state.map(b64::encode),
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "devices": devices })))
+}
+
+/// The device `raw` names, if it exists and belongs to `account`. Every
+/// other case gets the same 404, so guessing ids reveals nothing.
+pub async fn owned_device(state: &AppState, account: &AccountId, raw: &str) -> Result<DeviceId, ApiError> {
+    let Ok(id) = raw.parse::<DeviceId>() else { return Err(ApiError::not_found(NO_SUCH_DEVICE)) };
+    match state.store.device_owner(id.clone()).await? {
+        Some(owner) if &owner == account => Ok(id),
+        _ => Err(ApiError::not_found(NO_SUCH_DEVICE)),
+    }
+}
+
+fn route_error(e: RouteError) -> ApiError {
+    match e {
+        RouteError::Offline => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "device is offline"),
+        RouteError::TooLarge => {
+            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("the envelope does not fit a {MAX_FRAME_LEN}-byte device frame"))
+        }
+        RouteError::Overflow => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CommandBody {
+    envelope: String,
+}
+
+async fn command(
+    State(s): State<AppState>,
+    session: Session,
+    path: Result<Path<String>, PathRejection>,
+    JsonBody(body): JsonBody<CommandBody>,
+) -> Result<Json<Value>, ApiError> {
+    let Ok(Path(raw)) = path else { return Err(ApiError::not_found(NO_SUCH_DEVICE)) };
+    let device = owned_device(&s, &session.account, &raw).await?;
+    let envelope = b64::decode(&body.envelope).map_err(|_| ApiError::bad_request("envelope is not base64url"))?;
+    let peek = hearth_proto::message::peek_command(&envelope)
+        .map_err(|e| ApiError::bad_request(format!("envelope is not a signed command: {e}")))?;
+    if peek.device != device {
+        return Err(ApiError::bad_request(format!("the command is for device {}, not {device}", peek.device)));
+    }
+    if !s.router.is_online(&device) {
+        return Err(route_error(RouteError::Offline));
+    }
+    let Some(mut waiter) = s.router.expect_result(&device, peek.controller, peek.counter) else {
+        return Err(ApiError::new(StatusCode::CONFLICT, "a command with this counter is already waiting for an answer"));
+    };
+    s.router.send_to_device(&device, &CloudFrame::Command { envelope }).map_err(route_error)?;
+    match tokio::time::timeout(COMMAND_TIMEOUT, waiter.recv()).await {
+        Err(_) => Err(ApiError::new(StatusCode::GATEWAY_TIMEOUT, "the device did not answer")),
+        Ok(None) => Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the device went offline before answering")),
+        Ok(Some(result)) => Ok(Json(json!({ "result": b64::encode(result) }))),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PairBody {
+    code_lookup: String,
+    name: String,
+    request: PairRequest,
+}
+
+fn bad_device_answer(why: &str) -> ApiError {
+    tracing::warn!(why, "device sent an invalid pairing answer");
+    ApiError::new(StatusCode::BAD_GATEWAY, format!("the device's pairing answer is invalid: {why}"))
+}
+
+async fn pair(
+    State(s): State<AppState>,
+    session: Session,
+    JsonBody(body): JsonBody<PairBody>,
+) -> Result<Json<Value>, ApiError> {
+    let name = check_name(&body.name)?;
+    let Some(device) = s.router.find_setup(&body.code_lookup) else {
+        return Err(ApiError::not_found(NO_SETUP_DEVICE));
+    };
+    let (req, mut waiter) = s.router.expect_pairing(&device);
+    let frame = CloudFrame::Pair { req, request: body.request.clone() };
+    match s.router.send_to_device(&device, &frame) {
+        Ok(()) => {}
+        Err(RouteError::Offline) => return Err(ApiError::not_found(NO_SETUP_DEVICE)),
+        Err(e) => return Err(route_error(e)),
+    }
+    let (outcome, cert_key) = match tokio::time::timeout(PAIR_TIMEOUT, waiter.recv()).await {
+        Err(_) => return Err(ApiError::new(StatusCode::GATEWAY_TIMEOUT, "the device did not answer the pairing request")),
+        Ok(None) => return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the device went offline during pairing")),
+        Ok(Some(answer)) => answer,
+    };
+    let resp = match outcome {
+        PairOutcome::Ok(resp) => resp,
+        PairOutcome::Err(e) => return Err(ApiError::pair_refused(e)),
+    };
+    // Record ownership only on the device's own signed word, checked with
+    // the key from its certificate: the id and key must be the certified
+    // ones and the confirmation must name this request's controller.
+    if resp.device != device {
+        return Err(bad_device_answer("it names another device"));
+    }
+    if resp.device_key != cert_key {
+        return Err(bad_device_answer("its key is not the one in its certificate"));
+    }
+    let confirmation = verify_confirmation(&resp.confirmation, &device, &cert_key)
+        .map_err(|_| bad_device_answer("the confirmation does not verify"))?;
+    if confirmation.controller != body.request.controller_key.controller_id() || confirmation.role != Role::Owner {
+        return Err(bad_device_answer("the confirmation does not name this controller as owner"));
+    }
+    s.store.pair_device(device.clone(), session.account.clone(), name, unix_now()).await?;
+    s.router.set_owner(&device, session.account.clone());
+    tracing::info!(%device, account = %session.account, "device paired");
+    Ok(Json(json!({ "device": device, "response": resp })))
+}
+
+// ---- controller link ----
+
+#[derive(Deserialize)]
+struct LinkQuery {
+    token: Option<String>,
+}
+
+/// `GET /api/v1/link`: the controller WebSocket. The token comes from the
+/// `Authorization: Bearer` header or, for browsers (whose WebSocket API
+/// cannot set headers), from the `token` query parameter.
+async fn link(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    query: Result<Query<LinkQuery>, QueryRejection>,
+    guard: Option<Extension<ConnGuard>>,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    let query_token = query.ok().and_then(|Query(q)| q.token);
+    let token = header_token(&headers).or(query_token.as_deref()).ok_or_else(ApiError::unauthorized)?;
+    let session = authenticate(&s, token).await?;
+    let upgrade = upgrade
+        .map_err(|_| ApiError::bad_request("this route needs a WebSocket upgrade (GET with `Upgrade: websocket`)"))?;
+    let guard = guard.map(|Extension(g)| g);
+    Ok(upgrade
+        .max_message_size(MAX_FRAME_LEN)
+        .max_frame_size(MAX_FRAME_LEN)
+        .on_upgrade(move |socket| crate::controller_link::run(s, socket, session, guard)))
+}

@@ -1,0 +1,221 @@
+//! The device link (ADR 0002): mutual TLS on its own port, then
+//! length-prefixed JSON frames.
+//!
+//! The device's id and key come from its verified certificate and from
+//! nothing it sends. Every read has a deadline: the first frame must be a
+//! hello within [`HELLO_TIMEOUT`], a frame body must follow its header
+//! within [`BODY_TIMEOUT`], and a link that sends nothing for [`IDLE_LIMIT`]
+//! is dropped (the cloud pings every [`PING_EVERY`] so a live device always
+//! has something to answer). A malformed frame ends the link, never the
+//! process.
+
+use std::time::Duration;
+
+use hearth_proto::ids::DeviceId;
+use hearth_proto::keys::PublicKey;
+use hearth_proto::link::{decode_body, frame_len, CloudFrame, DeviceFrame};
+use hearth_proto::message::{verify_result, verify_state};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::{timeout, Instant, MissedTickBehavior};
+use tokio_rustls::server::TlsStream;
+
+use crate::router::{DeviceInfo, LinkHandle};
+use crate::store::unix_now;
+use crate::AppState;
+
+/// Time allowed for the first frame.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time allowed for a frame body once its header arrived.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the cloud pings a device.
+pub const PING_EVERY: Duration = Duration::from_secs(15);
+/// A link that sent no frame for this long is dropped.
+pub const IDLE_LIMIT: Duration = Duration::from_secs(45);
+/// Time allowed to write one frame.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// State reports are written to the database at most this often per
+/// device; the newest one is always kept in memory and written at the end.
+pub const STATE_PERSIST_EVERY: Duration = Duration::from_secs(1);
+
+/// Why a device link ended.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// The client certificate is missing or carries no device identity.
+    #[error("no usable device certificate: {0}")]
+    Certificate(String),
+    /// The device closed the connection.
+    #[error("closed by the device")]
+    Closed,
+    /// Reading or writing failed.
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    /// A deadline passed.
+    #[error("{0}")]
+    Timeout(&'static str),
+    /// The device sent a frame that is not valid.
+    #[error("bad frame: {0}")]
+    Frame(#[from] hearth_proto::Error),
+    /// The first frame was not a hello.
+    #[error("the first frame must be a hello")]
+    NoHello,
+    /// The database failed.
+    #[error("database: {0}")]
+    Store(#[from] crate::store::StoreError),
+}
+
+/// Reads one frame: header, limit check, then the body under a deadline.
+async fn read_frame<R: AsyncRead + Unpin>(rd: &mut R, wait: Duration, waiting_for: &'static str) -> Result<DeviceFrame, LinkError> {
+    let mut header = [0u8; 4];
+    match timeout(wait, rd.read_exact(&mut header)).await {
+        Err(_) => return Err(LinkError::Timeout(waiting_for)),
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(LinkError::Closed),
+        Ok(r) => r?,
+    };
+    // The limit is enforced on the header, before the body is allocated.
+    let len = frame_len(header)?;
+    let mut body = vec![0u8; len];
+    timeout(BODY_TIMEOUT, rd.read_exact(&mut body)).await.map_err(|_| LinkError::Timeout("a frame body"))??;
+    Ok(decode_body(&body)?)
+}
+
+async fn write_frame<W: AsyncWrite + Unpin>(wr: &mut W, bytes: &[u8]) -> Result<(), LinkError> {
+    timeout(WRITE_TIMEOUT, async {
+        wr.write_all(bytes).await?;
+        wr.flush().await
+    })
+    .await
+    .map_err(|_| LinkError::Timeout("the device to accept a frame"))??;
+    Ok(())
+}
+
+/// Serves one device link until it ends; the caller logs the outcome.
+pub async fn run(state: AppState, mut tls: TlsStream<TcpStream>) -> Result<(), LinkError> {
+    let cert = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .cloned()
+        .ok_or_else(|| LinkError::Certificate("no client certificate".into()))?;
+    let (id, key) = hearth_pki::device_identity(&cert).map_err(|e| LinkError::Certificate(e.to_string()))?;
+    tracing::Span::current().record("device", tracing::field::display(&id));
+
+    let (kind, setup_lookup) = match read_frame(&mut tls, HELLO_TIMEOUT, "a hello").await? {
+        DeviceFrame::Hello { kind, firmware, setup_lookup } => {
+            tracing::info!(?kind, firmware = %firmware.chars().take(64).collect::<String>(), setup = setup_lookup.is_some(), "device hello");
+            (kind, setup_lookup)
+        }
+        _ => return Err(LinkError::NoHello),
+    };
+    let owner = state.store.device_connected(id.clone(), kind, cert.to_vec(), unix_now()).await?;
+    let handle = state.router.add_device(&id, DeviceInfo { owner, setup_lookup });
+    let link = handle.link;
+
+    let mut conn = Conn { state: &state, id: &id, key: &key, link, pending_state: None, last_persist: None };
+    let result = conn.serve(&mut tls, handle).await;
+
+    state.router.remove_device(&id, link);
+    conn.flush_state(true).await;
+    if let Err(e) = state.store.device_seen(id.clone(), unix_now()).await {
+        tracing::warn!(error = %e, "could not record last_seen");
+    }
+    // Best effort: tell the device we are done (TLS close_notify).
+    let _ = timeout(Duration::from_secs(1), tls.shutdown()).await;
+    result
+}
+
+struct Conn<'a> {
+    state: &'a AppState,
+    id: &'a DeviceId,
+    key: &'a PublicKey,
+    link: u64,
+    /// A state report not yet written to the database.
+    pending_state: Option<Vec<u8>>,
+    last_persist: Option<Instant>,
+}
+
+impl Conn<'_> {
+    async fn serve(&mut self, tls: &mut TlsStream<TcpStream>, handle: LinkHandle<Vec<u8>>) -> Result<(), LinkError> {
+        let LinkHandle { mut rx, close, .. } = handle;
+        let mut stop = self.state.stop.clone();
+        let (mut rd, mut wr) = tokio::io::split(tls);
+
+        let writer = async move {
+            let mut ping = tokio::time::interval_at(Instant::now() + PING_EVERY, PING_EVERY);
+            ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+            let mut n = 0u64;
+            loop {
+                tokio::select! {
+                    out = rx.recv() => match out {
+                        Some(bytes) => write_frame(&mut wr, &bytes).await?,
+                        None => return Ok::<(), LinkError>(()),
+                    },
+                    _ = ping.tick() => {
+                        n += 1;
+                        let bytes = hearth_proto::link::encode_frame(&CloudFrame::Ping { n })?;
+                        write_frame(&mut wr, &bytes).await?;
+                    }
+                }
+            }
+        };
+        let reader = async {
+            loop {
+                let frame = read_frame(&mut rd, IDLE_LIMIT, "any frame (idle link)").await?;
+                self.handle(frame).await;
+                self.flush_state(false).await;
+            }
+        };
+        tokio::select! {
+            r = reader => r,
+            w = writer => w,
+            () = close.notified() => {
+                tracing::info!("link replaced by a newer one or too slow; closing");
+                Ok(())
+            }
+            () = crate::stopped(&mut stop) => Ok(()),
+        }
+    }
+
+    async fn handle(&mut self, frame: DeviceFrame) {
+        let router = &self.state.router;
+        match frame {
+            DeviceFrame::Hello { setup_lookup, .. } | DeviceFrame::Setup { setup_lookup } => {
+                tracing::info!(setup = setup_lookup.is_some(), "setup mode announced");
+                router.set_setup_lookup(self.id, self.link, setup_lookup);
+            }
+            DeviceFrame::Result { envelope } => match verify_result(&envelope, self.id, self.key) {
+                Ok(p) => router.deliver_result(self.id, p.controller, p.counter, envelope),
+                // Controllers would refuse it too; forwarding it only wastes their time.
+                Err(e) => tracing::warn!(error = %e, "dropping a result that does not verify"),
+            },
+            DeviceFrame::State { envelope } => match verify_state(&envelope, self.id, self.key) {
+                Ok(_) => {
+                    router.deliver_state(self.id, self.link, envelope.clone());
+                    self.pending_state = Some(envelope);
+                }
+                Err(e) => tracing::warn!(error = %e, "dropping a state report that does not verify"),
+            },
+            DeviceFrame::PairResult { req, outcome } => {
+                if !router.complete_pairing(self.id, req, outcome, self.key.clone()) {
+                    tracing::info!(req, "pairing answer nobody is waiting for");
+                }
+            }
+            DeviceFrame::Pong { .. } => {}
+        }
+    }
+
+    /// Writes the pending state report if the last write is long enough
+    /// ago (or `force`), so a chatty device cannot keep the database busy.
+    async fn flush_state(&mut self, force: bool) {
+        let due = force || self.last_persist.is_none_or(|t| t.elapsed() >= STATE_PERSIST_EVERY);
+        if !due {
+            return;
+        }
+        let Some(envelope) = self.pending_state.take() else { return };
+        self.last_persist = Some(Instant::now());
+        if let Err(e) = self.state.store.set_last_state(self.id.clone(), envelope).await {
+            tracing::warn!(error = %e, "could not store a state report");
+        }
+    }
+}

@@ -1,0 +1,472 @@
+//! In-process message routing: which device link and which controller links
+//! are on this node, and who is waiting for which answer.
+//!
+//! Everything here is memory only and forgotten on restart; devices redial
+//! and controllers reconnect. A multi-node deployment replaces this type
+//! with one backed by NATS, so it knows nothing about HTTP or TLS: device
+//! links take encoded frames, controller links take JSON text.
+//!
+//! Queues are bounded. A peer that does not keep up is disconnected rather
+//! than buffered for, so one slow phone cannot grow the cloud's memory.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use hearth_proto::ids::{ControllerId, DeviceId};
+use hearth_proto::keys::PublicKey;
+use hearth_proto::link::{encode_frame, CloudFrame, ControllerPush, PairOutcome};
+use tokio::sync::{mpsc, oneshot, Notify};
+
+use crate::store::AccountId;
+
+/// Frames queued per device link before it counts as stuck.
+pub const DEVICE_QUEUE: usize = 64;
+/// Messages queued per controller link before it counts as stuck.
+pub const CONTROLLER_QUEUE: usize = 64;
+
+/// Why a frame could not be handed to a device link.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RouteError {
+    /// No link for this device on this node.
+    #[error("device is offline")]
+    Offline,
+    /// The frame would exceed the link's frame limit.
+    #[error("the message is too large for a device frame")]
+    TooLarge,
+    /// The device was not reading its queue; its link is being dropped.
+    #[error("the device is not keeping up; its link was dropped")]
+    Overflow,
+}
+
+/// What the router knows about an online device.
+#[derive(Debug, Clone)]
+pub struct DeviceInfo {
+    /// Its owner, if paired.
+    pub owner: Option<AccountId>,
+    /// The setup lookup it announced, while in setup mode.
+    pub setup_lookup: Option<String>,
+}
+
+struct DeviceEntry {
+    link: u64,
+    tx: mpsc::Sender<Vec<u8>>,
+    close: Arc<Notify>,
+    info: DeviceInfo,
+    last_state: Option<Vec<u8>>,
+}
+
+struct ControllerEntry {
+    tx: mpsc::Sender<Arc<str>>,
+    close: Arc<Notify>,
+}
+
+type CommandKey = (DeviceId, ControllerId, u64);
+
+#[derive(Default)]
+struct Inner {
+    devices: HashMap<DeviceId, DeviceEntry>,
+    setup_index: HashMap<String, DeviceId>,
+    controllers: HashMap<AccountId, HashMap<u64, ControllerEntry>>,
+    commands: HashMap<CommandKey, oneshot::Sender<Vec<u8>>>,
+    pairings: HashMap<u64, (DeviceId, oneshot::Sender<(PairOutcome, PublicKey)>)>,
+}
+
+/// The routing table of this node.
+#[derive(Default)]
+pub struct Router {
+    inner: Mutex<Inner>,
+    next_id: AtomicU64,
+}
+
+/// A link's end of the router: its queue and its "you are replaced or too
+/// slow, hang up" signal.
+#[derive(Debug)]
+pub struct LinkHandle<T> {
+    /// Identifies this link among links for the same device or account.
+    pub link: u64,
+    /// Outbound messages.
+    pub rx: mpsc::Receiver<T>,
+    /// Notified when the link must close.
+    pub close: Arc<Notify>,
+}
+
+/// A pending answer; the registration is withdrawn when this is dropped,
+/// whether the answer came, the wait timed out or the caller went away.
+pub struct Waiter<T> {
+    router: Arc<Router>,
+    key: WaitKey,
+    rx: oneshot::Receiver<T>,
+}
+
+enum WaitKey {
+    Command(CommandKey),
+    Pairing(u64),
+}
+
+impl<T> Waiter<T> {
+    /// Waits for the answer; `None` if the device went away first.
+    pub async fn recv(&mut self) -> Option<T> {
+        (&mut self.rx).await.ok()
+    }
+}
+
+impl<T> Drop for Waiter<T> {
+    fn drop(&mut self) {
+        let mut inner = self.router.lock();
+        match &self.key {
+            WaitKey::Command(k) => {
+                inner.commands.remove(k);
+            }
+            WaitKey::Pairing(req) => {
+                inner.pairings.remove(req);
+            }
+        }
+    }
+}
+
+impl Router {
+    /// An empty routing table.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // Every update below leaves the maps consistent before it can
+        // panic, so a poisoned lock still guards usable data.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn fresh_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    // ---- devices ----
+
+    /// Registers a device link, replacing (and closing) any earlier link of
+    /// the same device, and tells the owner's controllers it is online.
+    pub fn add_device(&self, id: &DeviceId, info: DeviceInfo) -> LinkHandle<Vec<u8>> {
+        let (tx, rx) = mpsc::channel(DEVICE_QUEUE);
+        let close = Arc::new(Notify::new());
+        let link = self.fresh_id();
+        let owner = info.owner.clone();
+        let mut inner = self.lock();
+        if let Some(old) = inner.devices.remove(id) {
+            // notify_one stores a permit, so the old link sees it even if it
+            // is not waiting right now.
+            old.close.notify_one();
+            if let Some(lookup) = old.info.setup_lookup {
+                inner.setup_index.remove(&lookup);
+            }
+        }
+        if let Some(lookup) = &info.setup_lookup {
+            inner.setup_index.insert(lookup.clone(), id.clone());
+        }
+        inner.devices.insert(id.clone(), DeviceEntry { link, tx, close: close.clone(), info, last_state: None });
+        if let Some(owner) = owner {
+            push_locked(&mut inner, &owner, &ControllerPush::Presence { device: id.clone(), online: true });
+        }
+        LinkHandle { link, rx, close }
+    }
+
+    /// Removes a device link if it is still the current one; pending
+    /// answers from it are abandoned and its owner is told it is offline.
+    /// Returns whether it was the current link.
+    pub fn remove_device(&self, id: &DeviceId, link: u64) -> bool {
+        let mut inner = self.lock();
+        if inner.devices.get(id).map(|d| d.link) != Some(link) {
+            return false;
+        }
+        let Some(entry) = inner.devices.remove(id) else { return false };
+        if let Some(lookup) = &entry.info.setup_lookup {
+            inner.setup_index.remove(lookup);
+        }
+        // Dropping the senders wakes the waiters with "device went away".
+        inner.commands.retain(|(device, _, _), _| device != id);
+        inner.pairings.retain(|_, (device, _)| device != id);
+        if let Some(owner) = entry.info.owner {
+            push_locked(&mut inner, &owner, &ControllerPush::Presence { device: id.clone(), online: false });
+        }
+        true
+    }
+
+    /// Whether a device has a link on this node.
+    pub fn is_online(&self, id: &DeviceId) -> bool {
+        self.lock().devices.contains_key(id)
+    }
+
+    /// The latest state report received on the device's current link.
+    pub fn last_state(&self, id: &DeviceId) -> Option<Vec<u8>> {
+        self.lock().devices.get(id).and_then(|d| d.last_state.clone())
+    }
+
+    /// Records a setup-mode change announced by the device.
+    pub fn set_setup_lookup(&self, id: &DeviceId, link: u64, lookup: Option<String>) {
+        let mut inner = self.lock();
+        let Some(entry) = inner.devices.get_mut(id).filter(|d| d.link == link) else { return };
+        let old = std::mem::replace(&mut entry.info.setup_lookup, lookup.clone());
+        if let Some(old) = old {
+            if inner.setup_index.get(&old) == Some(id) {
+                inner.setup_index.remove(&old);
+            }
+        }
+        if let Some(new) = lookup {
+            inner.setup_index.insert(new, id.clone());
+        }
+    }
+
+    /// The online device in setup mode that announced this lookup value.
+    pub fn find_setup(&self, lookup: &str) -> Option<DeviceId> {
+        self.lock().setup_index.get(lookup).cloned()
+    }
+
+    /// Records a device's new owner after pairing.
+    pub fn set_owner(&self, id: &DeviceId, owner: AccountId) {
+        let mut inner = self.lock();
+        if let Some(entry) = inner.devices.get_mut(id) {
+            entry.info.owner = Some(owner.clone());
+            push_locked(&mut inner, &owner, &ControllerPush::Presence { device: id.clone(), online: true });
+        }
+    }
+
+    /// Queues a frame for a device. A full queue means the device stopped
+    /// reading: its link is closed instead of buffering more.
+    pub fn send_to_device(&self, id: &DeviceId, frame: &CloudFrame) -> Result<(), RouteError> {
+        let bytes = encode_frame(frame).map_err(|_| RouteError::TooLarge)?;
+        let inner = self.lock();
+        let entry = inner.devices.get(id).ok_or(RouteError::Offline)?;
+        match entry.tx.try_send(bytes) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                entry.close.notify_one();
+                Err(RouteError::Overflow)
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(RouteError::Offline),
+        }
+    }
+
+    /// Waits for the result of command (`controller`, `counter`) from
+    /// `device`; `None` if such a wait is already registered.
+    pub fn expect_result(
+        self: &Arc<Self>,
+        device: &DeviceId,
+        controller: ControllerId,
+        counter: u64,
+    ) -> Option<Waiter<Vec<u8>>> {
+        let key = (device.clone(), controller, counter);
+        let (tx, rx) = oneshot::channel();
+        let mut inner = self.lock();
+        if inner.commands.contains_key(&key) {
+            return None;
+        }
+        inner.commands.insert(key.clone(), tx);
+        Some(Waiter { router: self.clone(), key: WaitKey::Command(key), rx })
+    }
+
+    /// Starts a pairing exchange with `device`: returns the request number
+    /// to put in the frame and the waiter for the answer.
+    pub fn expect_pairing(self: &Arc<Self>, device: &DeviceId) -> (u64, Waiter<(PairOutcome, PublicKey)>) {
+        let req = self.fresh_id();
+        let (tx, rx) = oneshot::channel();
+        self.lock().pairings.insert(req, (device.clone(), tx));
+        (req, Waiter { router: self.clone(), key: WaitKey::Pairing(req), rx })
+    }
+
+    /// Hands a pairing answer to its waiter, together with the certified key
+    /// of the link it came on. Answers from another device are ignored.
+    pub fn complete_pairing(&self, device: &DeviceId, req: u64, outcome: PairOutcome, key: PublicKey) -> bool {
+        let mut inner = self.lock();
+        match inner.pairings.get(&req) {
+            Some((want, _)) if want == device => {}
+            _ => return false,
+        }
+        match inner.pairings.remove(&req) {
+            Some((_, tx)) => tx.send((outcome, key)).is_ok(),
+            None => false,
+        }
+    }
+
+    /// Routes a command result: to the request waiting for it (matched on
+    /// the verified controller and counter), and to every controller link
+    /// of the owner.
+    pub fn deliver_result(&self, device: &DeviceId, controller: ControllerId, counter: u64, envelope: Vec<u8>) {
+        let mut inner = self.lock();
+        if let Some(tx) = inner.commands.remove(&(device.clone(), controller, counter)) {
+            // The waiter may have just timed out; then nobody needs it.
+            let _ = tx.send(envelope.clone());
+        }
+        if let Some(owner) = inner.devices.get(device).and_then(|d| d.info.owner.clone()) {
+            push_locked(&mut inner, &owner, &ControllerPush::Result { device: device.clone(), envelope });
+        }
+    }
+
+    /// Caches a device's state report and pushes it to the owner's links.
+    pub fn deliver_state(&self, device: &DeviceId, link: u64, envelope: Vec<u8>) {
+        let mut inner = self.lock();
+        let Some(entry) = inner.devices.get_mut(device).filter(|d| d.link == link) else { return };
+        entry.last_state = Some(envelope.clone());
+        if let Some(owner) = entry.info.owner.clone() {
+            push_locked(&mut inner, &owner, &ControllerPush::State { device: device.clone(), envelope });
+        }
+    }
+
+    // ---- controllers ----
+
+    /// Registers a controller link of an account.
+    pub fn add_controller(&self, account: &AccountId) -> LinkHandle<Arc<str>> {
+        let (tx, rx) = mpsc::channel(CONTROLLER_QUEUE);
+        let close = Arc::new(Notify::new());
+        let link = self.fresh_id();
+        self.lock()
+            .controllers
+            .entry(account.clone())
+            .or_default()
+            .insert(link, ControllerEntry { tx, close: close.clone() });
+        LinkHandle { link, rx, close }
+    }
+
+    /// Removes a controller link.
+    pub fn remove_controller(&self, account: &AccountId, link: u64) {
+        let mut inner = self.lock();
+        if let Some(links) = inner.controllers.get_mut(account) {
+            links.remove(&link);
+            if links.is_empty() {
+                inner.controllers.remove(account);
+            }
+        }
+    }
+
+    /// Pushes a message to every controller link of an account.
+    #[cfg(test)]
+    pub fn push(&self, account: &AccountId, msg: &ControllerPush) {
+        push_locked(&mut self.lock(), account, msg);
+    }
+
+    /// How many controller links an account has on this node.
+    #[cfg(test)]
+    pub fn controller_links(&self, account: &AccountId) -> usize {
+        self.lock().controllers.get(account).map_or(0, HashMap::len)
+    }
+}
+
+fn push_locked(inner: &mut Inner, account: &AccountId, msg: &ControllerPush) {
+    let Some(links) = inner.controllers.get_mut(account) else { return };
+    let text: Arc<str> = match serde_json::to_string(msg) {
+        Ok(t) => t.into(),
+        Err(e) => {
+            // Our own enum of strings and byte arrays always serialises.
+            tracing::error!(error = %e, "could not encode a controller push");
+            return;
+        }
+    };
+    links.retain(|_, link| match link.tx.try_send(text.clone()) {
+        Ok(()) => true,
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            tracing::info!("closing a controller link whose push queue is full");
+            link.close.notify_one();
+            false
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => false,
+    });
+    if links.is_empty() {
+        inner.controllers.remove(account);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(owner: Option<AccountId>, lookup: Option<&str>) -> DeviceInfo {
+        DeviceInfo { owner, setup_lookup: lookup.map(str::to_owned) }
+    }
+
+    fn account() -> AccountId {
+        AccountId::for_tests()
+    }
+
+    #[tokio::test]
+    async fn a_second_link_replaces_the_first() {
+        let r = Router::new();
+        let id = DeviceId::random();
+        let first = r.add_device(&id, info(None, Some("aa")));
+        let second = r.add_device(&id, info(None, Some("bb")));
+        // The first link is told to close, and its removal does not unplug the second.
+        tokio::time::timeout(std::time::Duration::from_secs(1), first.close.notified()).await.unwrap();
+        assert!(!r.remove_device(&id, first.link));
+        assert!(r.is_online(&id));
+        assert_eq!(r.find_setup("aa"), None);
+        assert_eq!(r.find_setup("bb"), Some(id.clone()));
+        assert!(r.remove_device(&id, second.link));
+        assert!(!r.is_online(&id));
+        assert_eq!(r.find_setup("bb"), None);
+    }
+
+    #[tokio::test]
+    async fn a_full_device_queue_closes_the_link() {
+        let r = Router::new();
+        let id = DeviceId::random();
+        let h = r.add_device(&id, info(None, None));
+        for n in 0..DEVICE_QUEUE as u64 {
+            r.send_to_device(&id, &CloudFrame::Ping { n }).unwrap();
+        }
+        assert_eq!(r.send_to_device(&id, &CloudFrame::Ping { n: 99 }), Err(RouteError::Overflow));
+        tokio::time::timeout(std::time::Duration::from_secs(1), h.close.notified()).await.unwrap();
+        assert_eq!(r.send_to_device(&DeviceId::random(), &CloudFrame::Ping { n: 0 }), Err(RouteError::Offline));
+    }
+
+    #[tokio::test]
+    async fn a_slow_controller_is_dropped_not_buffered() {
+        let r = Router::new();
+        let a = account();
+        let h = r.add_controller(&a);
+        let msg = ControllerPush::Presence { device: DeviceId::random(), online: true };
+        for _ in 0..=CONTROLLER_QUEUE {
+            r.push(&a, &msg);
+        }
+        assert_eq!(r.controller_links(&a), 0);
+        tokio::time::timeout(std::time::Duration::from_secs(1), h.close.notified()).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn results_reach_the_waiter_and_the_owners_links() {
+        let r = Router::new();
+        let a = account();
+        let id = DeviceId::random();
+        let ctl = ControllerId::from_bytes([7; 16]);
+        let mut link = r.add_controller(&a);
+        let _dev = r.add_device(&id, info(Some(a.clone()), None));
+        assert!(link.rx.recv().await.unwrap().contains("presence"));
+        let mut w = r.expect_result(&id, ctl.clone(), 5).unwrap();
+        assert!(r.expect_result(&id, ctl.clone(), 5).is_none(), "one waiter per command");
+        r.deliver_result(&id, ctl.clone(), 4, vec![4]);
+        r.deliver_result(&id, ctl.clone(), 5, vec![5]);
+        assert_eq!(w.recv().await, Some(vec![5]));
+        assert!(link.rx.recv().await.unwrap().contains("result"));
+        drop(w);
+        assert!(r.expect_result(&id, ctl, 5).is_some(), "a dropped waiter is withdrawn");
+    }
+
+    #[tokio::test]
+    async fn pairing_answers_only_count_from_the_asked_device() {
+        let r = Router::new();
+        let id = DeviceId::random();
+        let other = DeviceId::random();
+        let (req, mut w) = r.expect_pairing(&id);
+        let key = PublicKey::from(&hearth_proto::keys::generate());
+        let outcome = PairOutcome::Err(hearth_proto::pairing::PairError::Full);
+        assert!(!r.complete_pairing(&other, req, outcome.clone(), key.clone()));
+        assert!(r.complete_pairing(&id, req, outcome.clone(), key.clone()));
+        assert_eq!(w.recv().await, Some((outcome, key)));
+    }
+
+    #[tokio::test]
+    async fn waiters_learn_when_the_device_goes_away() {
+        let r = Router::new();
+        let id = DeviceId::random();
+        let h = r.add_device(&id, info(None, None));
+        let mut w = r.expect_result(&id, ControllerId::from_bytes([1; 16]), 1).unwrap();
+        assert!(r.remove_device(&id, h.link));
+        assert_eq!(w.recv().await, None);
+    }
+}
