@@ -177,7 +177,9 @@ pub fn spawn(opts: AgentOptions) -> anyhow::Result<AgentHandle> {
         connected: false,
         _lock: lock,
     };
-    let span = tracing::info_span!("device", id = %device, kind = kind.as_str());
+    // Context spans are at error level so they stay attached to warnings and
+    // errors even when RUST_LOG filters out info.
+    let span = tracing::error_span!("device", id = %device, kind = kind.as_str());
     info!(parent: &span, cloud = %cloud_addr, server_name = %name_text, "device agent starting");
     let task = tokio::spawn(agent.run().instrument(span));
     Ok(AgentHandle { device, kind, events: events_tx, task })
@@ -267,7 +269,7 @@ impl Agent {
             match dialled {
                 Ok((stream, peer)) => {
                     let up_since = Instant::now();
-                    let span = tracing::info_span!("link", %peer);
+                    let span = tracing::error_span!("link", %peer);
                     let end = self.serve(stream).instrument(span).await;
                     self.connected = false;
                     match end {

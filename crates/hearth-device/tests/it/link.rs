@@ -78,3 +78,12 @@ async fn a_second_agent_on_the_same_directory_is_refused() {
     assert!(format!("{err:#}").contains("in use"), "{err:#}");
     agent.shutdown().await.unwrap();
 }
+
+/// `hearth demo` runs agents with `tokio::spawn(hearth_device::run(..))`,
+/// which needs a `Send + 'static` future.
+#[test]
+fn run_can_be_spawned_on_a_multithreaded_runtime() {
+    fn assert_send_static<T: Send + 'static>(_: &T) {}
+    let fut = hearth_device::run(hearth_device::AgentOptions::new("/nonexistent"), async {});
+    assert_send_static(&fut);
+}
