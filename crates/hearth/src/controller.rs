@@ -72,7 +72,8 @@ pub async fn login(cfg: &mut Config, cloud: Option<String>, ca: Option<std::path
         cfg.settings.manufacturer_ca_pem = Some(pem);
     }
     let (url, ca_pem) = cfg.cloud()?;
-    let api = Cloud::new(url, ca_pem, None)?;
+    let (url, ca_pem) = (url.to_owned(), ca_pem.to_owned());
+    let api = Cloud::new(&url, &ca_pem, None)?;
     let password = password(if signup { "Choose a password: " } else { "Password: " })?;
     let creds = json!({ "email": email, "password": password });
     if signup {
@@ -87,7 +88,7 @@ pub async fn login(cfg: &mut Config, cloud: Option<String>, ca: Option<std::path
     // can show it; the devices, not the cloud, decide what it may do.
     let key = cfg.key()?;
     let public = PublicKey::from(&key);
-    let api = Cloud::new(url, ca_pem, Some(token))?;
+    let api = Cloud::new(&url, &ca_pem, Some(token))?;
     let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "cli".into());
     api.call(Method::POST, "/api/v1/controllers", Some(json!({ "public_key": public, "name": format!("cli@{host}") }))).await?;
     println!(

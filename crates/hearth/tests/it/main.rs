@@ -1,5 +1,6 @@
 //! End-to-end tests: the real `hearth` and `hearth-device` programs on
 //! 127.0.0.1, driven the way a person or a script would drive them.
+#![allow(clippy::unwrap_used)] // Test code: a panic is the failure report.
 
 mod harness;
 
