@@ -1,0 +1,417 @@
+//! Device links, pairing, commands and the controller WebSocket.
+
+use futures_util::{SinkExt, StreamExt};
+use hearth_proto::b64;
+use hearth_proto::ids::DeviceId;
+use hearth_proto::keys::PublicKey;
+use hearth_proto::link::{ControllerFrame, ControllerPush, DeviceFrame};
+use hearth_proto::message::{self, Command, CommandPayload};
+use hearth_proto::pairing::{PendingPairing, SetupSecret};
+use hearth_proto::PROTOCOL_VERSION;
+use p256::ecdsa::SigningKey;
+use serde_json::{json, Value};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+use crate::support::{eventually, now, run_plug, Cloud, Seen, TestDevice, T};
+
+type Ws = WebSocketStream<TlsStream<TcpStream>>;
+
+async fn open_link(cloud: &Cloud, token: &str, via_query: bool) -> Result<Ws, tokio_tungstenite::tungstenite::Error> {
+    let s = cloud.tls(cloud.api, None).await.unwrap();
+    let url = if via_query { format!("wss://localhost/api/v1/link?token={token}") } else { "wss://localhost/api/v1/link".into() };
+    let mut req = url.into_client_request().unwrap();
+    if !via_query {
+        req.headers_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+    }
+    tokio_tungstenite::client_async(req, s).await.map(|(ws, _)| ws)
+}
+
+/// The next push, skipping pings.
+async fn next_push(ws: &mut Ws) -> ControllerPush {
+    loop {
+        match tokio::time::timeout(T, ws.next()).await.expect("a push in time").expect("link open").unwrap() {
+            Message::Text(t) => return serde_json::from_str(t.as_str()).unwrap(),
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+fn command(ctl: &SigningKey, device: &DeviceId, counter: u64) -> Vec<u8> {
+    let payload = CommandPayload {
+        v: PROTOCOL_VERSION,
+        device: device.clone(),
+        controller: PublicKey::from(ctl).controller_id(),
+        counter,
+        issued_at: now(),
+        command: Command::Toggle,
+    };
+    message::sign_command(ctl, &payload).unwrap()
+}
+
+/// Pairs `dev` (already connected and announcing `secret`) to the account.
+async fn pair(cloud: &Cloud, token: &str, ctl: &SigningKey, secret: &SetupSecret, name: &str) -> (u16, Value, PendingPairing) {
+    let pending = PendingPairing::start(secret.clone(), ctl);
+    let body = json!({"code_lookup": secret.lookup(), "name": name, "request": pending.request()});
+    // The hello may still be in flight: retry while the cloud has not seen it.
+    let (status, answer) = eventually(|| async {
+        let (status, answer) = cloud.call("POST", "/api/v1/pair", Some(token), Some(body.clone())).await;
+        (status != 404).then_some((status, answer))
+    })
+    .await;
+    (status, answer, pending)
+}
+
+#[tokio::test]
+async fn pair_command_push_and_presence_end_to_end() {
+    let cloud = Cloud::start().await;
+    let alice = cloud.account("alice@example.com").await;
+    let ctl = hearth_proto::keys::generate();
+    let dev = TestDevice::new(&cloud.manufacturer);
+    let secret = SetupSecret::random();
+
+    let mut conn = dev.connect(&cloud).await.unwrap();
+    conn.hello(Some(secret.lookup())).await;
+    let (mut seen, quit, plug) = run_plug(&dev, conn, secret.clone());
+
+    // Pairing: the cloud passes the device's answer through intact.
+    let (status, answer, pending) = pair(&cloud, &alice, &ctl, &secret, "desk lamp").await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["device"], json!(dev.id));
+    let response = serde_json::from_value(answer["response"].clone()).unwrap();
+    let paired = pending.finish(&response, Some(&dev.id)).unwrap();
+    assert_eq!(paired.device_key, dev.public_key());
+
+    let listed = cloud.devices(&alice).await;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0]["id"], json!(dev.id));
+    assert_eq!(listed[0]["name"], "desk lamp");
+    assert_eq!(listed[0]["kind"], "plug");
+    assert_eq!(listed[0]["online"], true);
+    assert_eq!(listed[0]["certificate"], b64::encode(dev.cert_der()));
+    assert_eq!(listed[0]["last_state"], Value::Null);
+
+    // A controller link sees results and state of this account's devices.
+    let mut ws = open_link(&cloud, &alice, false).await.unwrap();
+
+    let env = command(&ctl, &dev.id, 1);
+    let (status, answer) = cloud
+        .call("POST", &format!("/api/v1/devices/{}/command", dev.id), Some(&alice), Some(json!({"envelope": b64::encode(&env)})))
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    let result = b64::decode(answer["result"].as_str().unwrap()).unwrap();
+    let verified = message::verify_result(&result, &dev.id, &dev.public_key()).unwrap();
+    assert_eq!(verified.counter, 1);
+    let Seen::Command(got) = seen.recv().await.unwrap();
+    assert_eq!(got, env, "the envelope reaches the device byte for byte");
+
+    let mut got_result = false;
+    let mut got_state = None;
+    while !got_result || got_state.is_none() {
+        match next_push(&mut ws).await {
+            ControllerPush::Result { device, envelope } => {
+                assert_eq!((device, envelope), (dev.id.clone(), result.clone()));
+                got_result = true;
+            }
+            ControllerPush::State { device, envelope } => {
+                assert_eq!(device, dev.id);
+                message::verify_state(&envelope, &dev.id, &dev.public_key()).unwrap();
+                got_state = Some(envelope);
+            }
+            other => panic!("unexpected push {other:?}"),
+        }
+    }
+    let listed = cloud.devices(&alice).await;
+    assert_eq!(listed[0]["last_state"], b64::encode(got_state.as_ref().unwrap()));
+
+    // Commands over the WebSocket; the answer arrives as a push.
+    let frame = ControllerFrame::Command { device: dev.id.clone(), envelope: command(&ctl, &dev.id, 2) };
+    ws.send(Message::text(serde_json::to_string(&frame).unwrap())).await.unwrap();
+    let mut got_result = false;
+    while !got_result || got_state.as_ref().is_none_or(|s| message::verify_state(s, &dev.id, &dev.public_key()).unwrap().seq < 2) {
+        match next_push(&mut ws).await {
+            ControllerPush::Result { envelope, .. } => {
+                assert_eq!(message::verify_result(&envelope, &dev.id, &dev.public_key()).unwrap().counter, 2);
+                got_result = true;
+            }
+            ControllerPush::State { envelope, .. } => got_state = Some(envelope),
+            other => panic!("unexpected push {other:?}"),
+        }
+    }
+    // A WebSocket command for a device that is not ours is undeliverable.
+    let stranger = DeviceId::random();
+    let frame = ControllerFrame::Command { device: stranger.clone(), envelope: command(&ctl, &stranger, 3) };
+    ws.send(Message::text(serde_json::to_string(&frame).unwrap())).await.unwrap();
+    match next_push(&mut ws).await {
+        ControllerPush::Undeliverable { device, message } => {
+            assert_eq!(device, stranger);
+            assert_eq!(message, "no such device on this account");
+        }
+        other => panic!("unexpected push {other:?}"),
+    }
+
+    // The device goes away: presence is pushed, the list and commands say so.
+    quit.send(()).unwrap();
+    plug.await.unwrap();
+    loop {
+        if let ControllerPush::Presence { device, online } = next_push(&mut ws).await {
+            assert_eq!((device, online), (dev.id.clone(), false));
+            break;
+        }
+    }
+    assert_eq!(cloud.devices(&alice).await[0]["online"], false);
+    assert_eq!(
+        cloud.devices(&alice).await[0]["last_state"],
+        b64::encode(got_state.as_ref().unwrap()),
+        "the last state survives the device going offline"
+    );
+    let (status, answer) = cloud
+        .call("POST", &format!("/api/v1/devices/{}/command", dev.id), Some(&alice), Some(json!({"envelope": b64::encode(command(&ctl, &dev.id, 4))})))
+        .await;
+    assert_eq!((status, answer["error"].as_str()), (503, Some("device is offline")));
+
+    // It comes back: presence again.
+    let mut conn = dev.connect(&cloud).await.unwrap();
+    conn.hello(None).await;
+    loop {
+        if let ControllerPush::Presence { device, online } = next_push(&mut ws).await {
+            assert_eq!((device, online), (dev.id.clone(), true));
+            break;
+        }
+    }
+
+    // Shutdown closes both links and serve returns.
+    cloud.shutdown().await.unwrap();
+    assert!(conn.closed_by_cloud().await);
+}
+
+#[tokio::test]
+async fn another_accounts_device_is_indistinguishable_from_a_missing_one() {
+    let cloud = Cloud::start().await;
+    let alice = cloud.account("alice@example.com").await;
+    let mallory = cloud.account("mallory@example.com").await;
+    let ctl = hearth_proto::keys::generate();
+    let dev = TestDevice::new(&cloud.manufacturer);
+    let secret = SetupSecret::random();
+    let mut conn = dev.connect(&cloud).await.unwrap();
+    conn.hello(Some(secret.lookup())).await;
+    let (mut seen, _quit, _plug) = run_plug(&dev, conn, secret.clone());
+    let (status, answer, _) = pair(&cloud, &alice, &ctl, &secret, "plug").await;
+    assert_eq!(status, 200, "{answer}");
+
+    let env = b64::encode(command(&ctl, &dev.id, 1));
+    let theirs = cloud
+        .request("POST", &format!("/api/v1/devices/{}/command", dev.id), Some(&mallory), Some("application/json"), json!({"envelope": env}).to_string().as_bytes())
+        .await;
+    let missing = cloud
+        .request("POST", &format!("/api/v1/devices/{}/command", DeviceId::random()), Some(&mallory), Some("application/json"), json!({"envelope": env}).to_string().as_bytes())
+        .await;
+    let garbage = cloud
+        .request("POST", "/api/v1/devices/..%2F..%2Fetc/command", Some(&mallory), Some("application/json"), json!({"envelope": env}).to_string().as_bytes())
+        .await;
+    for r in [&theirs, &missing, &garbage] {
+        assert_eq!(r.status, 404);
+        assert_eq!(r.json(), json!({"error": "no such device on this account"}));
+    }
+    assert!(cloud.devices(&mallory).await.is_empty());
+    assert!(seen.try_recv().is_err(), "nothing reached the device");
+
+    // Mallory's pairing attempt with a guessed code finds nothing.
+    let pending = PendingPairing::start(SetupSecret::random(), &ctl);
+    let (status, answer) = cloud
+        .call("POST", "/api/v1/pair", Some(&mallory), Some(json!({"code_lookup": SetupSecret::random().lookup(), "name": "x", "request": pending.request()})))
+        .await;
+    assert_eq!((status, answer["error"].as_str()), (404, Some("no device in setup mode with this code is online")));
+}
+
+#[tokio::test]
+async fn bad_command_envelopes_are_400() {
+    let cloud = Cloud::start().await;
+    let alice = cloud.account("alice@example.com").await;
+    let ctl = hearth_proto::keys::generate();
+    let dev = TestDevice::new(&cloud.manufacturer);
+    let secret = SetupSecret::random();
+    let mut conn = dev.connect(&cloud).await.unwrap();
+    conn.hello(Some(secret.lookup())).await;
+    let (_seen, _quit, _plug) = run_plug(&dev, conn, secret.clone());
+    let (status, _, _) = pair(&cloud, &alice, &ctl, &secret, "plug").await;
+    assert_eq!(status, 200);
+    let path = format!("/api/v1/devices/{}/command", dev.id);
+    let other = DeviceId::random();
+    for (envelope, needle) in [
+        ("!!!".to_owned(), "base64url"),
+        (b64::encode(b"not cose"), "not a signed command"),
+        (b64::encode(command(&ctl, &other, 1)), "is for device"),
+    ] {
+        let (status, answer) = cloud.call("POST", &path, Some(&alice), Some(json!({"envelope": envelope}))).await;
+        assert_eq!(status, 400, "{answer}");
+        assert!(answer["error"].as_str().unwrap().contains(needle), "{answer}");
+    }
+}
+
+#[tokio::test]
+async fn a_wrong_setup_code_is_409_with_the_devices_reason() {
+    let cloud = Cloud::start().await;
+    let alice = cloud.account("alice@example.com").await;
+    let ctl = hearth_proto::keys::generate();
+    let dev = TestDevice::new(&cloud.manufacturer);
+    let secret = SetupSecret::random();
+    let mut conn = dev.connect(&cloud).await.unwrap();
+    conn.hello(Some(secret.lookup())).await;
+    let (_seen, _quit, _plug) = run_plug(&dev, conn, secret.clone());
+
+    // The right lookup (so the cloud finds the device) but a MAC made with another secret.
+    let pending = PendingPairing::start(SetupSecret::random(), &ctl);
+    let body = json!({"code_lookup": secret.lookup(), "name": "plug", "request": pending.request()});
+    let (status, answer) = eventually(|| async {
+        let (status, answer) = cloud.call("POST", "/api/v1/pair", Some(&alice), Some(body.clone())).await;
+        (status != 404).then_some((status, answer))
+    })
+    .await;
+    assert_eq!(status, 409, "{answer}");
+    assert_eq!(answer["error"], "wrong setup code, 19 tries left");
+    assert_eq!(answer["pair_error"], json!({"error": "wrong_secret", "tries_left": 19}));
+    assert!(cloud.devices(&alice).await.is_empty(), "nothing recorded on a refusal");
+}
+
+#[tokio::test]
+async fn a_device_from_another_ca_is_refused_at_the_handshake() {
+    let cloud = Cloud::start().await;
+    let rogue_ca = hearth_pki::generate_ca("rogue", hearth_pki::Validity::days(1)).unwrap();
+    let rogue = TestDevice::new(&rogue_ca);
+    // With TLS 1.3 the client may finish before the server checks its
+    // certificate, so the refusal shows on the first read at the latest.
+    if let Ok(mut conn) = rogue.connect(&cloud).await {
+        let _ = conn.send(&DeviceFrame::Hello { kind: hearth_proto::capability::DeviceKind::Plug, firmware: "x".into(), setup_lookup: None }).await;
+        assert!(conn.closed_by_cloud().await);
+    }
+    // No certificate at all is refused too.
+    if let Ok(mut s) = cloud.tls(cloud.devices, None).await {
+        use tokio::io::AsyncReadExt;
+        let mut b = [0u8; 1];
+        assert!(!matches!(tokio::time::timeout(T, s.read(&mut b)).await, Ok(Ok(1))));
+    }
+    cloud.health_ok().await;
+}
+
+#[tokio::test]
+async fn bad_device_frames_close_only_that_link() {
+    let cloud = Cloud::start().await;
+    let dev = TestDevice::new(&cloud.manufacturer);
+
+    // Not JSON.
+    let mut conn = dev.connect(&cloud).await.unwrap();
+    {
+        use tokio::io::AsyncWriteExt;
+        conn.s.write_all(&[0, 0, 0, 5, b'h', b'e', b'l', b'l', b'o']).await.unwrap();
+    }
+    assert!(conn.closed_by_cloud().await);
+
+    // A header announcing 4 GiB: refused before anything is allocated.
+    let mut conn = dev.connect(&cloud).await.unwrap();
+    {
+        use tokio::io::AsyncWriteExt;
+        conn.s.write_all(&[0xff, 0xff, 0xff, 0xff]).await.unwrap();
+    }
+    assert!(conn.closed_by_cloud().await);
+
+    // A first frame that is not a hello.
+    let mut conn = dev.connect(&cloud).await.unwrap();
+    conn.send(&DeviceFrame::Pong { n: 1 }).await.unwrap();
+    assert!(conn.closed_by_cloud().await);
+
+    // The cloud is fine and a well-behaved device still gets in.
+    cloud.health_ok().await;
+    let mut conn = dev.connect(&cloud).await.unwrap();
+    conn.hello(None).await;
+    conn.send(&DeviceFrame::Pong { n: 1 }).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_second_link_for_the_same_device_replaces_the_first() {
+    let cloud = Cloud::start().await;
+    let alice = cloud.account("alice@example.com").await;
+    let ctl = hearth_proto::keys::generate();
+    let dev = TestDevice::new(&cloud.manufacturer);
+    let secret = SetupSecret::random();
+    let mut first = dev.connect(&cloud).await.unwrap();
+    first.hello(Some(secret.lookup())).await;
+    // Pair over a plug that is driven by the first link.
+    let (_seen, _quit, plug) = run_plug(&dev, first, secret.clone());
+    let (status, _, _) = pair(&cloud, &alice, &ctl, &secret, "plug").await;
+    assert_eq!(status, 200);
+
+    let second = dev.connect(&cloud).await.unwrap();
+    let mut second = second;
+    second.hello(None).await;
+    // The first link is closed by the cloud, so its plug task ends.
+    tokio::time::timeout(T, plug).await.expect("first link closed").unwrap();
+    // Commands now go to the second link.
+    let (mut seen, _quit2, _plug2) = run_plug(&dev, second, secret);
+    let env = command(&ctl, &dev.id, 10);
+    let (status, answer) = cloud
+        .call("POST", &format!("/api/v1/devices/{}/command", dev.id), Some(&alice), Some(json!({"envelope": b64::encode(&env)})))
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    assert!(matches!(seen.recv().await, Some(Seen::Command(e)) if e == env));
+    assert_eq!(cloud.devices(&alice).await[0]["online"], true);
+}
+
+#[tokio::test]
+async fn a_device_that_never_answers_gives_504() {
+    let cloud = Cloud::start().await;
+    let alice = cloud.account("alice@example.com").await;
+    let ctl = hearth_proto::keys::generate();
+    let dev = TestDevice::new(&cloud.manufacturer);
+    let secret = SetupSecret::random();
+    let mut conn = dev.connect(&cloud).await.unwrap();
+    conn.hello(Some(secret.lookup())).await;
+    let (_seen, quit, plug) = run_plug(&dev, conn, secret.clone());
+    let (status, _, _) = pair(&cloud, &alice, &ctl, &secret, "plug").await;
+    assert_eq!(status, 200);
+    // Take the link back from the plug simulator and stay silent.
+    quit.send(()).unwrap();
+    plug.await.unwrap();
+    let mut conn = dev.connect(&cloud).await.unwrap();
+    conn.hello(None).await;
+    eventually(|| async { (cloud.devices(&alice).await[0]["online"] == true).then_some(()) }).await;
+    let started = std::time::Instant::now();
+    let (status, answer) = cloud
+        .call("POST", &format!("/api/v1/devices/{}/command", dev.id), Some(&alice), Some(json!({"envelope": b64::encode(command(&ctl, &dev.id, 1))})))
+        .await;
+    assert_eq!((status, answer["error"].as_str()), (504, Some("the device did not answer")), "{answer}");
+    assert!(started.elapsed() >= std::time::Duration::from_secs(9));
+    drop(conn);
+}
+
+#[tokio::test]
+async fn the_link_needs_a_valid_token_and_accepts_it_in_the_query() {
+    let cloud = Cloud::start().await;
+    let alice = cloud.account("alice@example.com").await;
+    assert!(open_link(&cloud, "not-a-token", false).await.is_err());
+    assert!(open_link(&cloud, "not-a-token", true).await.is_err());
+    let mut ws = open_link(&cloud, &alice, true).await.unwrap();
+    // A malformed frame closes the socket with a reason.
+    ws.send(Message::text("{\"type\":\"reboot\"}")).await.unwrap();
+    let closed = tokio::time::timeout(T, async {
+        while let Some(msg) = ws.next().await {
+            if let Ok(Message::Close(Some(frame))) = msg {
+                return Some(frame);
+            }
+        }
+        None
+    })
+    .await
+    .unwrap()
+    .expect("a close frame");
+    assert_eq!(u16::from(closed.code), 1007);
+    assert!(closed.reason.contains("malformed frame"));
+    // A plain GET without the upgrade is a clear 400.
+    let r = cloud.request("GET", "/api/v1/link", Some(&alice), None, b"").await;
+    assert_eq!(r.status, 400);
+    assert!(r.error().contains("WebSocket"));
+}
