@@ -216,14 +216,18 @@ impl AccessList {
         let kid: [u8; ControllerId::BYTES] =
             unverified.key_id().try_into().map_err(|_| refuse(Refusal::Malformed, None, None))?;
         let claimed = ControllerId::from_bytes(kid);
+        // The claimed counter is read before any check only to address the
+        // signed refusal, so the sender can match it; nothing else uses it.
+        let claimed_counter = crate::message::peek_counter(&unverified);
         let Some(entry) = self.get(&claimed) else {
-            return Err(refuse(Refusal::NotPaired, Some(&claimed), None));
+            return Err(refuse(Refusal::NotPaired, Some(&claimed), claimed_counter));
         };
         // Step 3.
-        let payload =
-            unverified.verify(&entry.key).map_err(|_| refuse(Refusal::BadSignature, Some(&claimed), None))?;
+        let payload = unverified
+            .verify(&entry.key)
+            .map_err(|_| refuse(Refusal::BadSignature, Some(&claimed), claimed_counter))?;
         let cmd: CommandPayload =
-            decode_command(&payload).map_err(|_| refuse(Refusal::Malformed, Some(&claimed), None))?;
+            decode_command(&payload).map_err(|_| refuse(Refusal::Malformed, Some(&claimed), claimed_counter))?;
         let counter = Some(cmd.counter);
         // Step 4.
         if cmd.controller != entry.controller {

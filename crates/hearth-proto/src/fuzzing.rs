@@ -276,9 +276,12 @@ pub fn pair_response(data: &[u8]) {
     let _ = f.pending.finish(&resp, Some(&f.device));
 }
 
+/// The shape of every entry point.
+pub type EntryPoint = fn(&[u8]);
+
 /// Every entry point by name, for the replay test and the fuzz targets'
 /// corpus folders (`fuzz/corpus/<name>/`).
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, EntryPoint)] = &[
     ("envelope", envelope),
     ("peek", peek),
     ("verify_device_messages", verify_device_messages),

@@ -240,6 +240,11 @@ pub struct Peek {
     pub counter: u64,
 }
 
+/// The counter a command envelope claims, unverified (to address a refusal).
+pub(crate) fn peek_counter(u: &envelope::Unverified) -> Option<u64> {
+    from_cbor::<CommandPayload>(&u.clone().into_unverified_payload(), "command").ok().map(|p| p.counter)
+}
+
 /// Reads the routing facts of a command envelope without verifying it.
 pub fn peek_command(bytes: &[u8]) -> Result<Peek, Error> {
     let u = envelope::open(bytes)?;

@@ -308,7 +308,9 @@ impl PairingGate {
         }
         let ok = request_mac(&secret.mac_key(), &req.controller_key, &req.nonce).verify_slice(&req.mac).is_ok();
         if !ok {
-            self.failed_attempts += 1;
+            // Saturating: the gate is read back from a file, and a wrapped
+            // counter would hand a locked device a fresh set of guesses.
+            self.failed_attempts = self.failed_attempts.saturating_add(1);
             let tries_left = MAX_FAILED_ATTEMPTS.saturating_sub(self.failed_attempts);
             if tries_left == 0 {
                 self.setup_mode = false;

@@ -134,8 +134,9 @@ fn every_refusal_reason() {
     }
 }
 
-/// A refusal names the claimed sender and counter when they could be read,
-/// so the device can address its signed refusal; nothing before that.
+/// A refusal names the claimed sender and counter when they could be read
+/// (even unverified), so the device can address its signed refusal and the
+/// sender can match it; nothing else uses them.
 #[test]
 fn refusals_carry_what_was_learned() {
     let device = device(0x11);
@@ -148,7 +149,7 @@ fn refusals_carry_what_was_learned() {
 
     let stranger = sign(STRANGER, &command(STRANGER, 4, Command::Toggle));
     let r = acl.decide(ctx, &replay, &stranger).unwrap_err();
-    assert_eq!((r.reason, r.controller, r.counter), (Refusal::NotPaired, Some(controller(STRANGER)), None));
+    assert_eq!((r.reason, r.controller, r.counter), (Refusal::NotPaired, Some(controller(STRANGER)), Some(4)));
 
     let stale = sign(OWNER, &CommandPayload { issued_at: NOW - 500, ..command(OWNER, 4, Command::Toggle) });
     let r = acl.decide(ctx, &replay, &stale).unwrap_err();

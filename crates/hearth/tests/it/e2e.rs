@@ -84,6 +84,7 @@ fn restarts_keep_state_and_links_come_back() {
     let (api, devs) = (w.api_addr.clone(), w.device_addr.clone());
     w.stop_cloud();
     w.start_cloud(&api, &devs);
+    watch.wait_line(Duration::from_secs(30), |l| l.contains("\"ready\""));
     assert!(
         eventually(Duration::from_secs(60), || phone.run(&["on", "heater"]).status.success()),
         "device did not come back after the cloud restarted"
