@@ -13,7 +13,7 @@ use crate::repo_root;
 
 /// Mutations per target. Enough to walk every mutation kind over every
 /// seed many times while keeping the test a few seconds long.
-const MUTATIONS_PER_TARGET: usize = 3_000;
+const MUTATIONS_PER_TARGET: usize = 2_000;
 
 /// Marsaglia's xorshift64: deterministic, seedable, no dependency.
 struct XorShift(u64);
@@ -94,7 +94,7 @@ fn read_corpus(dir: &Path) -> Vec<(String, Vec<u8>)> {
 }
 
 /// Runs one input, turning a panic into a message that reproduces it.
-fn run(target: &str, f: fn(&[u8]), what: &str, input: &[u8]) -> Result<(), String> {
+fn run(target: &str, f: hearth_proto::fuzzing::EntryPoint, what: &str, input: &[u8]) -> Result<(), String> {
     catch_unwind(AssertUnwindSafe(|| f(input))).map_err(|e| {
         let msg = e.downcast_ref::<String>().cloned().or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()));
         format!("{target} panicked on {what}: {}\n  input hex: {}", msg.unwrap_or_default(), hex::encode(input))

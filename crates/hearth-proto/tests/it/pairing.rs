@@ -199,3 +199,14 @@ fn setup_codes() {
     assert!(SetupLabel::parse("HEARTH:1:AAAAAAAAAAAAAAAAAAAAAAAAAA").is_err());
     assert_eq!(SetupLabel::parse("HEARTH:1::AAAAAAAAAAAAAAAAAAAAAAAAAA").unwrap().device, None);
 }
+
+/// Regression: a gate read back with a huge failure count (a corrupted or
+/// hand-edited state file) used to overflow `failed_attempts += 1`: a panic
+/// in debug builds, and in release a wrap to 0 that reopened 20 guesses.
+#[test]
+fn corrupt_attempt_count_locks_instead_of_wrapping() {
+    let wrong = PendingPairing::start(SetupSecret::from_bytes([0x43; 16]), &key(CONTROLLER));
+    let mut gate = PairingGate { setup_mode: true, failed_attempts: u32::MAX };
+    assert_eq!(gate.attempt(&secret(), wrong.request()), Err(PairError::WrongSecret { tries_left: 0 }));
+    assert!(!gate.setup_mode);
+}
