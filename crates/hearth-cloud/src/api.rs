@@ -400,6 +400,12 @@ async fn command(
 #[serde(deny_unknown_fields)]
 struct PairBody {
     code_lookup: String,
+    /// The device id from a QR label. When present the request is routed by
+    /// id, so a wrong secret still reaches the device and is counted there
+    /// (its 20-attempt budget is the only authority); a typed code has only
+    /// the lookup value.
+    #[serde(default)]
+    device: Option<DeviceId>,
     name: String,
     request: PairRequest,
 }
@@ -415,7 +421,12 @@ async fn pair(
     JsonBody(body): JsonBody<PairBody>,
 ) -> Result<Json<Value>, ApiError> {
     let name = check_name(&body.name)?;
-    let Some(device) = s.router.find_setup(&body.code_lookup) else {
+    let found = match &body.device {
+        Some(id) if s.router.is_online(id) => Some(id.clone()),
+        Some(_) => None,
+        None => s.router.find_setup(&body.code_lookup),
+    };
+    let Some(device) = found else {
         return Err(ApiError::not_found(NO_SETUP_DEVICE));
     };
     let (req, mut waiter) = s.router.expect_pairing(&device);
