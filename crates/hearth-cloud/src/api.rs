@@ -193,11 +193,8 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
 
     async fn from_request(req: Request, _: &S) -> Result<Self, Self::Rejection> {
         let (parts, body) = req.into_parts();
-        let declared = parts
-            .headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
+        let declared =
+            parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
         // Refuse before reading a byte, so a huge upload costs us nothing.
         if declared.is_some_and(|len| len > MAX_BODY as u64) {
             return Err(too_large());
@@ -206,7 +203,9 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
             return Err(ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "only application/json bodies are accepted"));
         }
         let bytes = match tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, MAX_BODY)).await {
-            Err(_) => return Err(ApiError::new(StatusCode::REQUEST_TIMEOUT, "the request body did not arrive in time")),
+            Err(_) => {
+                return Err(ApiError::new(StatusCode::REQUEST_TIMEOUT, "the request body did not arrive in time"))
+            }
             Ok(Err(e)) if hit_length_limit(&e) => return Err(too_large()),
             Ok(Err(_)) => return Err(ApiError::bad_request("could not read the request body")),
             Ok(Ok(b)) => b,
@@ -355,9 +354,10 @@ pub async fn owned_device(state: &AppState, account: &AccountId, raw: &str) -> R
 fn route_error(e: RouteError) -> ApiError {
     match e {
         RouteError::Offline => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "device is offline"),
-        RouteError::TooLarge => {
-            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("the envelope does not fit a {MAX_FRAME_LEN}-byte device frame"))
-        }
+        RouteError::TooLarge => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the envelope does not fit a {MAX_FRAME_LEN}-byte device frame"),
+        ),
         RouteError::Overflow => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
 }
@@ -386,7 +386,10 @@ async fn command(
         return Err(route_error(RouteError::Offline));
     }
     let Some(mut waiter) = s.router.expect_result(&device, peek.controller, peek.counter) else {
-        return Err(ApiError::new(StatusCode::CONFLICT, "a command with this counter is already waiting for an answer"));
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "a command with this counter is already waiting for an answer",
+        ));
     };
     s.router.send_to_device(&device, &CloudFrame::Command { envelope }).map_err(route_error)?;
     match tokio::time::timeout(COMMAND_TIMEOUT, waiter.recv()).await {
@@ -437,8 +440,12 @@ async fn pair(
         Err(e) => return Err(route_error(e)),
     }
     let (outcome, cert_key) = match tokio::time::timeout(PAIR_TIMEOUT, waiter.recv()).await {
-        Err(_) => return Err(ApiError::new(StatusCode::GATEWAY_TIMEOUT, "the device did not answer the pairing request")),
-        Ok(None) => return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the device went offline during pairing")),
+        Err(_) => {
+            return Err(ApiError::new(StatusCode::GATEWAY_TIMEOUT, "the device did not answer the pairing request"))
+        }
+        Ok(None) => {
+            return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the device went offline during pairing"))
+        }
         Ok(Some(answer)) => answer,
     };
     let resp = match outcome {

@@ -47,9 +47,7 @@ pub fn check_new_password(password: &str) -> Result<(), ApiError> {
     if password_len_ok(password) {
         Ok(())
     } else {
-        Err(ApiError::bad_request(format!(
-            "password must be {MIN_PASSWORD_LEN} to {MAX_PASSWORD_LEN} characters"
-        )))
+        Err(ApiError::bad_request(format!("password must be {MIN_PASSWORD_LEN} to {MAX_PASSWORD_LEN} characters")))
     }
 }
 

@@ -152,8 +152,12 @@ async fn handle_frame(state: &AppState, session: &Session, socket: &mut WebSocke
         Err(e) => Some(e.message().to_owned()),
         Ok(_) => match hearth_proto::message::peek_command(&envelope) {
             Err(e) => Some(format!("envelope is not a signed command: {e}")),
-            Ok(peek) if peek.device != device => Some(format!("the command is for device {}, not {device}", peek.device)),
-            Ok(_) => state.router.send_to_device(&device, &CloudFrame::Command { envelope }).err().map(|e| e.to_string()),
+            Ok(peek) if peek.device != device => {
+                Some(format!("the command is for device {}, not {device}", peek.device))
+            }
+            Ok(_) => {
+                state.router.send_to_device(&device, &CloudFrame::Command { envelope }).err().map(|e| e.to_string())
+            }
         },
     };
     match problem {

@@ -65,7 +65,11 @@ pub enum LinkError {
 }
 
 /// Reads one frame: header, limit check, then the body under a deadline.
-async fn read_frame<R: AsyncRead + Unpin>(rd: &mut R, wait: Duration, waiting_for: &'static str) -> Result<DeviceFrame, LinkError> {
+async fn read_frame<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    wait: Duration,
+    waiting_for: &'static str,
+) -> Result<DeviceFrame, LinkError> {
     let mut header = [0u8; 4];
     match timeout(wait, rd.read_exact(&mut header)).await {
         Err(_) => return Err(LinkError::Timeout(waiting_for)),
@@ -103,7 +107,9 @@ pub async fn run(state: AppState, mut tls: TlsStream<TcpStream>) -> Result<(), L
 
     let (kind, setup_lookup) = match read_frame(&mut tls, HELLO_TIMEOUT, "a hello").await? {
         DeviceFrame::Hello { kind, firmware, setup_lookup } => {
-            tracing::info!(?kind, firmware = %firmware.chars().take(64).collect::<String>(), setup = setup_lookup.is_some(), "device hello");
+            // Debug formatting escapes control characters a device might put in its text.
+            let firmware: String = firmware.chars().take(64).collect();
+            tracing::info!(?kind, ?firmware, setup = setup_lookup.is_some(), "device hello");
             (kind, setup_lookup)
         }
         _ => return Err(LinkError::NoHello),
@@ -217,5 +223,48 @@ impl Conn<'_> {
         if let Err(e) = self.state.store.set_last_state(self.id.clone(), envelope).await {
             tracing::warn!(error = %e, "could not store a state report");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_peer_times_out() {
+        let (mut _device, mut cloud) = tokio::io::duplex(1024);
+        let started = Instant::now();
+        let err = read_frame(&mut cloud, HELLO_TIMEOUT, "a hello").await.unwrap_err();
+        assert!(matches!(err, LinkError::Timeout("a hello")), "{err}");
+        assert_eq!(started.elapsed(), HELLO_TIMEOUT);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_header_without_its_body_times_out() {
+        let (mut device, mut cloud) = tokio::io::duplex(1024);
+        device.write_all(&[0, 0, 0, 100, b'{']).await.unwrap();
+        let err = read_frame(&mut cloud, IDLE_LIMIT, "any frame").await.unwrap_err();
+        assert!(matches!(err, LinkError::Timeout("a frame body")), "{err}");
+    }
+
+    #[tokio::test]
+    async fn an_oversized_header_is_refused_before_reading_the_body() {
+        let (mut device, mut cloud) = tokio::io::duplex(16);
+        // Only the header fits the pipe; a reader that tried to read the
+        // announced body would block forever instead of failing.
+        device.write_all(&(hearth_proto::MAX_FRAME_LEN as u32 + 1).to_be_bytes()).await.unwrap();
+        let err = read_frame(&mut cloud, IDLE_LIMIT, "any frame").await.unwrap_err();
+        assert!(matches!(err, LinkError::Frame(hearth_proto::Error::TooLarge { .. })), "{err}");
+    }
+
+    #[tokio::test]
+    async fn frames_decode_and_eof_is_a_clean_close() {
+        let (mut device, mut cloud) = tokio::io::duplex(1024);
+        let hello = DeviceFrame::Pong { n: 3 };
+        device.write_all(&hearth_proto::link::encode_frame(&hello).unwrap()).await.unwrap();
+        drop(device);
+        assert_eq!(read_frame(&mut cloud, IDLE_LIMIT, "x").await.unwrap(), hello);
+        assert!(matches!(read_frame(&mut cloud, IDLE_LIMIT, "x").await, Err(LinkError::Closed)));
     }
 }

@@ -27,9 +27,9 @@
 //! device under an account only on the device's signed pairing
 //! confirmation, checked with the key in the device's certificate.
 //!
-//! State lives in SQLite ([`store`](crate::store) is the only module with
-//! SQL); routing is in memory ([`router`](crate::router)) so both can be
-//! swapped for PostgreSQL and NATS when one node is not enough.
+//! State lives in SQLite (the `store` module is the only one with SQL);
+//! routing is in memory (the `router` module), so both can be swapped for
+//! PostgreSQL and NATS when one node is not enough.
 #![forbid(unsafe_code)]
 
 mod api;

@@ -230,7 +230,12 @@ impl Store {
     }
 
     /// Records a session by the SHA-256 of its token.
-    pub async fn create_session(&self, token_hash: [u8; 32], account: AccountId, expires_at: u64) -> Result<(), StoreError> {
+    pub async fn create_session(
+        &self,
+        token_hash: [u8; 32],
+        account: AccountId,
+        expires_at: u64,
+    ) -> Result<(), StoreError> {
         self.run(move |c| {
             c.execute(
                 "INSERT INTO sessions (token_hash, account_id, expires_at) VALUES (?1, ?2, ?3)",
@@ -329,7 +334,13 @@ impl Store {
 
     /// Records a device under an account after a verified pairing. A device
     /// that was reset and paired again moves to its new owner.
-    pub async fn pair_device(&self, id: DeviceId, account: AccountId, name: String, now: u64) -> Result<(), StoreError> {
+    pub async fn pair_device(
+        &self,
+        id: DeviceId,
+        account: AccountId,
+        name: String,
+        now: u64,
+    ) -> Result<(), StoreError> {
         self.run(move |c| {
             let n = c.execute(
                 "UPDATE devices SET account_id = ?2, name = ?3, paired_at = ?4 WHERE id = ?1",
@@ -339,7 +350,10 @@ impl Store {
                 Ok(())
             } else {
                 // The row is written when the device connects, before it can pair.
-                Err(StoreError::Corrupt { what: "device row", reason: format!("device {id} paired but was never registered") })
+                Err(StoreError::Corrupt {
+                    what: "device row",
+                    reason: format!("device {id} paired but was never registered"),
+                })
             }
         })
         .await

@@ -109,7 +109,12 @@ async fn hostile_bodies_get_clear_4xx() {
         ("application/json", b"{\"email\": \"a@example.com\", ", 400, "malformed JSON"),
         ("application/json", b"", 400, "malformed JSON"),
         ("application/json", b"[1,2,3]", 400, "invalid request"),
-        ("application/json", br#"{"email":"a@example.com","password":"long enough pw","admin":true}"#, 400, "unknown field `admin`"),
+        (
+            "application/json",
+            br#"{"email":"a@example.com","password":"long enough pw","admin":true}"#,
+            400,
+            "unknown field `admin`",
+        ),
         ("application/json", br#"{"email":"a@example.com"}"#, 400, "missing field `password`"),
         ("application/xml", xxe, 415, "only application/json bodies are accepted"),
         ("text/xml", xxe, 415, "only application/json bodies are accepted"),
@@ -200,8 +205,9 @@ async fn controllers_register_idempotently() {
     let (status, answer) =
         cloud.call("POST", "/api/v1/controllers", Some(&token), Some(json!({"public_key": "AAAA", "name": "x"}))).await;
     assert_eq!(status, 400, "{answer}");
-    let (status, answer) =
-        cloud.call("POST", "/api/v1/controllers", Some(&token), Some(json!({"public_key": key, "name": "x".repeat(65)}))).await;
+    let (status, answer) = cloud
+        .call("POST", "/api/v1/controllers", Some(&token), Some(json!({"public_key": key, "name": "x".repeat(65)})))
+        .await;
     assert_eq!(status, 400, "{answer}");
     let (status, _) = cloud.call("POST", "/api/v1/controllers", None, Some(body)).await;
     assert_eq!(status, 401);

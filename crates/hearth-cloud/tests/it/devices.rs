@@ -22,7 +22,11 @@ type Ws = WebSocketStream<TlsStream<TcpStream>>;
 
 async fn open_link(cloud: &Cloud, token: &str, via_query: bool) -> Result<Ws, tokio_tungstenite::tungstenite::Error> {
     let s = cloud.tls(cloud.api, None).await.unwrap();
-    let url = if via_query { format!("wss://localhost/api/v1/link?token={token}") } else { "wss://localhost/api/v1/link".into() };
+    let url = if via_query {
+        format!("wss://localhost/api/v1/link?token={token}")
+    } else {
+        "wss://localhost/api/v1/link".into()
+    };
     let mut req = url.into_client_request().unwrap();
     if !via_query {
         req.headers_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
@@ -54,7 +58,13 @@ fn command(ctl: &SigningKey, device: &DeviceId, counter: u64) -> Vec<u8> {
 }
 
 /// Pairs `dev` (already connected and announcing `secret`) to the account.
-async fn pair(cloud: &Cloud, token: &str, ctl: &SigningKey, secret: &SetupSecret, name: &str) -> (u16, Value, PendingPairing) {
+async fn pair(
+    cloud: &Cloud,
+    token: &str,
+    ctl: &SigningKey,
+    secret: &SetupSecret,
+    name: &str,
+) -> (u16, Value, PendingPairing) {
     let pending = PendingPairing::start(secret.clone(), ctl);
     let body = json!({"code_lookup": secret.lookup(), "name": name, "request": pending.request()});
     // The hello may still be in flight: retry while the cloud has not seen it.
@@ -100,7 +110,12 @@ async fn pair_command_push_and_presence_end_to_end() {
 
     let env = command(&ctl, &dev.id, 1);
     let (status, answer) = cloud
-        .call("POST", &format!("/api/v1/devices/{}/command", dev.id), Some(&alice), Some(json!({"envelope": b64::encode(&env)})))
+        .call(
+            "POST",
+            &format!("/api/v1/devices/{}/command", dev.id),
+            Some(&alice),
+            Some(json!({"envelope": b64::encode(&env)})),
+        )
         .await;
     assert_eq!(status, 200, "{answer}");
     let result = b64::decode(answer["result"].as_str().unwrap()).unwrap();
@@ -132,7 +147,9 @@ async fn pair_command_push_and_presence_end_to_end() {
     let frame = ControllerFrame::Command { device: dev.id.clone(), envelope: command(&ctl, &dev.id, 2) };
     ws.send(Message::text(serde_json::to_string(&frame).unwrap())).await.unwrap();
     let mut got_result = false;
-    while !got_result || got_state.as_ref().is_none_or(|s| message::verify_state(s, &dev.id, &dev.public_key()).unwrap().seq < 2) {
+    while !got_result
+        || got_state.as_ref().is_none_or(|s| message::verify_state(s, &dev.id, &dev.public_key()).unwrap().seq < 2)
+    {
         match next_push(&mut ws).await {
             ControllerPush::Result { envelope, .. } => {
                 assert_eq!(message::verify_result(&envelope, &dev.id, &dev.public_key()).unwrap().counter, 2);
@@ -170,7 +187,12 @@ async fn pair_command_push_and_presence_end_to_end() {
         "the last state survives the device going offline"
     );
     let (status, answer) = cloud
-        .call("POST", &format!("/api/v1/devices/{}/command", dev.id), Some(&alice), Some(json!({"envelope": b64::encode(command(&ctl, &dev.id, 4))})))
+        .call(
+            "POST",
+            &format!("/api/v1/devices/{}/command", dev.id),
+            Some(&alice),
+            Some(json!({"envelope": b64::encode(command(&ctl, &dev.id, 4))})),
+        )
         .await;
     assert_eq!((status, answer["error"].as_str()), (503, Some("device is offline")));
 
@@ -205,13 +227,31 @@ async fn another_accounts_device_is_indistinguishable_from_a_missing_one() {
 
     let env = b64::encode(command(&ctl, &dev.id, 1));
     let theirs = cloud
-        .request("POST", &format!("/api/v1/devices/{}/command", dev.id), Some(&mallory), Some("application/json"), json!({"envelope": env}).to_string().as_bytes())
+        .request(
+            "POST",
+            &format!("/api/v1/devices/{}/command", dev.id),
+            Some(&mallory),
+            Some("application/json"),
+            json!({"envelope": env}).to_string().as_bytes(),
+        )
         .await;
     let missing = cloud
-        .request("POST", &format!("/api/v1/devices/{}/command", DeviceId::random()), Some(&mallory), Some("application/json"), json!({"envelope": env}).to_string().as_bytes())
+        .request(
+            "POST",
+            &format!("/api/v1/devices/{}/command", DeviceId::random()),
+            Some(&mallory),
+            Some("application/json"),
+            json!({"envelope": env}).to_string().as_bytes(),
+        )
         .await;
     let garbage = cloud
-        .request("POST", "/api/v1/devices/..%2F..%2Fetc/command", Some(&mallory), Some("application/json"), json!({"envelope": env}).to_string().as_bytes())
+        .request(
+            "POST",
+            "/api/v1/devices/..%2F..%2Fetc/command",
+            Some(&mallory),
+            Some("application/json"),
+            json!({"envelope": env}).to_string().as_bytes(),
+        )
         .await;
     for r in [&theirs, &missing, &garbage] {
         assert_eq!(r.status, 404);
@@ -223,7 +263,12 @@ async fn another_accounts_device_is_indistinguishable_from_a_missing_one() {
     // Mallory's pairing attempt with a guessed code finds nothing.
     let pending = PendingPairing::start(SetupSecret::random(), &ctl);
     let (status, answer) = cloud
-        .call("POST", "/api/v1/pair", Some(&mallory), Some(json!({"code_lookup": SetupSecret::random().lookup(), "name": "x", "request": pending.request()})))
+        .call(
+            "POST",
+            "/api/v1/pair",
+            Some(&mallory),
+            Some(json!({"code_lookup": SetupSecret::random().lookup(), "name": "x", "request": pending.request()})),
+        )
         .await;
     assert_eq!((status, answer["error"].as_str()), (404, Some("no device in setup mode with this code is online")));
 }
@@ -286,7 +331,13 @@ async fn a_device_from_another_ca_is_refused_at_the_handshake() {
     // With TLS 1.3 the client may finish before the server checks its
     // certificate, so the refusal shows on the first read at the latest.
     if let Ok(mut conn) = rogue.connect(&cloud).await {
-        let _ = conn.send(&DeviceFrame::Hello { kind: hearth_proto::capability::DeviceKind::Plug, firmware: "x".into(), setup_lookup: None }).await;
+        let _ = conn
+            .send(&DeviceFrame::Hello {
+                kind: hearth_proto::capability::DeviceKind::Plug,
+                firmware: "x".into(),
+                setup_lookup: None,
+            })
+            .await;
         assert!(conn.closed_by_cloud().await);
     }
     // No certificate at all is refused too.
@@ -354,7 +405,12 @@ async fn a_second_link_for_the_same_device_replaces_the_first() {
     let (mut seen, _quit2, _plug2) = run_plug(&dev, second, secret);
     let env = command(&ctl, &dev.id, 10);
     let (status, answer) = cloud
-        .call("POST", &format!("/api/v1/devices/{}/command", dev.id), Some(&alice), Some(json!({"envelope": b64::encode(&env)})))
+        .call(
+            "POST",
+            &format!("/api/v1/devices/{}/command", dev.id),
+            Some(&alice),
+            Some(json!({"envelope": b64::encode(&env)})),
+        )
         .await;
     assert_eq!(status, 200, "{answer}");
     assert!(matches!(seen.recv().await, Some(Seen::Command(e)) if e == env));
@@ -381,7 +437,12 @@ async fn a_device_that_never_answers_gives_504() {
     eventually(|| async { (cloud.devices(&alice).await[0]["online"] == true).then_some(()) }).await;
     let started = std::time::Instant::now();
     let (status, answer) = cloud
-        .call("POST", &format!("/api/v1/devices/{}/command", dev.id), Some(&alice), Some(json!({"envelope": b64::encode(command(&ctl, &dev.id, 1))})))
+        .call(
+            "POST",
+            &format!("/api/v1/devices/{}/command", dev.id),
+            Some(&alice),
+            Some(json!({"envelope": b64::encode(command(&ctl, &dev.id, 1))})),
+        )
         .await;
     assert_eq!((status, answer["error"].as_str()), (504, Some("the device did not answer")), "{answer}");
     assert!(started.elapsed() >= std::time::Duration::from_secs(9));

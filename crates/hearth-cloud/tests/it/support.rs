@@ -51,7 +51,8 @@ impl Cloud {
         let manufacturer = hearth_pki::generate_ca("test manufacturer", Validity::days(1)).unwrap();
         let cloud_ca = hearth_pki::generate_ca("test cloud", Validity::days(1)).unwrap();
         let server =
-            hearth_pki::issue_server_cert(&cloud_ca, &["localhost".into(), "127.0.0.1".into()], Validity::days(1)).unwrap();
+            hearth_pki::issue_server_cert(&cloud_ca, &["localhost".into(), "127.0.0.1".into()], Validity::days(1))
+                .unwrap();
         let api = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let devices = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (api_addr, dev_addr) = (api.local_addr().unwrap(), devices.local_addr().unwrap());
@@ -71,10 +72,17 @@ impl Cloud {
     /// Stops the cloud and returns what `serve` returned.
     pub async fn shutdown(mut self) -> anyhow::Result<()> {
         let _ = self.stop.take().unwrap().send(());
-        tokio::time::timeout(Duration::from_secs(15), self.task.take().unwrap()).await.expect("serve did not return").unwrap()
+        tokio::time::timeout(Duration::from_secs(15), self.task.take().unwrap())
+            .await
+            .expect("serve did not return")
+            .unwrap()
     }
 
-    pub async fn tls(&self, addr: SocketAddr, identity: Option<&CertifiedKey>) -> std::io::Result<TlsStream<TcpStream>> {
+    pub async fn tls(
+        &self,
+        addr: SocketAddr,
+        identity: Option<&CertifiedKey>,
+    ) -> std::io::Result<TlsStream<TcpStream>> {
         let config = hearth_pki::client_config(&self.cloud_ca.cert_pem, identity).unwrap();
         let tcp = TcpStream::connect(addr).await?;
         TlsConnector::from(Arc::new(config)).connect(hearth_pki::server_name("localhost").unwrap(), tcp).await
@@ -89,7 +97,14 @@ impl Cloud {
         tokio::time::timeout(T * 3, read_response(&mut s)).await.expect("no answer in time")
     }
 
-    pub async fn request(&self, method: &str, path: &str, token: Option<&str>, content_type: Option<&str>, body: &[u8]) -> Response {
+    pub async fn request(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        content_type: Option<&str>,
+        body: &[u8],
+    ) -> Response {
         let mut head = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
         if let Some(t) = token {
             head += &format!("Authorization: Bearer {t}\r\n");
@@ -221,7 +236,8 @@ fn dechunk(mut data: &[u8]) -> Option<Vec<u8>> {
     let mut out = Vec::new();
     loop {
         let line_end = data.windows(2).position(|w| w == b"\r\n")?;
-        let size = usize::from_str_radix(std::str::from_utf8(&data[..line_end]).ok()?.split(';').next()?.trim(), 16).ok()?;
+        let size =
+            usize::from_str_radix(std::str::from_utf8(&data[..line_end]).ok()?.split(';').next()?.trim(), 16).ok()?;
         data = &data[line_end + 2..];
         if size == 0 {
             return Some(out);
@@ -289,7 +305,9 @@ impl DeviceConn {
     }
 
     pub async fn hello(&mut self, setup_lookup: Option<String>) {
-        self.send(&DeviceFrame::Hello { kind: DeviceKind::Plug, firmware: "test-1".into(), setup_lookup }).await.unwrap();
+        self.send(&DeviceFrame::Hello { kind: DeviceKind::Plug, firmware: "test-1".into(), setup_lookup })
+            .await
+            .unwrap();
     }
 
     pub async fn recv(&mut self) -> std::io::Result<CloudFrame> {
@@ -340,7 +358,9 @@ pub fn run_plug(
                 CloudFrame::Ping { n } => vec![DeviceFrame::Pong { n }],
                 CloudFrame::Pair { req, request } => {
                     let outcome = match gate.attempt(&secret, &request) {
-                        Ok(()) => PairOutcome::Ok(hearth_proto::pairing::respond(&secret, &id, &key, &request, now()).unwrap()),
+                        Ok(()) => PairOutcome::Ok(
+                            hearth_proto::pairing::respond(&secret, &id, &key, &request, now()).unwrap(),
+                        ),
                         Err(e) => PairOutcome::Err(e),
                     };
                     let mut out = vec![DeviceFrame::PairResult { req, outcome }];
