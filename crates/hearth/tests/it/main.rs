@@ -5,3 +5,4 @@
 mod harness;
 
 mod e2e;
+mod tidy;
