@@ -262,3 +262,69 @@ pub fn verify_device_cert(manufacturer_ca_pem: &str, cert: &CertificateDer<'_>) 
     verifier.verify_client_cert(cert, &[], UnixTime::now()).map_err(|e| Error::Rejected(e.to_string()))?;
     device_identity(cert)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn device_cert(manufacturer: &CertifiedKey) -> (DeviceId, p256::ecdsa::SigningKey, CertificateDer<'static>) {
+        let id = DeviceId::random();
+        let key = hearth_proto::keys::generate();
+        let csr = device_csr(&key, &id).unwrap();
+        let pem = sign_device_csr(manufacturer, &csr, &id, Validity::days(1)).unwrap();
+        (id, key, certs_from_pem(&pem).unwrap().remove(0))
+    }
+
+    #[test]
+    fn device_identity_comes_from_the_manufacturer_certificate() {
+        let manufacturer = generate_ca("m", Validity::days(1)).unwrap();
+        let (id, key, cert) = device_cert(&manufacturer);
+        let (got_id, got_key) = verify_device_cert(&manufacturer.cert_pem, &cert).unwrap();
+        assert_eq!(got_id, id);
+        assert_eq!(got_key, PublicKey::from(&key));
+    }
+
+    #[test]
+    fn a_device_certificate_from_another_ca_is_rejected() {
+        let manufacturer = generate_ca("m", Validity::days(1)).unwrap();
+        let other = generate_ca("other", Validity::days(1)).unwrap();
+        let (_, _, cert) = device_cert(&other);
+        assert!(matches!(verify_device_cert(&manufacturer.cert_pem, &cert), Err(Error::Rejected(_))));
+    }
+
+    #[test]
+    fn the_factory_sets_the_subject_whatever_the_csr_asked() {
+        let manufacturer = generate_ca("m", Validity::days(1)).unwrap();
+        let key = hearth_proto::keys::generate();
+        let claimed = DeviceId::random();
+        let assigned = DeviceId::random();
+        let csr = device_csr(&key, &claimed).unwrap();
+        let pem = sign_device_csr(&manufacturer, &csr, &assigned, Validity::days(1)).unwrap();
+        let cert = certs_from_pem(&pem).unwrap().remove(0);
+        assert_eq!(device_identity(&cert).unwrap().0, assigned);
+    }
+
+    #[test]
+    fn an_expired_device_certificate_is_rejected() {
+        let manufacturer = generate_ca("m", Validity::days(1)).unwrap();
+        let key = hearth_proto::keys::generate();
+        let id = DeviceId::random();
+        let now = OffsetDateTime::now_utc();
+        let past = Validity { not_before: now - Duration::days(10), not_after: now - Duration::days(1) };
+        let pem = sign_device_csr(&manufacturer, &device_csr(&key, &id).unwrap(), &id, past).unwrap();
+        let cert = certs_from_pem(&pem).unwrap().remove(0);
+        assert!(verify_device_cert(&manufacturer.cert_pem, &cert).is_err());
+    }
+
+    #[test]
+    fn pki_init_keeps_keys_private_and_refuses_to_overwrite() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let pki = PkiDir::init(dir.path().join("pki"), &["localhost".into()]).unwrap();
+        for key in [files::MANUFACTURER_CA_KEY, files::CLOUD_CA_KEY, CLOUD_SERVER_KEY] {
+            let mode = std::fs::metadata(pki.file(key)).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{key}");
+        }
+        assert!(PkiDir::init(dir.path().join("pki"), &["localhost".into()]).is_err());
+    }
+}
