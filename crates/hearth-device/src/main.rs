@@ -11,6 +11,9 @@ use hearth_device::store::{self, Identity, StateFile};
 use hearth_device::{AgentHandle, AgentOptions};
 use hearth_proto::capability::DeviceKind;
 
+#[cfg(target_os = "linux")]
+mod sandbox;
+
 /// A simulated Hearth smart plug, energy plug or motion sensor.
 #[derive(Debug, Parser)]
 #[command(name = "hearth-device", version)]
@@ -33,6 +36,10 @@ enum Cmd {
         /// Expect this name on the cloud's certificate instead of the provisioned one.
         #[arg(long)]
         server_name: Option<String>,
+        /// When started as root: the account to switch to (NAME, UID or
+        /// UID:GID); it is given the state directory. Default: nobody.
+        #[arg(long)]
+        user: Option<String>,
     },
     /// Physical reset of a stopped device: forget every controller and reopen setup mode.
     Reset {
@@ -84,7 +91,9 @@ fn main() -> ExitCode {
 
 fn real_main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Cmd::Run { state_dir, cloud, server_name } => {
+        Cmd::Run { state_dir, cloud, server_name, user } => {
+            // Before the runtime exists: the sandbox must cover every thread.
+            let state_dir = enter_sandbox(state_dir, cloud.as_deref(), user)?;
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
@@ -128,6 +137,33 @@ async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     }
     tracing::info!("shutting down");
     handle.shutdown().await
+}
+
+/// Locks the agent in (`sandbox.rs`) and returns the path it must use for
+/// its state directory from then on.
+#[cfg(target_os = "linux")]
+fn enter_sandbox(state_dir: PathBuf, cloud: Option<&str>, user: Option<String>) -> anyhow::Result<PathBuf> {
+    // The cloud's port is the one TCP destination the sandbox allows.
+    let config = store::load_config(&state_dir)?;
+    let addr = cloud.unwrap_or(&config.cloud_addr);
+    let cloud_port = addr
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.parse().ok())
+        .with_context(|| format!("the cloud address {addr} has no port"))?;
+    let applied = sandbox::apply(&sandbox::Policy { state_dir, user, cloud_port })?;
+    tracing::info!(dropped_to = ?applied.dropped_to, landlock = ?applied.landlock, "sandbox applied");
+    // Hidden test hook (tests/it/sandbox.rs): report what the sandbox refuses.
+    if let Some(outside) = std::env::var_os("HEARTH_DEVICE_SANDBOX_SELFTEST") {
+        sandbox::self_test(Path::new(&outside));
+    }
+    Ok(applied.state_dir)
+}
+
+/// No sandbox outside Linux; said once, loudly.
+#[cfg(not(target_os = "linux"))]
+fn enter_sandbox(state_dir: PathBuf, _cloud: Option<&str>, _user: Option<String>) -> anyhow::Result<PathBuf> {
+    tracing::warn!("no sandbox on this platform: the agent runs with the rights it was started with");
+    Ok(state_dir)
 }
 
 fn reset(dir: &Path) -> anyhow::Result<()> {

@@ -9,4 +9,5 @@ mod link;
 mod pairing;
 mod provisioning;
 mod rogue;
+mod sandbox;
 mod support;
