@@ -1,0 +1,571 @@
+#!/usr/bin/env python3
+"""Attack tests for hearth-tuf-conformance against python-tuf repositories.
+
+python-tuf (the TUF reference implementation) builds each repository on
+disk; Python's http.server serves it on 127.0.0.1; the Rust conformance
+binary (CLI of the tuf-conformance suite) is run against it, and each test
+checks the exit code, the metadata it kept, the files it wrote and the
+requests it made.
+
+Usage: run_attacks.py [PATH_TO_hearth-tuf-conformance]
+Prints one line per test and closes with "N passed, M failed".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import traceback
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from securesystemslib.signer import CryptoSigner
+from tuf.api.metadata import (
+    DelegatedRole,
+    Delegations,
+    Metadata,
+    MetaFile,
+    Root,
+    Snapshot,
+    TargetFile,
+    Targets,
+    Timestamp,
+)
+from tuf.api.serialization.json import JSONSerializer
+
+TOP = ["root", "timestamp", "snapshot", "targets"]
+BIN = os.path.abspath(
+    sys.argv[1] if len(sys.argv) > 1 else os.environ.get("HEARTH_TUF_CONFORMANCE", "target/debug/hearth-tuf-conformance")
+)
+WORK = Path(tempfile.mkdtemp(prefix="hearth-tuf-"))
+SERVE = WORK / "www"
+SERVE.mkdir()
+REQUESTS: list[str] = []
+# Paths answered by a function instead of a file (endless bodies).
+SPECIAL: dict[str, callable] = {}
+
+
+def future(days: int = 30) -> datetime:
+    return (datetime.now(timezone.utc) + timedelta(days=days)).replace(microsecond=0)
+
+
+def past() -> datetime:
+    return (datetime.now(timezone.utc) - timedelta(days=1)).replace(microsecond=0)
+
+
+class Handler(http.server.SimpleHTTPRequestHandler):
+    def __init__(self, *a, **kw):
+        super().__init__(*a, directory=str(SERVE), **kw)
+
+    def do_GET(self):  # noqa: N802 (http.server's naming)
+        REQUESTS.append(self.path)
+        if self.path in SPECIAL:
+            SPECIAL[self.path](self)
+            return
+        super().do_GET()
+
+    def log_message(self, *args):
+        pass
+
+
+def endless(handler):
+    """Claims no length and sends data until the client hangs up."""
+    handler.send_response(200)
+    handler.end_headers()
+    chunk = b"A" * 65536
+    try:
+        for _ in range(2000):  # 128 MiB at most, so the test always ends.
+            handler.wfile.write(chunk)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+
+
+class Repo:
+    """A repository built with python-tuf's Metadata API."""
+
+    def __init__(self, name: str, consistent: bool = False, keytype: str = "ed25519"):
+        self.name = name
+        self.meta_dir = SERVE / name / "metadata"
+        self.targets_dir = SERVE / name / "targets"
+        self.meta_dir.mkdir(parents=True)
+        self.targets_dir.mkdir(parents=True)
+        gen = {"ed25519": CryptoSigner.generate_ed25519, "ecdsa": CryptoSigner.generate_ecdsa, "rsa": CryptoSigner.generate_rsa}[keytype]
+        self.signers = {role: [gen()] for role in TOP}
+        self.root = Metadata(Root(expires=future(365)))
+        self.root.signed.consistent_snapshot = consistent
+        for role in TOP:
+            for s in self.signers[role]:
+                self.root.signed.add_key(s.public_key, role)
+        self.timestamp = Metadata(Timestamp(expires=future()))
+        self.snapshot = Metadata(Snapshot(expires=future()))
+        self.targets = Metadata(Targets(expires=future()))
+        self.delegated: dict[str, Metadata] = {}
+        self.deleg_signers: dict[str, list] = {}
+        self.publish_root()
+        self.initial_root = (self.meta_dir / "1.root.json").read_bytes()
+        self.publish(bump=False)
+
+    @property
+    def url(self) -> str:
+        return f"{BASE_URL}/{self.name}/metadata"
+
+    @property
+    def target_url(self) -> str:
+        return f"{BASE_URL}/{self.name}/targets"
+
+    def write(self, md: Metadata, role: str, signers, versioned: bool) -> bytes:
+        md.signatures.clear()
+        for s in signers:
+            md.sign(s, append=True)
+        data = md.to_bytes(JSONSerializer(compact=False))
+        if role != "timestamp":
+            (self.meta_dir / f"{md.signed.version}.{role}.json").write_bytes(data)
+        if not versioned:
+            (self.meta_dir / f"{role}.json").write_bytes(data)
+        return data
+
+    def publish_root(self, extra_signers=()):
+        self.write(self.root, "root", list(self.signers["root"]) + list(extra_signers), versioned=False)
+
+    def publish(self, bump: bool = True, roles=("targets",)):
+        """Re-signs the given targets roles, then snapshot and timestamp."""
+        for role in roles:
+            md = self.targets if role == "targets" else self.delegated[role]
+            if bump:
+                md.signed.version += 1
+            signers = self.signers["targets"] if role == "targets" else self.deleg_signers[role]
+            self.write(md, role, signers, versioned=False)
+            self.snapshot.signed.meta[f"{role}.json"] = MetaFile(version=md.signed.version)
+        self.publish_snapshot(bump)
+
+    def publish_snapshot(self, bump: bool = True):
+        if bump:
+            self.snapshot.signed.version += 1
+        self.write(self.snapshot, "snapshot", self.signers["snapshot"], versioned=False)
+        self.timestamp.signed.snapshot_meta = MetaFile(version=self.snapshot.signed.version)
+        self.publish_timestamp(bump)
+
+    def publish_timestamp(self, bump: bool = True):
+        if bump:
+            self.timestamp.signed.version += 1
+        return self.write(self.timestamp, "timestamp", self.signers["timestamp"], versioned=False)
+
+    def add_target(self, path: str, data: bytes, role: str = "targets", algs=("sha256",), serve: bytes | None = None):
+        md = self.targets if role == "targets" else self.delegated[role]
+        tf = TargetFile.from_data(path, data, list(algs))
+        md.signed.targets[path] = tf
+        body = data if serve is None else serve
+        dest = self.targets_dir / path
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if self.root.signed.consistent_snapshot:
+            for h in tf.hashes.values():
+                (dest.parent / f"{h}.{dest.name}").write_bytes(body)
+        else:
+            dest.write_bytes(body)
+
+    def delegate(self, parent: str, name: str, paths, terminating=False):
+        signer = CryptoSigner.generate_ed25519()
+        pmd = self.targets if parent == "targets" else self.delegated[parent]
+        if pmd.signed.delegations is None:
+            pmd.signed.delegations = Delegations(keys={}, roles={})
+        pmd.signed.delegations.roles[name] = DelegatedRole(name, [], 1, terminating, paths=paths)
+        pmd.signed.add_key(signer.public_key, name)
+        self.delegated[name] = Metadata(Targets(expires=future()))
+        self.deleg_signers[name] = [signer]
+
+    def rotate(self, role: str, keytype: str = "ed25519"):
+        """New keys for a top-level role in a new root version signed by
+        the old and (for root) the new keys."""
+        gen = {"ed25519": CryptoSigner.generate_ed25519, "ecdsa": CryptoSigner.generate_ecdsa}[keytype]
+        old = self.signers[role]
+        new = [gen()]
+        for s in old:
+            self.root.signed.revoke_key(s.public_key.keyid, role)
+        for s in new:
+            self.root.signed.add_key(s.public_key, role)
+        self.root.signed.version += 1
+        self.signers[role] = new
+        self.publish_root(extra_signers=old if role == "root" else ())
+
+
+class Client:
+    def __init__(self, repo: Repo):
+        self.repo = repo
+        base = Path(tempfile.mkdtemp(dir=WORK))
+        self.mdir = base / "metadata"
+        self.tdir = base / "targets"
+        self.mdir.mkdir()
+        self.tdir.mkdir()
+        root = base / "initial_root.json"
+        root.write_bytes(repo.initial_root)
+        assert self.run("init", "--metadata-dir", str(self.mdir), str(root)) == 0, "init failed"
+
+    def run(self, *args) -> int:
+        # Options before the subcommand, in the order given.
+        opts = [a for a in args if a not in ("init", "refresh", "download")]
+        cmd = [a for a in args if a in ("init", "refresh", "download")]
+        if cmd[0] == "init":
+            argv = [BIN, "--metadata-dir", args[2], "init", args[3]]
+        else:
+            argv = [BIN, *opts, *cmd]
+        p = subprocess.run(argv, capture_output=True, timeout=60)
+        self.last_stderr = p.stderr.decode(errors="replace")
+        if os.environ.get("VERBOSE"):
+            print(f"  rc={p.returncode} {' '.join(argv[1:])}\n  {self.last_stderr.strip()}")
+        return p.returncode
+
+    def refresh(self) -> int:
+        return self.run("--metadata-url", self.repo.url, "--metadata-dir", str(self.mdir), "refresh")
+
+    def download(self, *names: str) -> int:
+        args = ["--metadata-dir", str(self.mdir), "--target-dir", str(self.tdir), "--target-base-url", self.repo.target_url, "--metadata-url", self.repo.url]
+        for n in names:
+            args += ["--target-name", n]
+        return self.run(*args, "download")
+
+    def version(self, role: str) -> int | None:
+        p = self.mdir / f"{role}.json"
+        return Metadata.from_bytes(p.read_bytes()).signed.version if p.exists() else None
+
+    def local(self, role: str) -> bytes | None:
+        p = self.mdir / f"{role}.json"
+        return p.read_bytes() if p.exists() else None
+
+    def target(self, path: str) -> bytes | None:
+        p = self.tdir / path.replace("/", "%2F")
+        return p.read_bytes() if p.exists() else None
+
+
+def served(repo: Repo, role: str) -> bytes:
+    return (repo.meta_dir / f"{role}.json").read_bytes()
+
+
+# ---------------------------------------------------------------- tests
+
+
+def test_basic_refresh_and_download():
+    r = Repo("basic")
+    r.add_target("fw.bin", b"firmware v2")
+    r.publish()
+    c = Client(r)
+    assert c.refresh() == 0, c.last_stderr
+    for role in ["root", "timestamp", "snapshot", "targets"]:
+        assert c.local(role) == served(r, role), f"{role}.json not stored byte for byte"
+    assert c.download("fw.bin") == 0, c.last_stderr
+    assert c.target("fw.bin") == b"firmware v2"
+
+
+def test_target_signed_with_wrong_key():
+    r = Repo("wrongkey")
+    c = Client(r)
+    assert c.refresh() == 0, c.last_stderr
+    r.add_target("fw.bin", b"evil")
+    r.signers["targets"] = [CryptoSigner.generate_ed25519()]
+    r.publish()
+    assert c.refresh() == 1
+    assert c.version("targets") == 1, "untrusted targets stored"
+    assert c.download("fw.bin") == 1 and c.target("fw.bin") is None
+
+
+def test_replayed_timestamp():
+    r = Repo("replay-ts")
+    old = served(r, "timestamp")
+    r.publish_timestamp()
+    c = Client(r)
+    assert c.refresh() == 0
+    (r.meta_dir / "timestamp.json").write_bytes(old)
+    assert c.refresh() == 1
+    assert c.version("timestamp") == 2
+
+
+def test_rolled_back_snapshot_version_in_timestamp():
+    r = Repo("rollback-snap-in-ts")
+    r.publish_snapshot()
+    c = Client(r)
+    assert c.refresh() == 0
+    r.timestamp.signed.snapshot_meta = MetaFile(version=1)
+    r.publish_timestamp()
+    assert c.refresh() == 1
+    assert c.version("timestamp") == 2
+
+
+def test_rolled_back_targets_version():
+    r = Repo("rollback-targets")
+    r.publish()
+    c = Client(r)
+    assert c.refresh() == 0 and c.version("targets") == 2
+    # Snapshot v3 lists targets v1 again (a replay of old targets).
+    r.snapshot.signed.meta["targets.json"] = MetaFile(version=1)
+    (r.meta_dir / "targets.json").write_bytes((r.meta_dir / "1.targets.json").read_bytes())
+    r.publish_snapshot()
+    assert c.refresh() == 1
+    assert c.version("snapshot") == 2 and c.version("targets") == 2
+
+
+def test_expired_timestamp():
+    r = Repo("expired-ts")
+    c = Client(r)
+    r.timestamp.signed.expires = past()
+    r.publish_timestamp()
+    assert c.refresh() == 1
+    assert c.local("timestamp") is None
+
+
+def test_freeze_expired_snapshot():
+    r = Repo("freeze-snap")
+    r.snapshot.signed.expires = past()
+    r.publish_snapshot()
+    c = Client(r)
+    assert c.refresh() == 1
+    assert c.local("snapshot") is None
+
+
+def test_expired_root():
+    r = Repo("expired-root")
+    r.root.signed.expires = past()
+    r.root.signed.version += 1
+    r.publish_root()
+    c = Client(r)
+    assert c.refresh() == 1
+    assert c.local("timestamp") is None
+
+
+def test_mix_and_match_snapshot():
+    r = Repo("mixmatch")
+    old_snapshot = served(r, "snapshot")
+    r.publish()
+    # New timestamp (snapshot v2), old snapshot v1 served in its place.
+    (r.meta_dir / "snapshot.json").write_bytes(old_snapshot)
+    c = Client(r)
+    assert c.refresh() == 1
+    assert c.local("snapshot") is None
+
+
+def test_oversized_target_aborted():
+    r = Repo("oversized")
+    r.add_target("fw.bin", b"x" * 100, serve=b"x" * 100 + b"y" * 5000)
+    r.publish()
+    c = Client(r)
+    assert c.download("fw.bin") == 1
+    assert c.target("fw.bin") is None
+
+
+def test_endless_target_aborted():
+    r = Repo("endless")
+    r.add_target("fw.bin", b"z" * 1000)
+    r.publish()
+    SPECIAL[f"/{r.name}/targets/fw.bin"] = endless
+    c = Client(r)
+    assert c.download("fw.bin") == 1
+    assert c.target("fw.bin") is None
+
+
+def test_endless_timestamp_aborted():
+    r = Repo("endless-ts")
+    SPECIAL[f"/{r.name}/metadata/timestamp.json"] = endless
+    c = Client(r)
+    assert c.refresh() == 1
+
+
+def test_target_hash_mismatch():
+    r = Repo("badhash")
+    r.add_target("fw.bin", b"good image", serve=b"evil image")
+    r.publish()
+    c = Client(r)
+    assert c.download("fw.bin") == 1 and c.target("fw.bin") is None
+
+
+def test_root_rotated_twice():
+    r = Repo("root-twice")
+    c = Client(r)
+    assert c.refresh() == 0
+    r.rotate("root")
+    r.rotate("root", keytype="ecdsa")
+    r.publish()
+    assert c.refresh() == 0, c.last_stderr
+    assert c.version("root") == 3 and c.local("root") == served(r, "root")
+    assert [p for p in REQUESTS if p.startswith("/root-twice/metadata/") and p.endswith(".root.json")][-3:] == [
+        "/root-twice/metadata/2.root.json", "/root-twice/metadata/3.root.json", "/root-twice/metadata/4.root.json"]
+
+
+def test_root_rotation_without_old_signatures():
+    r = Repo("root-noold")
+    c = Client(r)
+    new = CryptoSigner.generate_ed25519()
+    for s in r.signers["root"]:
+        r.root.signed.revoke_key(s.public_key.keyid, "root")
+    r.root.signed.add_key(new.public_key, "root")
+    r.root.signed.version += 1
+    r.signers["root"] = [new]
+    r.publish_root()  # signed by the new key only
+    assert c.refresh() == 1
+    assert c.version("root") == 1
+
+
+def test_root_version_skip():
+    r = Repo("root-skip")
+    c = Client(r)
+    r.root.signed.version = 3
+    data = r.write(r.root, "root", r.signers["root"], versioned=True)
+    (r.meta_dir / "2.root.json").write_bytes(data)  # v3 served as 2.root.json
+    assert c.refresh() == 1
+    assert c.version("root") == 1
+
+
+def test_fast_forward_recovery_after_timestamp_key_rotation():
+    r = Repo("ffwd")
+    r.timestamp.signed.version = 1000
+    r.publish_timestamp(bump=False)
+    c = Client(r)
+    assert c.refresh() == 0 and c.version("timestamp") == 1000
+    r.rotate("timestamp")
+    r.timestamp.signed.version = 1
+    r.publish_timestamp(bump=False)
+    assert c.refresh() == 0, c.last_stderr
+    assert c.version("timestamp") == 1
+
+
+def test_delegation_path_patterns_and_terminating():
+    r = Repo("deleg")
+    r.delegate("targets", "firmware", ["fw/*.bin"], terminating=True)
+    r.delegate("targets", "everything", ["*", "fw/*"])
+    r.add_target("fw/a.bin", b"from firmware role", role="firmware")
+    r.add_target("fw/b.bin", b"only in everything", role="everything")
+    r.add_target("notes.txt", b"notes", role="everything")
+    r.add_target("fw/sub/c.bin", b"deep", role="firmware")
+    r.publish(roles=("firmware", "everything", "targets"))
+    c = Client(r)
+    assert c.refresh() == 0
+    assert not (c.mdir / "firmware.json").exists(), "delegated role fetched before it was needed"
+    assert c.download("fw/a.bin") == 0 and c.target("fw/a.bin") == b"from firmware role"
+    assert c.download("notes.txt") == 0 and c.target("notes.txt") == b"notes"
+    # firmware is terminating for fw/*.bin: "everything" must not be consulted.
+    assert c.download("fw/b.bin") == 1 and c.target("fw/b.bin") is None
+    # "*" does not cross "/": fw/sub/c.bin is not delegated to firmware.
+    assert c.download("fw/sub/c.bin") == 1
+
+
+def test_delegated_role_wrong_key():
+    r = Repo("deleg-wrongkey")
+    r.delegate("targets", "firmware", ["*"])
+    r.add_target("fw.bin", b"evil", role="firmware")
+    r.deleg_signers["firmware"] = [CryptoSigner.generate_ed25519()]
+    r.publish(roles=("firmware", "targets"))
+    c = Client(r)
+    assert c.download("fw.bin") == 1 and c.target("fw.bin") is None
+
+
+def test_consistent_snapshot_targets_in_subdirectories():
+    r = Repo("consistent", consistent=True)
+    r.add_target("dir/file.txt", b"hello consistent")
+    r.publish()
+    c = Client(r)
+    assert c.download("dir/file.txt") == 0, c.last_stderr
+    assert c.target("dir/file.txt") == b"hello consistent"
+    h = hashlib.sha256(b"hello consistent").hexdigest()
+    assert f"/consistent/targets/dir/{h}.file.txt" in REQUESTS
+    assert "/consistent/metadata/2.snapshot.json" in REQUESTS and "/consistent/metadata/2.targets.json" in REQUESTS
+
+
+def test_sha512_only_target():
+    r = Repo("sha512", consistent=True)
+    r.add_target("fw.bin", b"sha512 only", algs=("sha512",))
+    r.publish()
+    c = Client(r)
+    assert c.download("fw.bin") == 0, c.last_stderr
+    assert c.target("fw.bin") == b"sha512 only"
+
+
+def test_changed_timestamp_unchanged_version():
+    r = Repo("ts-same-version")
+    c = Client(r)
+    assert c.refresh() == 0
+    before = c.local("timestamp")
+    r.timestamp.signed.expires = future(60)
+    r.publish_timestamp(bump=False)
+    assert served(r, "timestamp") != before
+    assert c.refresh() == 0, c.last_stderr
+    assert c.local("timestamp") == before, "new timestamp with the same version accepted"
+
+
+def test_cached_target_not_downloaded_again_and_same_name_when_changed():
+    r = Repo("cache")
+    r.add_target("fw.bin", b"one")
+    r.publish()
+    c = Client(r)
+    assert c.download("fw.bin") == 0
+    n = REQUESTS.count("/cache/targets/fw.bin")
+    assert c.download("fw.bin") == 0 and REQUESTS.count("/cache/targets/fw.bin") == n
+    r.add_target("fw.bin", b"two")
+    r.publish()
+    assert c.download("fw.bin") == 0 and c.target("fw.bin") == b"two"
+
+
+def test_multiple_targets_stop_at_first_failure():
+    r = Repo("multi")
+    r.add_target("a", b"a")
+    r.add_target("c", b"c")
+    r.publish()
+    c = Client(r)
+    assert c.download("a", "missing", "c") == 1
+    assert c.target("a") == b"a" and c.target("c") is None
+
+
+def test_threshold_two_of_three_targets():
+    r = Repo("threshold")
+    extra = [CryptoSigner.generate_ed25519(), CryptoSigner.generate_ed25519()]
+    for s in extra:
+        r.root.signed.add_key(s.public_key, "targets")
+    r.root.signed.roles["targets"].threshold = 2
+    r.root.signed.version += 1
+    r.publish_root()
+    r.signers["targets"] = r.signers["targets"][:1]
+    r.add_target("fw.bin", b"x")
+    r.publish()
+    c = Client(r)
+    assert c.refresh() == 1, "1 of 2 signatures accepted"
+    r.signers["targets"] = [r.signers["targets"][0], extra[0]]
+    r.publish()
+    assert c.refresh() == 0, c.last_stderr
+
+
+def test_ecdsa_and_rsa_keys():
+    for kt in ("ecdsa", "rsa"):
+        r = Repo(f"keys-{kt}", keytype=kt)
+        r.add_target("fw.bin", kt.encode())
+        r.publish()
+        c = Client(r)
+        assert c.download("fw.bin") == 0, f"{kt}: {c.last_stderr}"
+
+
+def main() -> int:
+    global BASE_URL
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    BASE_URL = f"http://127.0.0.1:{server.server_address[1]}"
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    tests = [(n, f) for n, f in sorted(globals().items()) if n.startswith("test_") and callable(f)]
+    passed = failed = 0
+    for name, f in tests:
+        try:
+            f()
+            passed += 1
+            print(f"PASS {name}")
+        except Exception:  # noqa: BLE001 (a test failure of any kind is reported)
+            failed += 1
+            print(f"FAIL {name}")
+            traceback.print_exc()
+    server.shutdown()
+    shutil.rmtree(WORK, ignore_errors=True)
+    print(f"tuf attacks: {passed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+BASE_URL = ""
+if __name__ == "__main__":
+    sys.exit(main())
