@@ -190,18 +190,38 @@ impl Conn<'_> {
                 tracing::info!(setup = setup_lookup.is_some(), "setup mode announced");
                 router.set_setup_lookup(self.id, self.link, setup_lookup);
             }
+            // Sealed envelopes (ADR 0004) are checked by their outer device
+            // signature and routed by their readable header; the cloud cannot
+            // read the body. Plain signed results remain for refusals to
+            // controllers that cannot decrypt (they carry no state).
+            DeviceFrame::Result { envelope } if hearth_proto::e2e::is_sealed(&envelope) => {
+                match hearth_proto::e2e::verify_sealed(&envelope, self.id, self.key) {
+                    Ok(hearth_proto::e2e::SealedPayload { header: hearth_proto::e2e::SealedHeader { to: Some(to), .. }, .. }) => {
+                        router.deliver_result(self.id, to.controller, to.counter, envelope)
+                    }
+                    Ok(_) => tracing::warn!("dropping a sealed result without an addressee"),
+                    Err(e) => tracing::warn!(error = %e, "dropping a sealed result that does not verify"),
+                }
+            }
             DeviceFrame::Result { envelope } => match verify_result(&envelope, self.id, self.key) {
                 Ok(p) => router.deliver_result(self.id, p.controller, p.counter, envelope),
                 // Controllers would refuse it too; forwarding it only wastes their time.
                 Err(e) => tracing::warn!(error = %e, "dropping a result that does not verify"),
             },
-            DeviceFrame::State { envelope } => match verify_state(&envelope, self.id, self.key) {
-                Ok(_) => {
-                    router.deliver_state(self.id, self.link, envelope.clone());
-                    self.pending_state = Some(envelope);
+            DeviceFrame::State { envelope } => {
+                let ok = if hearth_proto::e2e::is_sealed(&envelope) {
+                    hearth_proto::e2e::verify_sealed(&envelope, self.id, self.key).map(|_| ())
+                } else {
+                    verify_state(&envelope, self.id, self.key).map(|_| ())
+                };
+                match ok {
+                    Ok(()) => {
+                        router.deliver_state(self.id, self.link, envelope.clone());
+                        self.pending_state = Some(envelope);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "dropping a state report that does not verify"),
                 }
-                Err(e) => tracing::warn!(error = %e, "dropping a state report that does not verify"),
-            },
+            }
             DeviceFrame::PairResult { req, outcome } => {
                 if !router.complete_pairing(self.id, req, outcome, self.key.clone()) {
                     tracing::info!(req, "pairing answer nobody is waiting for");

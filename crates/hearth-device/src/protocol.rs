@@ -9,6 +9,7 @@
 //! forgets a failed pairing attempt) that a restart would undo.
 
 use hearth_proto::acl::{AccessList, DeviceContext, Role};
+use hearth_proto::e2e::{self, Addressed, Content, SealedHeader};
 use hearth_proto::capability::{Capability, DeviceKind};
 use hearth_proto::ids::{ControllerId, DeviceId};
 use hearth_proto::link::{CloudFrame, DeviceFrame, PairOutcome};
@@ -93,7 +94,10 @@ impl DeviceCore {
         Ok(())
     }
 
-    /// Builds the next state report (seq + 1) on `next`, signed.
+    /// Builds the next state report (seq + 1) on `next`: signed, then
+    /// sealed (ADR 0004) for the controllers on `next`'s access list that
+    /// registered an encryption key. Never sent in the clear: with nobody to
+    /// seal for, the cloud still gets only a sealed envelope nobody can open.
     fn state_frame(&self, next: &mut PersistentState, motion: bool, cause: Cause, now: u64) -> Result<DeviceFrame, Error> {
         next.seq += 1;
         let payload = StatePayload {
@@ -105,7 +109,11 @@ impl DeviceCore {
             state: observable(self.kind, next, motion),
             cause,
         };
-        Ok(DeviceFrame::State { envelope: message::sign_state(&self.key, &payload)? })
+        let inner = message::sign_state(&self.key, &payload)?;
+        let header =
+            SealedHeader { v: PROTOCOL_VERSION, device: self.device.clone(), content: Content::State, seq: next.seq, to: None, at: now };
+        let sealed = e2e::seal(&self.key, header, &inner, &next.access.recipients(), &mut rand::rngs::OsRng)?;
+        Ok(DeviceFrame::State { envelope: sealed })
     }
 
     /// The link came up: `Hello`, then a signed state report.
@@ -139,7 +147,8 @@ impl DeviceCore {
                 let controller = refused.controller.unwrap_or_else(unknown_controller);
                 let counter = refused.counter.unwrap_or(0);
                 tracing::warn!(%controller, counter, reason = %refused.reason, "refused a command");
-                return Ok(vec![self.result_frame(controller, counter, Outcome::Refused { reason: refused.reason }, self.report(), now)?]);
+                let access = &self.state.access;
+                return Ok(vec![self.result_frame(access, controller, counter, Outcome::Refused { reason: refused.reason }, self.report(), now)?]);
             }
         };
         let mut next = self.state.clone();
@@ -150,11 +159,35 @@ impl DeviceCore {
             Command::SetRelay { on } => next.relay = on,
             Command::Toggle => next.relay = !next.relay,
             Command::GetState => {}
+            Command::RegisterKey { ref key } => {
+                // `decide` found the sender on the list, so this cannot fail;
+                // the key is the sender's own (the command is signed by it).
+                next.access.set_enc_key(&decision.controller, key.clone());
+                tracing::info!(controller = %decision.controller, fingerprint = %key.fingerprint(), "registered an encryption key");
+            }
+            Command::AddController { ref key, ref enc, role } => {
+                // `decide` checked that the sender is an owner.
+                let added = key.controller_id();
+                if next.access.upsert(key.clone(), role, now) {
+                    next.access.set_enc_key(&added, enc.clone());
+                    tracing::info!(by = %decision.controller, controller = %added, ?role, fingerprint = %enc.fingerprint(), "added a controller");
+                } else {
+                    tracing::warn!(controller = %added, "access list full; controller not added");
+                }
+            }
+            Command::RemoveController { ref controller } => {
+                // Takes effect with this very frame: the result below is
+                // sealed for the remaining controllers only.
+                if next.access.remove(controller) {
+                    next.replay.forget(controller);
+                    tracing::info!(by = %decision.controller, %controller, "revoked a controller");
+                }
+            }
         }
         let changed = next.relay != before;
         let mut frames = Vec::with_capacity(2);
         let after = observable(self.kind, &next, self.motion);
-        frames.push(self.result_frame(decision.controller.clone(), decision.counter, Outcome::Done, after, now)?);
+        frames.push(self.result_frame(&next.access, decision.controller.clone(), decision.counter, Outcome::Done, after, now)?);
         if changed {
             let cause = Cause::Command { controller: decision.controller.clone() };
             frames.push(self.state_frame(&mut next, self.motion, cause, now)?);
@@ -166,16 +199,32 @@ impl DeviceCore {
         Ok(frames)
     }
 
+    /// A signed result. When the addressed controller can read sealed
+    /// envelopes it is sealed for every recipient on `access` (it carries
+    /// the state); otherwise it goes out signed but in the clear with the
+    /// state left empty, so an unlisted or keyless sender (or a cloud
+    /// forging one) learns the refusal reason and nothing about the device.
     fn result_frame(
         &self,
+        access: &AccessList,
         controller: ControllerId,
         counter: u64,
         outcome: Outcome,
         state: DeviceState,
         now: u64,
     ) -> Result<DeviceFrame, Error> {
+        let recipients = access.recipients();
+        let readable = recipients.iter().any(|(c, _)| c == &controller);
+        let state = if readable { state } else { DeviceState::default() };
+        let to = Addressed { controller: controller.clone(), counter };
         let payload = ResultPayload { v: PROTOCOL_VERSION, device: self.device.clone(), controller, counter, outcome, state, at: now };
-        Ok(DeviceFrame::Result { envelope: message::sign_result(&self.key, &payload)? })
+        let inner = message::sign_result(&self.key, &payload)?;
+        if !readable {
+            return Ok(DeviceFrame::Result { envelope: inner });
+        }
+        let header =
+            SealedHeader { v: PROTOCOL_VERSION, device: self.device.clone(), content: Content::Result, seq: 0, to: Some(to), at: now };
+        Ok(DeviceFrame::Result { envelope: e2e::seal(&self.key, header, &inner, &recipients, &mut rand::rngs::OsRng)? })
     }
 
     fn pair(&mut self, req: u64, request: &PairRequest, store: &mut dyn StateStore, now: u64) -> Result<Vec<DeviceFrame>, Error> {
@@ -359,16 +408,22 @@ mod tests {
         plug.press_button(&mut store, NOW).unwrap();
         assert_eq!(plug.report(), DeviceState { relay: Some(true), motion: None, power_mw: Some(SIMULATED_LOAD_MW) });
 
-        let (mut sensor, _) = core(DeviceKind::MotionSensor);
+        let (mut sensor, secret) = core(DeviceKind::MotionSensor);
         assert_eq!(sensor.report(), DeviceState { relay: None, motion: Some(false), power_mw: None });
         assert!(sensor.press_button(&mut store, NOW).unwrap().is_empty());
+        let owner = pair(&mut sensor, &secret, &mut store);
+        let me = PublicKey::from(&owner).controller_id();
+        let enc = e2e::EncSecretKey::for_controller(&owner);
+        let device = sensor.device().clone();
+        let reg = command(&owner, &device, 1, Command::RegisterKey { key: enc.public().clone() });
+        sensor.handle(CloudFrame::Command { envelope: reg }, &mut store, NOW).unwrap();
         let frames = sensor.walk_past(&mut store, NOW).unwrap();
         let key = PublicKey::from(&sensor.key);
         let states: Vec<(u64, Option<bool>)> = frames
             .iter()
             .map(|f| match f {
                 DeviceFrame::State { envelope } => {
-                    let s = message::verify_state(envelope, sensor.device(), &key).unwrap();
+                    let s = e2e::open_state(envelope, &device, &key, &me, &enc).unwrap();
                     (s.seq, s.state.motion)
                 }
                 other => panic!("unexpected {other:?}"),
@@ -376,5 +431,33 @@ mod tests {
             .collect();
         assert_eq!(states, vec![(1, Some(true)), (2, Some(false))]);
         assert_eq!(sensor.state().seq, 2);
+    }
+
+    #[test]
+    fn reports_are_sealed_only_for_registered_controllers_and_reset_forgets_them() {
+        let mut store = Memory::default();
+        let (mut plug, secret) = core(DeviceKind::EnergyPlug);
+        let owner = pair(&mut plug, &secret, &mut store);
+        let me = PublicKey::from(&owner).controller_id();
+        let enc = e2e::EncSecretKey::for_controller(&owner);
+        let device = plug.device().clone();
+        let key = PublicKey::from(&plug.key);
+        // Before the key is registered, nobody can read a report.
+        let frames = plug.press_button(&mut store, NOW).unwrap();
+        let DeviceFrame::State { envelope } = &frames[0] else { panic!() };
+        assert_eq!(e2e::open_state(envelope, &device, &key, &me, &enc), Err(e2e::OpenError::NotARecipient));
+        let reg = command(&owner, &device, 1, Command::RegisterKey { key: enc.public().clone() });
+        let frames = plug.handle(CloudFrame::Command { envelope: reg }, &mut store, NOW).unwrap();
+        let DeviceFrame::Result { envelope } = &frames[0] else { panic!() };
+        assert_eq!(e2e::open_result(envelope, &device, &key, &me, &enc).unwrap().outcome, Outcome::Done);
+        let frames = plug.press_button(&mut store, NOW).unwrap();
+        let DeviceFrame::State { envelope } = &frames[0] else { panic!() };
+        assert_eq!(e2e::open_state(envelope, &device, &key, &me, &enc).unwrap().state.power_mw, Some(0));
+        // A factory reset forgets the controller and its encryption key.
+        plug.reset(&mut store).unwrap();
+        assert!(plug.access().recipients().is_empty());
+        let frames = plug.press_button(&mut store, NOW).unwrap();
+        let DeviceFrame::State { envelope } = &frames[0] else { panic!() };
+        assert_eq!(e2e::open_state(envelope, &device, &key, &me, &enc), Err(e2e::OpenError::NotARecipient));
     }
 }

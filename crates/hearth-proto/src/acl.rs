@@ -39,6 +39,10 @@ pub struct AclEntry {
     pub role: Role,
     /// Unix seconds when it was added.
     pub added_at: u64,
+    /// Its HPKE encryption key, once registered (ADR 0004). Reports are
+    /// sealed only for entries that have one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enc: Option<crate::e2e::EncPublicKey>,
 }
 
 /// Why a device refused a command. Sent back, signed, in the result.
@@ -181,8 +185,34 @@ impl AccessList {
         if self.entries.len() >= MAX_ENTRIES {
             return false;
         }
-        self.entries.push(AclEntry { controller, key, role, added_at: now });
+        self.entries.push(AclEntry { controller, key, role, added_at: now, enc: None });
         true
+    }
+
+    /// Sets a listed controller's encryption key. Returns false when the
+    /// controller is not listed.
+    pub fn set_enc_key(&mut self, controller: &ControllerId, key: crate::e2e::EncPublicKey) -> bool {
+        match self.entries.iter_mut().find(|e| &e.controller == controller) {
+            Some(e) => {
+                e.enc = Some(key);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The controllers a report is sealed for: every listed controller with
+    /// a registered encryption key (removed ones are simply absent, so they
+    /// get no new ciphertext).
+    pub fn recipients(&self) -> Vec<(ControllerId, crate::e2e::EncPublicKey)> {
+        self.entries.iter().filter_map(|e| e.enc.clone().map(|k| (e.controller.clone(), k))).collect()
+    }
+
+    /// Removes one controller. Returns whether it was listed.
+    pub fn remove(&mut self, controller: &ControllerId) -> bool {
+        let before = self.entries.len();
+        self.entries.retain(|e| &e.controller != controller);
+        self.entries.len() != before
     }
 
     /// Removes every entry (factory reset).
@@ -250,8 +280,8 @@ impl AccessList {
                 return Err(refuse(Refusal::Unsupported, Some(&claimed), counter));
             }
         }
-        match entry.role {
-            Role::Owner | Role::Member => {}
+        if cmd.command.is_access_change() && entry.role != Role::Owner {
+            return Err(refuse(Refusal::NotPermitted, Some(&claimed), counter));
         }
         Ok(Decision { controller: entry.controller.clone(), role: entry.role, counter: cmd.counter, command: cmd.command })
     }

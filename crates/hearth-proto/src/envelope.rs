@@ -26,6 +26,8 @@ pub enum Kind {
     StateReport,
     /// Device → controller and cloud: "this controller is now my owner".
     PairConfirmation,
+    /// Device → controllers: an end-to-end encrypted report or result (`e2e`).
+    Sealed,
 }
 
 impl Kind {
@@ -35,11 +37,12 @@ impl Kind {
             Kind::CommandResult => "application/hearth.result.v1+cbor",
             Kind::StateReport => "application/hearth.state.v1+cbor",
             Kind::PairConfirmation => "application/hearth.pair-confirmation.v1+cbor",
+            Kind::Sealed => "application/hearth.sealed.v1+cbor",
         }
     }
 
     fn from_content_type(ct: &str) -> Option<Self> {
-        [Kind::Command, Kind::CommandResult, Kind::StateReport, Kind::PairConfirmation]
+        [Kind::Command, Kind::CommandResult, Kind::StateReport, Kind::PairConfirmation, Kind::Sealed]
             .into_iter()
             .find(|k| k.content_type() == ct)
     }
@@ -50,6 +53,7 @@ impl Kind {
             Kind::CommandResult => "command result",
             Kind::StateReport => "state report",
             Kind::PairConfirmation => "pairing confirmation",
+            Kind::Sealed => "sealed envelope",
         }
     }
 }

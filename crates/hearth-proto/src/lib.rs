@@ -10,6 +10,7 @@
 //! * [`capability`] — what a device can do and what a command needs.
 //! * [`envelope`] — COSE_Sign1 (RFC 9052) over ECDSA P-256 (ES256).
 //! * [`message`] — the signed payloads: commands, results, state reports.
+//! * [`e2e`] — HPKE (RFC 9180) end-to-end encryption of device reports.
 //! * [`acl`] — the device's access list and its "execute this command?" decision.
 //! * [`pairing`] — setup secrets, the label, and the pairing exchange.
 //! * [`link`] — frames on the device↔cloud and controller↔cloud links.
@@ -21,6 +22,7 @@
 pub mod acl;
 pub mod b64;
 pub mod capability;
+pub mod e2e;
 pub mod envelope;
 mod error;
 #[doc(hidden)]

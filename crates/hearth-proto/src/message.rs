@@ -26,6 +26,30 @@ pub enum Command {
     Toggle,
     /// Report the current state (read-only).
     GetState,
+    /// Register (or replace) the sender's own HPKE encryption key, so the
+    /// device seals its reports for it (ADR 0004). Signed by the controller
+    /// like any command, so nobody else — the cloud included — can set it.
+    RegisterKey {
+        /// The sender's HPKE public key.
+        key: crate::e2e::EncPublicKey,
+    },
+    /// Add (or change the role of) another controller, with the encryption
+    /// key the sender vouches for. Owners only: the device checks the
+    /// sender's role, so the cloud relaying it decides nothing.
+    AddController {
+        /// The new controller's signing key.
+        key: PublicKey,
+        /// Its HPKE key.
+        enc: crate::e2e::EncPublicKey,
+        /// Its role.
+        role: crate::acl::Role,
+    },
+    /// Remove a controller: its commands are refused and it is no longer a
+    /// recipient of anything sealed from the next frame on. Owners only.
+    RemoveController {
+        /// Who to remove.
+        controller: ControllerId,
+    },
 }
 
 impl Command {
@@ -33,8 +57,16 @@ impl Command {
     pub fn needs(&self) -> Option<Capability> {
         match self {
             Command::SetRelay { .. } | Command::Toggle => Some(Capability::Switch),
-            Command::GetState => None,
+            Command::GetState
+            | Command::RegisterKey { .. }
+            | Command::AddController { .. }
+            | Command::RemoveController { .. } => None,
         }
+    }
+
+    /// Whether the command changes who may use the device (owners only).
+    pub fn is_access_change(&self) -> bool {
+        matches!(self, Command::AddController { .. } | Command::RemoveController { .. })
     }
 
     /// Whether the command changes anything on the device.

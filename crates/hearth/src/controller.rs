@@ -8,10 +8,11 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use futures_util::{SinkExt, StreamExt};
 use hearth_proto::acl::Refusal;
+use hearth_proto::e2e::{self, EncSecretKey, OpenError};
 use hearth_proto::ids::{ControllerId, DeviceId};
 use hearth_proto::keys::PublicKey;
 use hearth_proto::link::ControllerPush;
-use hearth_proto::message::{self, Cause, Command, CommandPayload, DeviceState, Outcome, StatePayload};
+use hearth_proto::message::{self, Cause, Command, CommandPayload, DeviceState, Outcome, ResultPayload, StatePayload};
 use hearth_proto::pairing::{PendingPairing, SetupLabel};
 use hearth_proto::{b64, PROTOCOL_VERSION};
 use hyper::{Method, StatusCode};
@@ -149,9 +150,18 @@ pub async fn pair(cfg: &mut Config, label: &str, name: Option<String>) -> Result
     // The MAC under the setup secret proves this key belongs to the device
     // on the label; a cloud in the middle cannot fake it.
     let paired = pending.finish(&response, label.device.as_ref()).context("the device's answer failed verification")?;
-    cfg.settings.devices.insert(paired.device.clone(), KnownDevice { name: name.clone(), key: paired.device_key });
+    cfg.settings.devices.insert(paired.device.clone(), KnownDevice { name: name.clone(), key: paired.device_key.clone() });
     cfg.save()?;
     println!("Paired {name} ({}); this controller is its owner.", paired.device);
+    // ADR 0004: tell the device our HPKE key, in a command signed by us, so
+    // it seals its reports for this controller from now on.
+    let enc = EncSecretKey::for_controller(&key);
+    let (r, _) = send(cfg, &paired.device, &paired.device_key, Command::RegisterKey { key: enc.public().clone() }).await
+        .context("registering this controller's encryption key with the device")?;
+    match r.outcome {
+        Outcome::Done => println!("Registered encryption key {} with the device.", enc.public().fingerprint()),
+        Outcome::Refused { reason } => bail!("the device refused this controller's encryption key: {}", reason.explain()),
+    }
     Ok(())
 }
 
@@ -191,12 +201,43 @@ fn describe_state(s: &DeviceState) -> String {
     }
 }
 
+/// This controller's HPKE key (ADR 0004: derived from its signing key).
+fn enc_key(cfg: &Config) -> Result<(ControllerId, EncSecretKey)> {
+    let key = cfg.key()?;
+    Ok((PublicKey::from(&key).controller_id(), EncSecretKey::for_controller(&key)))
+}
+
+/// Decrypts and verifies a state report: sealed (ADR 0004), or a plain
+/// signed one from an older device.
+fn open_state(cfg: &Config, device: &DeviceId, key: &PublicKey, bytes: &[u8]) -> Result<StatePayload, OpenError> {
+    if e2e::is_sealed(bytes) {
+        let (me, sk) = enc_key(cfg).map_err(|_| OpenError::Undecryptable)?;
+        e2e::open_state(bytes, device, key, &me, &sk)
+    } else {
+        message::verify_state(bytes, device, key).map_err(OpenError::Forged)
+    }
+}
+
+/// Decrypts and verifies a command result (sealed, or plain for refusals
+/// to a controller the device cannot encrypt for).
+fn open_result(cfg: &Config, device: &DeviceId, key: &PublicKey, bytes: &[u8]) -> Result<ResultPayload, OpenError> {
+    if e2e::is_sealed(bytes) {
+        let (me, sk) = enc_key(cfg).map_err(|_| OpenError::Undecryptable)?;
+        e2e::open_result(bytes, device, key, &me, &sk)
+    } else {
+        message::verify_result(bytes, device, key).map_err(OpenError::Forged)
+    }
+}
+
 fn verified_state(cfg: &Config, dev: &ListedDevice) -> String {
     let Some(env) = dev.last_state.as_deref() else { return "unknown".into() };
     let Some((key, _)) = device_key(cfg, dev) else { return "(unverifiable: device key unknown)".into() };
-    match b64::decode(env).map_err(anyhow::Error::from).and_then(|b| Ok(message::verify_state(&b, &dev.id, &key)?)) {
+    let Ok(bytes) = b64::decode(env) else { return "(REJECTED: bad signature)".into() };
+    match open_state(cfg, &dev.id, &key, &bytes) {
         Ok(s) => describe_state(&s.state),
-        Err(_) => "(REJECTED: bad signature)".into(),
+        Err(OpenError::NotARecipient) => "(encrypted, not for this controller)".into(),
+        Err(OpenError::Undecryptable) => "(REJECTED: does not decrypt)".into(),
+        Err(OpenError::Forged(_)) => "(REJECTED: bad signature)".into(),
     }
 }
 
@@ -246,16 +287,15 @@ pub async fn status(cfg: &Config, device: Option<String>) -> Result<()> {
     Ok(())
 }
 
-/// `hearth on|off|toggle`: signs, sends, and verifies the device's answer.
-pub async fn switch(cfg: &mut Config, wanted: &str, command: Command) -> Result<u8> {
-    let devices = list(cfg).await?;
-    let dev = resolve(&devices, wanted)?.clone();
+/// Signs `command` for `device`, sends it through the cloud, and returns
+/// the device's verified (and decrypted) answer with the round-trip time.
+async fn send(cfg: &mut Config, device: &DeviceId, dev_key: &PublicKey, command: Command) -> Result<(ResultPayload, Duration)> {
     let key = cfg.key()?;
     let controller = ControllerId::of_key(&PublicKey::from(&key));
     let counter = cfg.next_counter()?;
     let payload = CommandPayload {
         v: PROTOCOL_VERSION,
-        device: dev.id.clone(),
+        device: device.clone(),
         controller: controller.clone(),
         counter,
         issued_at: now_secs(),
@@ -264,21 +304,28 @@ pub async fn switch(cfg: &mut Config, wanted: &str, command: Command) -> Result<
     let envelope = message::sign_command(&key, &payload)?;
     let started = Instant::now();
     let answer = api(cfg)?
-        .call(Method::POST, &format!("/api/v1/devices/{}/command", dev.id), Some(json!({ "envelope": b64::encode(&envelope) })))
-        .await
-        .map_err(|e| match e.downcast_ref::<ApiError>().map(|a| a.status) {
-            Some(StatusCode::SERVICE_UNAVAILABLE) => anyhow!("{} is offline", dev.name),
-            Some(StatusCode::NOT_FOUND) => anyhow!("not paired with this device ({} is not on this account)", dev.name),
-            _ => e,
-        })?;
+        .call(Method::POST, &format!("/api/v1/devices/{device}/command"), Some(json!({ "envelope": b64::encode(&envelope) })))
+        .await?;
     let rtt = started.elapsed();
     let result = b64::decode(answer.get("result").and_then(Value::as_str).context("no result in the answer")?)?;
-    let (dev_key, _) = device_key(cfg, &dev)
-        .ok_or_else(|| anyhow!("cannot check {}'s answer: this controller did not pair it and has no manufacturer CA", dev.name))?;
-    let r = message::verify_result(&result, &dev.id, &dev_key).context("the answer is not signed by the device")?;
+    let r = open_result(cfg, device, dev_key, &result).context("the answer is not a valid sealed result from the device")?;
     if r.controller != controller || r.counter != counter {
         bail!("the device's answer is for another command (possible replay by the cloud)");
     }
+    Ok((r, rtt))
+}
+
+/// `hearth on|off|toggle`: signs, sends, and verifies the device's answer.
+pub async fn switch(cfg: &mut Config, wanted: &str, command: Command) -> Result<u8> {
+    let devices = list(cfg).await?;
+    let dev = resolve(&devices, wanted)?.clone();
+    let (dev_key, _) = device_key(cfg, &dev)
+        .ok_or_else(|| anyhow!("cannot check {}'s answer: this controller did not pair it and has no manufacturer CA", dev.name))?;
+    let (r, rtt) = send(cfg, &dev.id, &dev_key, command).await.map_err(|e| match e.downcast_ref::<ApiError>().map(|a| a.status) {
+        Some(StatusCode::SERVICE_UNAVAILABLE) => anyhow!("{} is offline", dev.name),
+        Some(StatusCode::NOT_FOUND) => anyhow!("not paired with this device ({} is not on this account)", dev.name),
+        _ => e,
+    })?;
     match r.outcome {
         Outcome::Done => {
             println!("{} is {} (signed by the device, {} ms)", dev.name, describe_state(&r.state), rtt.as_millis());
@@ -372,8 +419,12 @@ pub async fn watch(cfg: &Config, json_lines: bool, count: Option<usize>, duratio
                     eprintln!("{}: state changed (cannot verify: device key unknown)", dev.name);
                     continue;
                 };
-                let s: StatePayload = match message::verify_state(&envelope, &device, &key) {
+                let s: StatePayload = match open_state(cfg, &device, &key, &envelope) {
                     Ok(s) => s,
+                    Err(OpenError::NotARecipient) => {
+                        eprintln!("{}: state changed (encrypted, not for this controller)", dev.name);
+                        continue;
+                    }
                     Err(e) => {
                         eprintln!("WARNING: {} sent a state report that failed verification ({e}); ignored", dev.name);
                         continue;
@@ -414,5 +465,72 @@ pub async fn watch(cfg: &Config, json_lines: bool, count: Option<usize>, duratio
             return Ok(());
         }
     }
+    }
+}
+
+/// Prefix of the text a controller hands to an owner to be shared a device.
+const SHARE_CODE_PREFIX: &str = "hearth-controller:1:";
+
+/// `hearth key`: prints this controller's id and its share code (signing
+/// key and HPKE key), for an owner to pass to `hearth share`.
+pub fn show_key(cfg: &Config) -> Result<()> {
+    let key = cfg.key()?;
+    let public = PublicKey::from(&key);
+    let enc = EncSecretKey::for_controller(&key);
+    println!("controller: {}", public.controller_id());
+    println!("encryption key fingerprint: {}", enc.public().fingerprint());
+    println!("share code: {SHARE_CODE_PREFIX}{}.{}", b64::encode(public.to_sec1()), b64::encode(enc.public().as_bytes()));
+    Ok(())
+}
+
+fn parse_share_code(code: &str) -> Result<(PublicKey, e2e::EncPublicKey)> {
+    let rest = code.trim().strip_prefix(SHARE_CODE_PREFIX).context("not a share code (see `hearth key` on the other controller)")?;
+    let (k, e) = rest.split_once('.').context("a share code has two parts")?;
+    let key = PublicKey::from_sec1(&b64::decode(k)?)?;
+    let enc = e2e::EncPublicKey::from_bytes(&b64::decode(e)?)?;
+    Ok((key, enc))
+}
+
+/// `hearth share`: asks the device, in a command signed by this (owner)
+/// controller, to add another controller with its encryption key. The
+/// device checks the role; the cloud only relays.
+pub async fn share(cfg: &mut Config, wanted: &str, code: &str, role: hearth_proto::acl::Role) -> Result<u8> {
+    let (key, enc) = parse_share_code(code)?;
+    let devices = list(cfg).await?;
+    let dev = resolve(&devices, wanted)?.clone();
+    let (dev_key, _) = device_key(cfg, &dev).ok_or_else(|| anyhow!("cannot check {}'s answer: device key unknown", dev.name))?;
+    // Whoever handed over the code must confirm this fingerprint out of
+    // band: it is the key the device will encrypt for.
+    println!("Granting {:?} on {} to controller {} (encryption key {})", role, dev.name, key.controller_id(), enc.fingerprint());
+    let (r, _) = send(cfg, &dev.id, &dev_key, Command::AddController { key, enc, role }).await?;
+    match r.outcome {
+        Outcome::Done => {
+            println!("Shared {} (the device confirmed, signed).", dev.name);
+            Ok(0)
+        }
+        Outcome::Refused { reason } => {
+            eprintln!("{} refused: {}", dev.name, reason.explain());
+            Ok(EXIT_REFUSED)
+        }
+    }
+}
+
+/// `hearth revoke`: asks the device to remove a controller. From the
+/// answer on, it is no longer a recipient and its commands are refused.
+pub async fn revoke(cfg: &mut Config, wanted: &str, controller: &str) -> Result<u8> {
+    let controller: ControllerId = controller.parse().context("not a controller id")?;
+    let devices = list(cfg).await?;
+    let dev = resolve(&devices, wanted)?.clone();
+    let (dev_key, _) = device_key(cfg, &dev).ok_or_else(|| anyhow!("cannot check {}'s answer: device key unknown", dev.name))?;
+    let (r, _) = send(cfg, &dev.id, &dev_key, Command::RemoveController { controller: controller.clone() }).await?;
+    match r.outcome {
+        Outcome::Done => {
+            println!("Revoked {controller} on {} (the device confirmed, signed).", dev.name);
+            Ok(0)
+        }
+        Outcome::Refused { reason } => {
+            eprintln!("{} refused: {}", dev.name, reason.explain());
+            Ok(EXIT_REFUSED)
+        }
     }
 }

@@ -43,6 +43,25 @@ enum Cmd {
     },
     /// List this account's devices.
     Ls,
+    /// Show this controller's id and the share code an owner needs to share a device with it.
+    Key,
+    /// Share a device with another controller (owners only; the device checks).
+    Share {
+        /// Device name or id.
+        device: String,
+        /// The other controller's share code (from its `hearth key`).
+        code: String,
+        /// owner or member.
+        #[arg(long, default_value = "member")]
+        role: String,
+    },
+    /// Remove a controller from a device; it can no longer act or read new state.
+    Revoke {
+        /// Device name or id.
+        device: String,
+        /// The controller id to remove.
+        controller: String,
+    },
     /// Switch a device on.
     On {
         /// Device name or id.
@@ -166,6 +185,16 @@ async fn run(cli: Cli) -> Result<u8> {
         Cmd::Logout => controller::logout(&mut Config::load(&dir()?)?).await?,
         Cmd::Pair { code, name } => controller::pair(&mut Config::load(&dir()?)?, &code, name).await?,
         Cmd::Ls => controller::ls(&Config::load(&dir()?)?).await?,
+        Cmd::Key => controller::show_key(&Config::load(&dir()?)?)?,
+        Cmd::Share { device, code, role } => {
+            let role = match role.as_str() {
+                "owner" => hearth_proto::acl::Role::Owner,
+                "member" => hearth_proto::acl::Role::Member,
+                other => anyhow::bail!("unknown role {other:?}: owner or member"),
+            };
+            return controller::share(&mut Config::load(&dir()?)?, &device, &code, role).await;
+        }
+        Cmd::Revoke { device, controller } => return controller::revoke(&mut Config::load(&dir()?)?, &device, &controller).await,
         Cmd::On { device } => return controller::switch(&mut Config::load(&dir()?)?, &device, Command::SetRelay { on: true }).await,
         Cmd::Off { device } => return controller::switch(&mut Config::load(&dir()?)?, &device, Command::SetRelay { on: false }).await,
         Cmd::Toggle { device } => return controller::switch(&mut Config::load(&dir()?)?, &device, Command::Toggle).await,

@@ -101,6 +101,7 @@ async fn relay_access_list_and_counters_survive_a_restart() {
     let agent = dev.spawn(cloud.addr);
     let mut link = cloud.accept().await;
     let (lookup, report) = link.greeting(&key).await;
+    let report = report.expect("sealed for the owner");
     assert_eq!(lookup, None, "a paired device stays out of setup mode");
     assert_eq!(report.state.relay, Some(true));
     assert!(report.seq > before.seq, "report sequence numbers never repeat");

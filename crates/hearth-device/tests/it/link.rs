@@ -1,5 +1,4 @@
 use hearth_proto::capability::DeviceKind;
-use hearth_proto::message::Cause;
 
 use crate::support::{Device, FakeCloud, Pki};
 
@@ -61,10 +60,13 @@ async fn the_button_works_without_a_cloud_and_is_reported_when_connected() {
     let key = dev.public_key();
     let mut link = cloud.accept().await;
     let (_, report) = link.greeting(&key).await;
-    assert_eq!(report.state.relay, Some(true));
+    // Unpaired, the device seals its reports for nobody: the cloud sees
+    // that a report was made, never the relay state.
+    assert!(report.is_none());
+    assert_eq!(agent.snapshot().await.unwrap().state.relay, Some(true));
     assert_eq!(agent.press_button().await.unwrap().relay, Some(false));
-    let s = link.state(&key).await;
-    assert_eq!((s.cause, s.state.relay), (Cause::Local, Some(false)));
+    let h = link.sealed_state(&key).await;
+    assert_eq!(h.content, hearth_proto::e2e::Content::State);
     agent.shutdown().await.unwrap();
 }
 

@@ -12,7 +12,8 @@ use hearth_proto::capability::DeviceKind;
 use hearth_proto::ids::{ControllerId, DeviceId};
 use hearth_proto::keys::{self, PublicKey};
 use hearth_proto::link::{self, CloudFrame, DeviceFrame, PairOutcome};
-use hearth_proto::message::{self, Command, CommandPayload, ResultPayload, StatePayload};
+use hearth_proto::e2e;
+use hearth_proto::message::{self, Command, CommandPayload, DeviceState, ResultPayload, StatePayload};
 use hearth_proto::pairing::{PairError, PendingPairing, SetupSecret};
 use p256::ecdsa::SigningKey;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -159,8 +160,10 @@ impl Link {
         self.try_recv().await.expect("the device closed the link")
     }
 
-    /// Reads the hello and the on-connect state report.
-    pub async fn greeting(&mut self, device_key: &PublicKey) -> (Option<String>, StatePayload) {
+    /// Reads the hello and the on-connect state report; the report is
+    /// `None` when no controller of this test process can decrypt it (an
+    /// unpaired device seals for nobody).
+    pub async fn greeting(&mut self, device_key: &PublicKey) -> (Option<String>, Option<StatePayload>) {
         let setup_lookup = match self.recv().await {
             DeviceFrame::Hello { firmware, setup_lookup, .. } => {
                 assert_eq!(firmware, env!("CARGO_PKG_VERSION"));
@@ -168,20 +171,50 @@ impl Link {
             }
             other => panic!("expected hello, got {other:?}"),
         };
-        let state = self.state(device_key).await;
-        (setup_lookup, state)
+        let envelope = match self.recv().await {
+            DeviceFrame::State { envelope } => envelope,
+            other => panic!("expected a state report, got {other:?}"),
+        };
+        (setup_lookup, open_state(&envelope, &self.device, device_key))
     }
 
+    /// The next state report, decrypted with the key of a controller of
+    /// this test process it was sealed for.
     pub async fn state(&mut self, device_key: &PublicKey) -> StatePayload {
         match self.recv().await {
-            DeviceFrame::State { envelope } => message::verify_state(&envelope, &self.device, device_key).unwrap(),
+            DeviceFrame::State { envelope } => open_state(&envelope, &self.device, device_key)
+                .expect("a state report sealed for none of this test's controllers"),
             other => panic!("expected a state report, got {other:?}"),
         }
     }
 
+    /// The next state report's readable header (what the cloud sees),
+    /// after checking the device's outer signature.
+    pub async fn sealed_state(&mut self, device_key: &PublicKey) -> e2e::SealedHeader {
+        match self.recv().await {
+            DeviceFrame::State { envelope } => e2e::verify_sealed(&envelope, &self.device, device_key).unwrap().header,
+            other => panic!("expected a state report, got {other:?}"),
+        }
+    }
+
+    /// The next result: sealed ones are opened with a known controller's
+    /// key; plain ones (refusals to a controller the device cannot encrypt
+    /// for) must carry no state.
     pub async fn result(&mut self, device_key: &PublicKey) -> ResultPayload {
         match self.recv().await {
-            DeviceFrame::Result { envelope } => message::verify_result(&envelope, &self.device, device_key).unwrap(),
+            DeviceFrame::Result { envelope } if e2e::is_sealed(&envelope) => {
+                let p = e2e::verify_sealed(&envelope, &self.device, device_key).unwrap();
+                let to = p.header.to.expect("sealed results are addressed");
+                let reader = reader_among(p.recipients.iter().map(|w| &w.controller)).expect("a result sealed for none of this test's controllers");
+                let r = e2e::open_result(&envelope, &self.device, device_key, &reader.0, &reader.1).unwrap();
+                assert_eq!((&r.controller, r.counter), (&to.controller, to.counter));
+                r
+            }
+            DeviceFrame::Result { envelope } => {
+                let r = message::verify_result(&envelope, &self.device, device_key).unwrap();
+                assert_eq!(r.state, DeviceState::default(), "a plain result must not carry state");
+                r
+            }
             other => panic!("expected a result, got {other:?}"),
         }
     }
@@ -213,6 +246,30 @@ impl Link {
     }
 }
 
+/// Signing keys of every test controller in this process, so the fake
+/// cloud's helpers can decrypt what the device sealed for them (the fake
+/// cloud itself holds no such key; `adversary.rs` checks that).
+static KNOWN: std::sync::Mutex<Vec<SigningKey>> = std::sync::Mutex::new(Vec::new());
+
+fn reader_among<'a>(mut ids: impl Iterator<Item = &'a ControllerId>) -> Option<(ControllerId, e2e::EncSecretKey)> {
+    let known = KNOWN.lock().unwrap().clone();
+    ids.find_map(|id| {
+        known
+            .iter()
+            .find(|k| &PublicKey::from(*k).controller_id() == id)
+            .map(|k| (id.clone(), e2e::EncSecretKey::for_controller(k)))
+    })
+}
+
+/// Decrypts a sealed state report with a known controller's key; `None`
+/// when it was sealed for none of them. A plain report fails the test.
+pub fn open_state(envelope: &[u8], device: &DeviceId, device_key: &PublicKey) -> Option<StatePayload> {
+    assert!(e2e::is_sealed(envelope), "the device sent a state report in the clear");
+    let p = e2e::verify_sealed(envelope, device, device_key).unwrap();
+    let (me, sk) = reader_among(p.recipients.iter().map(|w| &w.controller))?;
+    Some(e2e::open_state(envelope, device, device_key, &me, &sk).unwrap())
+}
+
 /// A controller with its key and counter.
 pub struct Controller {
     pub key: SigningKey,
@@ -221,7 +278,14 @@ pub struct Controller {
 
 impl Controller {
     pub fn new() -> Self {
-        Self { key: keys::generate(), counter: 0 }
+        let key = keys::generate();
+        KNOWN.lock().unwrap().push(key.clone());
+        Self { key, counter: 0 }
+    }
+
+    /// This controller's HPKE key (derived as the CLI does).
+    pub fn enc(&self) -> e2e::EncSecretKey {
+        e2e::EncSecretKey::for_controller(&self.key)
     }
 
     pub fn id(&self) -> ControllerId {
@@ -249,6 +313,16 @@ impl Controller {
             PairOutcome::Err(e) => panic!("pairing failed: {e}"),
         }
         link.expect_setup(None).await;
+        // Register the encryption key as `hearth pair` does. Counter 0 is
+        // accepted once from a new controller and keeps `sign`'s 1, 2, … valid.
+        let reg = self.sign_with_counter(&link.device, 0, Command::RegisterKey { key: self.enc().public().clone() });
+        link.send(&CloudFrame::Command { envelope: reg }).await;
+        match link.recv().await {
+            DeviceFrame::Result { envelope } => {
+                assert!(e2e::is_sealed(&envelope), "the key registration's answer is sealed for its sender");
+            }
+            other => panic!("expected the key registration's result, got {other:?}"),
+        }
     }
 }
 

@@ -39,6 +39,9 @@ fn on_is_acked_and_pushed_to_a_second_controller_within_a_second() {
     assert!(eventually(Duration::from_secs(10), || phone.run(&["pair", &plug.code, "--name", "lamp"]).status.success()));
     let laptop = w.controller("laptop");
     laptop.login("alice@example.com");
+    // Reports are end-to-end encrypted (ADR 0004): the laptop reads them
+    // only once the owner has shared the device with it.
+    phone.ok(&["share", "lamp", &share_code(&laptop), "--role", "member"]);
     let watch = laptop.watch();
 
     let started = Instant::now();
@@ -80,6 +83,7 @@ fn restarts_keep_state_and_links_come_back() {
     // watching controller relinks by itself, and commands work again.
     let laptop = w.controller("laptop");
     laptop.login("bob@example.com");
+    phone.ok(&["share", "heater", &share_code(&laptop)]);
     let watch = laptop.watch();
     let (api, devs) = (w.api_addr.clone(), w.device_addr.clone());
     w.stop_cloud();
@@ -90,6 +94,12 @@ fn restarts_keep_state_and_links_come_back() {
         "device did not come back after the cloud restarted"
     );
     watch.wait_line(Duration::from_secs(30), |l| l.contains("\"relay\":true"));
+}
+
+/// The controller's share code, as `hearth key` prints it.
+pub fn share_code(c: &Controller) -> String {
+    let out = c.ok(&["key"]);
+    out.lines().find_map(|l| l.strip_prefix("share code: ")).expect("a share code").to_owned()
 }
 
 fn signer(c: &Controller) -> SigningKey {
@@ -134,11 +144,18 @@ fn refused_commands() {
     };
     let outcome = |answer: serde_json::Value| {
         let bytes = b64::decode(answer["result"].as_str().unwrap()).unwrap();
-        message::verify_result(&bytes, &device, &device_key).expect("answers are signed by the device").outcome
+        if hearth_proto::e2e::is_sealed(&bytes) {
+            let me = ControllerId::of_key(&PublicKey::from(&key));
+            let enc = hearth_proto::e2e::EncSecretKey::for_controller(&key);
+            hearth_proto::e2e::open_result(&bytes, &device, &device_key, &me, &enc).expect("answers are sealed by the device").outcome
+        } else {
+            message::verify_result(&bytes, &device, &device_key).expect("answers are signed by the device").outcome
+        }
     };
 
     // A valid command works; sent again it is a replay.
-    let counter = now() * 1_000_000;
+    // Above the counter `hearth pair` used to register the encryption key.
+    let counter = (now() + 60) * 1_000_000;
     let good = command(&key, &device, counter, Command::SetRelay { on: true });
     assert_eq!(outcome(send(&good).unwrap()), Outcome::Done);
     assert_eq!(outcome(send(&good).unwrap()), Outcome::Refused { reason: Refusal::Replayed });
