@@ -3,6 +3,7 @@
 // A failed unwrap is a failed test, with the error printed: exactly what a test wants.
 #![allow(clippy::unwrap_used)]
 
+mod adversary;
 mod binary;
 mod commands;
 mod link;

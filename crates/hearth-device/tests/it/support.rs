@@ -113,7 +113,7 @@ impl FakeCloud {
         let stream = self.acceptor.accept(tcp).await.expect("handshake with the device failed");
         let cert = stream.get_ref().1.peer_certificates().unwrap()[0].clone();
         let (device, _) = hearth_pki::device_identity(&cert).unwrap();
-        Link { stream, device, buf: Vec::new() }
+        Link { stream, device, buf: Vec::new(), recorded: Vec::new() }
     }
 
     /// Runs the TLS handshake on the next connection and reports its outcome.
@@ -128,6 +128,8 @@ pub struct Link {
     pub stream: TlsStream<TcpStream>,
     pub device: DeviceId,
     buf: Vec<u8>,
+    /// Every frame the device sent, as the (malicious) cloud recorded it.
+    pub recorded: Vec<DeviceFrame>,
 }
 
 impl Link {
@@ -145,6 +147,7 @@ impl Link {
         loop {
             if let Some((frame, used)) = link::decode_frame::<DeviceFrame>(&self.buf).unwrap() {
                 self.buf.drain(..used);
+                self.recorded.push(frame.clone());
                 return Some(frame);
             }
             let mut chunk = [0u8; 4096];

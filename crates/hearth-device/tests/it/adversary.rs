@@ -1,0 +1,312 @@
+//! The compromised-cloud harness (issue 3): the fake cloud here holds a
+//! valid server certificate, terminates the device's TLS link itself, and
+//! records, forges, modifies, replays, re-targets and truncates frames. It
+//! holds no controller key and no setup secret. Each test names the attack
+//! and checks what the device did, by its own (out-of-band) snapshot.
+
+use hearth_device::protocol::SIMULATED_LOAD_MW;
+use hearth_proto::acl::{Refusal, Role};
+use hearth_proto::capability::DeviceKind;
+use hearth_proto::e2e;
+use hearth_proto::ids::DeviceId;
+use hearth_proto::keys::{self, PublicKey};
+use hearth_proto::link::{CloudFrame, DeviceFrame};
+use hearth_proto::message::{self, Command, CommandPayload, Outcome};
+
+use crate::support::{now, Controller, Device, FakeCloud, Link, Pki};
+
+fn refused(reason: Refusal) -> Outcome {
+    Outcome::Refused { reason }
+}
+
+async fn paired(kind: DeviceKind) -> (Pki, FakeCloud, Device, hearth_device::AgentHandle, Link, Controller) {
+    let pki = Pki::new();
+    let cloud = FakeCloud::genuine(&pki).await;
+    let dev = Device::new(&pki, kind);
+    let agent = dev.spawn(cloud.addr);
+    let mut link = cloud.accept().await;
+    link.greeting(&dev.public_key()).await;
+    let owner = Controller::new();
+    owner.pair(&mut link, 1, dev.secret()).await;
+    (pki, cloud, dev, agent, link, owner)
+}
+
+/// Byte strings that appear in any plaintext report or result: the CBOR
+/// text keys of the state fields (the device *kind*, e.g. "motion_sensor",
+/// is metadata the cloud sees and is not matched) and the CBOR encoding of
+/// the simulated load. A recording that holds none of them (raw or
+/// base64-decoded) held no plaintext state, motion event or energy reading.
+fn needles() -> Vec<Vec<u8>> {
+    vec![ciborium_bytes(&"relay"), ciborium_bytes(&"power_mw"), ciborium_bytes(&"motion"), ciborium_bytes(&SIMULATED_LOAD_MW)]
+}
+
+/// Every byte string the cloud saw in `frames`: the JSON frame and the
+/// decoded envelope inside it.
+fn transcript(frames: &[DeviceFrame]) -> Vec<Vec<u8>> {
+    frames
+        .iter()
+        .flat_map(|f| {
+            let mut out = vec![serde_json::to_vec(f).unwrap()];
+            if let DeviceFrame::State { envelope } | DeviceFrame::Result { envelope } = f {
+                out.push(envelope.clone());
+            }
+            out
+        })
+        .collect()
+}
+
+fn leaks(frames: &[DeviceFrame]) -> Vec<String> {
+    let mut found = Vec::new();
+    for bytes in transcript(frames) {
+        for n in needles() {
+            if bytes.windows(n.len()).any(|w| w == n.as_slice()) {
+                found.push(String::from_utf8_lossy(&n).into_owned());
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn the_plaintext_search_finds_a_plain_report() {
+    // Positive control: the search is able to fail. A signed but
+    // unencrypted report of an energy plug that is on contains the needles.
+    let key = keys::generate();
+    let payload = message::StatePayload {
+        v: 1,
+        device: DeviceId::random(),
+        kind: DeviceKind::EnergyPlug,
+        seq: 1,
+        at: now(),
+        state: message::DeviceState { relay: Some(true), motion: None, power_mw: Some(SIMULATED_LOAD_MW) },
+        cause: message::Cause::Local,
+    };
+    let plain = DeviceFrame::State { envelope: message::sign_state(&key, &payload).unwrap() };
+    assert!(leaks(&[plain]).len() >= 3);
+}
+
+/// Attack: read telemetry. The cloud records every frame of an energy plug
+/// and a motion sensor through pairing, switching, the button, motion and
+/// a reconnect; nothing in the recording is plaintext state.
+#[tokio::test]
+async fn the_cloud_never_holds_plaintext_state_motion_or_energy() {
+    let (_pki, cloud, dev, agent, mut link, mut owner) = paired(DeviceKind::EnergyPlug).await;
+    let key = dev.public_key();
+    let r = link.command(owner.sign(dev.id(), Command::SetRelay { on: true }), &key).await;
+    assert_eq!((r.outcome, r.state.power_mw), (Outcome::Done, Some(SIMULATED_LOAD_MW)), "the owner reads it");
+    assert_eq!(link.state(&key).await.state.power_mw, Some(SIMULATED_LOAD_MW));
+    agent.press_button().await.unwrap();
+    link.state(&key).await;
+    agent.press_button().await.unwrap();
+    link.state(&key).await;
+    let mut recorded = std::mem::take(&mut link.recorded);
+    agent.shutdown().await.unwrap();
+    let agent = dev.spawn(cloud.addr);
+    let mut again = cloud.accept().await;
+    let (_, report) = again.greeting(&key).await;
+    assert_eq!(report.unwrap().state.power_mw, Some(SIMULATED_LOAD_MW));
+    recorded.append(&mut again.recorded);
+    agent.shutdown().await.unwrap();
+
+    let (_pki, _cloud, sensor, sagent, mut slink, _owner) = paired(DeviceKind::MotionSensor).await;
+    sagent.walk_past().await.unwrap();
+    assert_eq!(slink.state(&sensor.public_key()).await.state.motion, Some(true));
+    assert_eq!(slink.state(&sensor.public_key()).await.state.motion, Some(false));
+    recorded.append(&mut slink.recorded);
+    sagent.shutdown().await.unwrap();
+
+    assert!(recorded.len() >= 10, "recorded {} frames", recorded.len());
+    assert_eq!(leaks(&recorded), Vec::<String>::new(), "plaintext found in the cloud's recording");
+}
+
+/// Attacks: forge, replay, re-target, downgrade, truncate, oversize. None
+/// switches the relay, and the device keeps serving the link.
+#[tokio::test]
+async fn no_frame_the_cloud_can_build_switches_the_device() {
+    let (pki, _cloud, dev, agent, mut link, mut owner) = paired(DeviceKind::Plug).await;
+    let key = dev.public_key();
+    // A genuine command, recorded by the cloud.
+    let genuine = owner.sign(dev.id(), Command::SetRelay { on: true });
+    assert_eq!(link.command(genuine.clone(), &key).await.outcome, Outcome::Done);
+    link.state(&key).await;
+    let off = owner.sign(dev.id(), Command::SetRelay { on: false });
+    assert_eq!(link.command(off, &key).await.outcome, Outcome::Done);
+    link.state(&key).await;
+
+    // Replay of the recorded "on".
+    assert_eq!(link.command(genuine.clone(), &key).await.outcome, refused(Refusal::Replayed));
+    // Forged: the cloud's own key, claiming the owner's id in the header.
+    let cloud_key = keys::generate();
+    let claim = CommandPayload {
+        v: 1,
+        device: dev.id().clone(),
+        controller: owner.id(),
+        counter: u64::MAX,
+        issued_at: now(),
+        command: Command::SetRelay { on: true },
+    };
+    let forged = hearth_proto::envelope::sign(
+        &cloud_key,
+        hearth_proto::envelope::Kind::Command,
+        &hex::decode(owner.id().as_str()).unwrap(),
+        ciborium_bytes(&claim),
+    )
+    .unwrap();
+    assert_eq!(link.command(forged, &key).await.outcome, refused(Refusal::BadSignature));
+    // Modified: one bit of the genuine command's payload flipped.
+    let mut modified = owner.sign(dev.id(), Command::SetRelay { on: true });
+    let mid = modified.len() / 2;
+    modified[mid] ^= 0x01;
+    let r = link.command(modified, &key).await;
+    assert!(matches!(r.outcome, Outcome::Refused { reason: Refusal::BadSignature | Refusal::Malformed }), "{r:?}");
+    // Re-targeted: a genuine command the owner signed for another device.
+    let other = Device::new(&pki, DeviceKind::Plug);
+    let retargeted = owner.sign(other.id(), Command::SetRelay { on: true });
+    assert_eq!(link.command(retargeted, &key).await.outcome, refused(Refusal::WrongDevice));
+    // Downgraded protocol version, validly signed by the owner's key
+    // (stands for an old-format command): refused as malformed.
+    let mut old = CommandPayload { v: 0, device: dev.id().clone(), controller: owner.id(), counter: 10_000, issued_at: now(), command: Command::SetRelay { on: true } };
+    let downgraded = message::sign_command(&owner.key, &old).unwrap();
+    assert_eq!(link.command(downgraded, &key).await.outcome, refused(Refusal::Malformed));
+    // Stale: a command from an earlier session, delayed past the window.
+    old.v = 1;
+    old.issued_at = now() - 3600;
+    let delayed = message::sign_command(&owner.key, &old).unwrap();
+    assert_eq!(link.command(delayed, &key).await.outcome, refused(Refusal::Stale));
+    // Truncated.
+    let good = owner.sign(dev.id(), Command::SetRelay { on: true });
+    assert_eq!(link.command(good[..good.len() - 10].to_vec(), &key).await.outcome, refused(Refusal::Malformed));
+    // Oversized envelope inside a frame that itself fits: refused, link kept.
+    let big = vec![0xa5; hearth_proto::MAX_FRAME_LEN / 2];
+    assert_eq!(link.command(big, &key).await.outcome, refused(Refusal::Malformed));
+
+    link.ping(9).await;
+    assert_eq!(agent.snapshot().await.unwrap().state.relay, Some(false), "nothing but the owner's commands took effect");
+    agent.shutdown().await.unwrap();
+}
+
+fn ciborium_bytes<T: serde::Serialize>(v: &T) -> Vec<u8> {
+    let mut out = Vec::new();
+    ciborium::into_writer(v, &mut out).unwrap();
+    out
+}
+
+/// Attack: add a controller (the cloud's own key) or change the access
+/// list. Only an owner's signature can; a member's cannot either.
+#[tokio::test]
+async fn the_cloud_cannot_add_or_remove_controllers() {
+    let (_pki, _cloud, dev, agent, mut link, mut owner) = paired(DeviceKind::Plug).await;
+    let key = dev.public_key();
+    let mut mallory = Controller::new();
+    let add = Command::AddController { key: PublicKey::from(&mallory.key), enc: mallory.enc().public().clone(), role: Role::Owner };
+    // Self-signed by the cloud's key: not on the list.
+    assert_eq!(link.command(mallory.sign(dev.id(), add.clone()), &key).await.outcome, refused(Refusal::NotPaired));
+    // A member (shared by the owner) may operate but not share or revoke.
+    let mut member = Controller::new();
+    let share = Command::AddController { key: PublicKey::from(&member.key), enc: member.enc().public().clone(), role: Role::Member };
+    assert_eq!(link.command(owner.sign(dev.id(), share), &key).await.outcome, Outcome::Done);
+    assert_eq!(link.command(member.sign(dev.id(), add), &key).await.outcome, refused(Refusal::NotPermitted));
+    let remove_owner = Command::RemoveController { controller: owner.id() };
+    assert_eq!(link.command(member.sign(dev.id(), remove_owner), &key).await.outcome, refused(Refusal::NotPermitted));
+    assert_eq!(link.command(member.sign(dev.id(), Command::Toggle), &key).await.outcome, Outcome::Done);
+    link.state(&key).await;
+    assert_eq!(agent.snapshot().await.unwrap().controllers, vec![owner.id(), member.id()]);
+    agent.shutdown().await.unwrap();
+}
+
+/// Attack: a revoked controller colludes with the cloud. From the revoke
+/// on, its commands are refused and it is not a recipient of any report,
+/// so its key opens nothing new.
+#[tokio::test]
+async fn a_revoked_controller_cannot_act_or_read_new_telemetry() {
+    let (_pki, _cloud, dev, agent, mut link, mut owner) = paired(DeviceKind::EnergyPlug).await;
+    let key = dev.public_key();
+    let mut ex = Controller::new();
+    let share = Command::AddController { key: PublicKey::from(&ex.key), enc: ex.enc().public().clone(), role: Role::Member };
+    assert_eq!(link.command(owner.sign(dev.id(), share), &key).await.outcome, Outcome::Done);
+    // While shared, the ex-member reads reports.
+    assert_eq!(link.command(ex.sign(dev.id(), Command::SetRelay { on: true }), &key).await.outcome, Outcome::Done);
+    let DeviceFrame::State { envelope } = link.recv().await else { panic!("expected a report") };
+    assert_eq!(e2e::open_state(&envelope, dev.id(), &key, &ex.id(), &ex.enc()).unwrap().state.relay, Some(true));
+
+    // Revoked: the answer to the revoke is already not sealed for it.
+    link.send(&CloudFrame::Command { envelope: owner.sign(dev.id(), Command::RemoveController { controller: ex.id() }) }).await;
+    let DeviceFrame::Result { envelope } = link.recv().await else { panic!("expected a result") };
+    assert_eq!(e2e::open_result(&envelope, dev.id(), &key, &ex.id(), &ex.enc()), Err(e2e::OpenError::NotARecipient));
+    // Its commands are refused, fresh or replayed, and the refusal carries no state.
+    let r = link.command(ex.sign(dev.id(), Command::SetRelay { on: false }), &key).await;
+    assert_eq!(r.outcome, refused(Refusal::NotPaired));
+    assert_eq!(r.state, message::DeviceState::default());
+    // New telemetry: sealed for the owner only; the cloud handing the
+    // ex-member a copy (or claiming it is the owner) does not help.
+    agent.press_button().await.unwrap();
+    let DeviceFrame::State { envelope } = link.recv().await else { panic!("expected a report") };
+    assert_eq!(e2e::open_state(&envelope, dev.id(), &key, &ex.id(), &ex.enc()), Err(e2e::OpenError::NotARecipient));
+    assert_eq!(e2e::open_state(&envelope, dev.id(), &key, &owner.id(), &ex.enc()), Err(e2e::OpenError::Undecryptable));
+    let sealed = e2e::verify_sealed(&envelope, dev.id(), &key).unwrap();
+    assert_eq!(sealed.recipients.iter().map(|w| w.controller.clone()).collect::<Vec<_>>(), vec![owner.id()]);
+    assert_eq!(e2e::open_state(&envelope, dev.id(), &key, &owner.id(), &owner.enc()).unwrap().state.relay, Some(false));
+    agent.shutdown().await.unwrap();
+}
+
+/// Attack: the cloud registers its own encryption key for the owner
+/// (to read what is sealed for the owner). Only the owner's signature can
+/// set the owner's key, so a forged registration is refused and reports
+/// stay sealed for the owner's real key.
+#[tokio::test]
+async fn the_cloud_cannot_substitute_an_encryption_key() {
+    let (_pki, _cloud, dev, agent, mut link, owner) = paired(DeviceKind::Plug).await;
+    let key = dev.public_key();
+    let cloud_enc = e2e::EncSecretKey::generate();
+    let cloud_key = keys::generate();
+    let claim = CommandPayload {
+        v: 1,
+        device: dev.id().clone(),
+        controller: owner.id(),
+        counter: 1 << 40,
+        issued_at: now(),
+        command: Command::RegisterKey { key: cloud_enc.public().clone() },
+    };
+    let forged = hearth_proto::envelope::sign(
+        &cloud_key,
+        hearth_proto::envelope::Kind::Command,
+        &hex::decode(owner.id().as_str()).unwrap(),
+        ciborium_bytes(&claim),
+    )
+    .unwrap();
+    assert_eq!(link.command(forged, &key).await.outcome, refused(Refusal::BadSignature));
+    agent.press_button().await.unwrap();
+    let DeviceFrame::State { envelope } = link.recv().await else { panic!("expected a report") };
+    assert_eq!(e2e::open_state(&envelope, dev.id(), &key, &owner.id(), &cloud_enc), Err(e2e::OpenError::Undecryptable));
+    assert!(e2e::open_state(&envelope, dev.id(), &key, &owner.id(), &owner.enc()).is_ok());
+    agent.shutdown().await.unwrap();
+}
+
+/// Attack: pair with a device in setup mode without the secret, after
+/// watching nothing (guessing) — every guess is refused and counted — and
+/// a genuine pairing transcript carries no form of the secret a recording
+/// could be searched for (the offline argument is in docs/security.md).
+#[tokio::test]
+async fn the_cloud_cannot_pair_without_the_setup_secret() {
+    let pki = Pki::new();
+    let cloud = FakeCloud::genuine(&pki).await;
+    let dev = Device::new(&pki, DeviceKind::Plug);
+    let agent = dev.spawn(cloud.addr);
+    let mut link = cloud.accept().await;
+    link.greeting(&dev.public_key()).await;
+    let mallory = Controller::new();
+    for req in 1..=3 {
+        let guess = crate::support::wrong_secret_attempt(&mallory);
+        assert!(matches!(link.pair(req, &guess).await, hearth_proto::link::PairOutcome::Err(_)));
+    }
+    assert!(agent.snapshot().await.unwrap().controllers.is_empty());
+    let owner = Controller::new();
+    owner.pair(&mut link, 9, dev.secret()).await;
+    let secret = dev.secret();
+    let code = secret.code().replace('-', "");
+    for bytes in transcript(&link.recorded) {
+        assert!(!bytes.windows(16).any(|w| w == secret.as_bytes()), "raw secret in the transcript");
+        assert!(!bytes.windows(code.len()).any(|w| w == code.as_bytes()), "typed code in the transcript");
+    }
+    agent.shutdown().await.unwrap();
+}
