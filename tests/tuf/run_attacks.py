@@ -24,6 +24,7 @@ import threading
 import traceback
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from urllib.parse import quote
 
 from securesystemslib.signer import CryptoSigner
 from tuf.api.metadata import (
@@ -62,6 +63,15 @@ def past() -> datetime:
 class Handler(http.server.SimpleHTTPRequestHandler):
     def __init__(self, *a, **kw):
         super().__init__(*a, directory=str(SERVE), **kw)
+
+    def translate_path(self, path):
+        # Serve the raw (still percent-encoded) request path, so a file
+        # named "%2Fdelegatedrole.json" answers exactly the request the
+        # client made for role "/delegatedrole", and nothing escapes SERVE.
+        parts = [p for p in path.split("?", 1)[0].split("/") if p]
+        if any(p in (".", "..") for p in parts):
+            return str(SERVE / "nonexistent")
+        return str(SERVE.joinpath(*parts))
 
     def do_GET(self):  # noqa: N802 (http.server's naming)
         REQUESTS.append(self.path)
@@ -124,10 +134,11 @@ class Repo:
         for s in signers:
             md.sign(s, append=True)
         data = md.to_bytes(JSONSerializer(compact=False))
+        name = quote(role, "")
         if role != "timestamp":
-            (self.meta_dir / f"{md.signed.version}.{role}.json").write_bytes(data)
+            (self.meta_dir / f"{md.signed.version}.{name}.json").write_bytes(data)
         if not versioned:
-            (self.meta_dir / f"{role}.json").write_bytes(data)
+            (self.meta_dir / f"{name}.json").write_bytes(data)
         return data
 
     def publish_root(self, extra_signers=()):
@@ -542,6 +553,123 @@ def test_ecdsa_and_rsa_keys():
         r.publish()
         c = Client(r)
         assert c.download("fw.bin") == 0, f"{kt}: {c.last_stderr}"
+
+
+def test_targets_fast_forward_recovery_after_snapshot_key_rotation():
+    r = Repo("ffwd-targets")
+    r.targets.signed.version = 99999
+    r.publish(bump=False)
+    r.publish_snapshot()
+    c = Client(r)
+    assert c.refresh() == 0 and c.version("targets") == 99999
+    r.rotate("snapshot")
+    r.targets.signed.version = 1
+    r.publish(bump=False)
+    r.publish_snapshot()
+    assert c.refresh() == 0, c.last_stderr
+    assert c.version("targets") == 1
+
+
+def test_snapshot_listing_lower_targets_without_key_rotation_is_refused():
+    r = Repo("no-ffwd")
+    r.targets.signed.version = 50
+    r.publish(bump=False)
+    r.publish_snapshot()
+    c = Client(r)
+    assert c.refresh() == 0
+    r.targets.signed.version = 1
+    r.publish(bump=False)
+    r.publish_snapshot()
+    assert c.refresh() == 1 and c.version("targets") == 50
+
+
+def test_unusual_role_names_are_quoted():
+    for i, name in enumerate(["?", "#", "/delegatedrole", "../delegatedrole"]):
+        r = Repo(f"quoting{i}")
+        r.delegate("targets", name, ["*"])
+        r.add_target("x.bin", b"x", role=name)
+        r.publish(roles=(name, "targets"))
+        c = Client(r)
+        assert c.download("x.bin") == 0, c.last_stderr
+        assert f"/quoting{i}/metadata/{quote(name, '')}.json" in REQUESTS
+        assert (c.mdir / f"{quote(name, '')}.json").exists()
+        assert not any(p.name == "delegatedrole.json" for p in c.mdir.parent.rglob("*.json")), "role name escaped the metadata dir"
+
+
+def test_metadata_bytes_stored_as_received():
+    r = Repo("bytes")
+    data = served(r, "timestamp") + b"   \n"
+    (r.meta_dir / "timestamp.json").write_bytes(data)
+    c = Client(r)
+    assert c.refresh() == 0
+    assert c.local("timestamp") == data
+
+
+def test_same_key_under_many_ids_counts_once():
+    r = Repo("dupkeys")
+    c = Client(r)
+    assert c.refresh() == 0
+    signer = CryptoSigner.generate_ed25519()
+    pub = signer.public_key.to_dict()
+    from tuf.api.metadata import Key
+    for i in range(3):
+        k = Key.from_dict(f"{i:064x}", dict(pub, keyval=dict(pub["keyval"])))
+        r.root.signed.add_key(k, "snapshot")
+    r.root.signed.roles["snapshot"].threshold = 3
+    r.root.signed.version += 1
+    r.publish_root()
+    # Sign snapshot with the one key under each of its three ids.
+    r.snapshot.signed.version += 1
+    r.snapshot.signatures.clear()
+    from securesystemslib.signer import Signature
+    sig = signer.sign(r.snapshot.signed_bytes)
+    for i in range(3):
+        r.snapshot.signatures[f"{i:064x}"] = Signature(f"{i:064x}", sig.signature)
+    data = r.snapshot.to_bytes(JSONSerializer(compact=False))
+    (r.meta_dir / "snapshot.json").write_bytes(data)
+    r.timestamp.signed.snapshot_meta = MetaFile(version=r.snapshot.signed.version)
+    r.publish_timestamp()
+    assert c.refresh() == 1
+    assert c.version("snapshot") == 1
+
+
+def test_missing_snapshot_keeps_new_timestamp():
+    r = Repo("snap404")
+    c = Client(r)
+    assert c.refresh() == 0
+    r.timestamp.signed.snapshot_meta = MetaFile(version=2)
+    r.publish_timestamp()
+    (r.meta_dir / "snapshot.json").unlink()
+    assert c.refresh() == 1
+    assert c.version("timestamp") == 2 and c.version("snapshot") == 1
+
+
+def test_invalid_initial_root_makes_no_requests():
+    r = Repo("badinit")
+    import json
+    root = json.loads(r.initial_root)
+    del root["signed"]["version"]
+    r.initial_root = json.dumps(root).encode()
+    c = Client(r)
+    n = sum(1 for p in REQUESTS if p.startswith("/badinit/"))
+    assert c.refresh() == 1
+    assert sum(1 for p in REQUESTS if p.startswith("/badinit/")) == n
+
+
+def test_snapshot_served_as_timestamp_is_refused():
+    r = Repo("wrongtype")
+    ts_signer = r.signers["timestamp"][0]
+    r.root.signed.add_key(ts_signer.public_key, "snapshot")
+    r.root.signed.version += 1
+    r.publish_root()
+    r.signers["snapshot"].append(ts_signer)
+    r.snapshot.signed.meta = {"snapshot.json": MetaFile(version=1)}
+    r.snapshot.signed.version += 1
+    data = r.write(r.snapshot, "snapshot", r.signers["snapshot"], versioned=True)
+    (r.meta_dir / "timestamp.json").write_bytes(data)
+    c = Client(r)
+    assert c.refresh() == 1
+    assert c.version("root") == 2 and c.local("timestamp") is None
 
 
 def main() -> int:

@@ -193,11 +193,6 @@ impl Root {
         let keys = self.roles.get(role).ok_or_else(|| Error::Missing(format!("root has no role {role}")))?;
         verify_threshold(role, &self.keys, keys, env)
     }
-
-    /// The key set of `role`, for spotting rotations (spec 5.3.10).
-    pub fn role_keys(&self, role: &str) -> Vec<Option<&PublicKey>> {
-        self.roles.get(role).map(|r| r.keyids.iter().map(|id| self.keys.get(id)).collect()).unwrap_or_default()
-    }
 }
 
 /// A `meta` entry of timestamp or snapshot (spec 4.4 METAFILES).
