@@ -181,13 +181,14 @@ class Repo:
             dest.write_bytes(body)
 
     def delegate(self, parent: str, name: str, paths, terminating=False):
-        signer = CryptoSigner.generate_ed25519()
+        # A role delegated from two parents keeps one key and one metadata.
+        signer = self.deleg_signers[name][0] if name in self.delegated else CryptoSigner.generate_ed25519()
         pmd = self.targets if parent == "targets" else self.delegated[parent]
         if pmd.signed.delegations is None:
             pmd.signed.delegations = Delegations(keys={}, roles={})
         pmd.signed.delegations.roles[name] = DelegatedRole(name, [], 1, terminating, paths=paths)
         pmd.signed.add_key(signer.public_key, name)
-        self.delegated[name] = Metadata(Targets(expires=future()))
+        self.delegated.setdefault(name, Metadata(Targets(expires=future())))
         self.deleg_signers[name] = [signer]
 
     def rotate(self, role: str, keytype: str = "ed25519"):
@@ -670,6 +671,31 @@ def test_snapshot_served_as_timestamp_is_refused():
     c = Client(r)
     assert c.refresh() == 1
     assert c.version("root") == 2 and c.local("timestamp") is None
+
+
+GRAPHS = {
+    # (delegator, role, terminating, paths) in order; expected visit order.
+    "dfs": ([("targets", "A", False, ["*"]), ("targets", "B", False, ["*"]), ("A", "C", False, ["*"]), ("A", "D", False, ["*"])], ["A", "C", "D", "B"]),
+    "terminating-child": ([("targets", "A", False, ["*"]), ("targets", "B", False, ["*"]), ("A", "C", True, ["*"]), ("A", "D", False, ["*"])], ["A", "C"]),
+    "paths-prune-branch": ([("targets", "A", False, ["*.py"]), ("targets", "B", False, ["*"]), ("A", "C", False, ["*"])], ["B"]),
+    "cycle": ([("targets", "A", False, ["*"]), ("targets", "B", False, ["*"]), ("B", "C", False, ["*"]), ("C", "D", False, ["*"]), ("D", "B", False, ["*"])], ["A", "B", "C", "D"]),
+    "shared-child": ([("targets", "A", False, ["*"]), ("targets", "B", False, ["*"]), ("B", "C", False, ["*"]), ("A", "C", False, ["*"])], ["A", "C", "B"]),
+}
+
+
+def test_delegation_graph_preorder_dfs():
+    for gname, (edges, order) in GRAPHS.items():
+        r = Repo(f"graph-{gname}")
+        for parent, role, term, paths in edges:
+            r.delegate(parent, role, paths, terminating=term)
+        r.publish(roles=tuple(sorted(r.delegated)) + ("targets",))
+        c = Client(r)
+        assert c.refresh() == 0, c.last_stderr
+        start = len(REQUESTS)
+        assert c.download("missingpath") == 1
+        fetched = [p.rsplit("/", 1)[1][: -len(".json")] for p in REQUESTS[start:] if p.startswith(f"/graph-{gname}/metadata/")]
+        fetched = [f for f in fetched if f not in ("timestamp", "2.root")]
+        assert fetched == order, f"{gname}: visited {fetched}, expected {order}"
 
 
 def main() -> int:
