@@ -12,6 +12,7 @@ use std::path::Path;
 use serde_json::{json, Map, Value};
 
 use crate::crypto::{PublicKey, SigningKey};
+use crate::metadata::Root;
 use crate::{canonical, time, Error};
 
 /// TUF spec version written into new metadata.
@@ -152,4 +153,175 @@ pub fn write_target(targets_dir: &Path, path: &str, data: &[u8], consistent: boo
         }
     }
     Ok(())
+}
+
+/// How long each role's metadata stays valid, in seconds.
+#[derive(Clone, Copy, Debug)]
+pub struct Lifetimes {
+    /// Root (offline; renewed rarely).
+    pub root: i64,
+    /// Targets (offline).
+    pub targets: i64,
+    /// Snapshot (online).
+    pub snapshot: i64,
+    /// Timestamp (online; the cloud renews it well before this runs out).
+    pub timestamp: i64,
+}
+
+impl Default for Lifetimes {
+    fn default() -> Self {
+        const DAY: i64 = 86_400;
+        Lifetimes { root: 365 * DAY, targets: 90 * DAY, snapshot: 7 * DAY, timestamp: DAY }
+    }
+}
+
+/// A repository on disk: `DIR/metadata/` (versioned `N.role.json` for
+/// consistent snapshots plus the plain `role.json` of the latest) and
+/// `DIR/targets/` (images under `dir/<hash>.name`). Static files: the cloud
+/// serves the directory as it is.
+#[derive(Clone, Debug)]
+pub struct RepoDir {
+    dir: std::path::PathBuf,
+    /// Metadata lifetimes used when re-signing.
+    pub lifetimes: Lifetimes,
+}
+
+impl RepoDir {
+    /// Opens an existing repository.
+    pub fn open(dir: impl Into<std::path::PathBuf>) -> Self {
+        RepoDir { dir: dir.into(), lifetimes: Lifetimes::default() }
+    }
+
+    fn meta(&self) -> std::path::PathBuf {
+        self.dir.join("metadata")
+    }
+
+    /// Path of the latest `role.json`.
+    pub fn metadata_path(&self, role: &str) -> std::path::PathBuf {
+        self.meta().join(format!("{role}.json"))
+    }
+
+    fn io(what: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+        move |source| Error::Io { what: what.display().to_string(), source }
+    }
+
+    fn read_signed(&self, role: &str) -> Result<Value, Error> {
+        let path = self.metadata_path(role);
+        let bytes = std::fs::read(&path).map_err(Self::io(&path))?;
+        let v: Value = serde_json::from_slice(&bytes).map_err(|e| Error::malformed(role, e.to_string()))?;
+        v.get("signed").cloned().ok_or_else(|| Error::malformed(role, "no signed"))
+    }
+
+    fn write(&self, role: &str, version: u64, envelope: &[u8]) -> Result<(), Error> {
+        let meta = self.meta();
+        std::fs::create_dir_all(&meta).map_err(Self::io(&meta))?;
+        // Timestamp is always fetched by its plain name (spec 5.4.1).
+        if role != "timestamp" {
+            crate::client::write_atomic(&meta.join(format!("{version}.{role}.json")), envelope)?;
+        }
+        crate::client::write_atomic(&self.metadata_path(role), envelope)
+    }
+
+    /// Creates a repository with consistent snapshots: root v1 signed by
+    /// `root_signers`, empty targets v1, snapshot v1 and timestamp v1.
+    ///
+    /// # Errors
+    /// Bad role specs (threshold > keys), missing signers, I/O.
+    pub fn init(
+        dir: impl Into<std::path::PathBuf>,
+        roles: &BTreeMap<String, RoleSpec>,
+        root_signers: &[&SigningKey],
+        targets_signers: &[&SigningKey],
+        snapshot_key: &SigningKey,
+        timestamp_key: &SigningKey,
+        now: i64,
+    ) -> Result<Self, Error> {
+        let repo = Self::open(dir);
+        if repo.metadata_path("root").exists() {
+            return Err(Error::Usage(format!("{} already holds a repository", repo.dir.display())));
+        }
+        let root_v = root(1, now + repo.lifetimes.root, true, roles)?;
+        repo.write("root", 1, &sign(&root_v, root_signers)?)?;
+        repo.write("targets", 1, &sign(&targets(1, now + repo.lifetimes.targets, &BTreeMap::new(), None), targets_signers)?)?;
+        repo.publish(snapshot_key, timestamp_key, now)?;
+        Ok(repo)
+    }
+
+    /// Adds (or replaces) a target image and writes targets N+1 signed by
+    /// `targets_signers` (offline keys; more can be added with
+    /// [`RepoDir::sign_role`] to reach a threshold). Call
+    /// [`RepoDir::publish`] afterwards to make it visible.
+    ///
+    /// # Errors
+    /// I/O or signing failure.
+    pub fn add_target(&self, path: &str, image: &[u8], custom: Option<Value>, targets_signers: &[&SigningKey], now: i64) -> Result<u64, Error> {
+        let current = self.read_signed("targets")?;
+        let mut list: BTreeMap<String, Value> = current.get("targets").and_then(Value::as_object).map(|m| m.clone().into_iter().collect()).unwrap_or_default();
+        list.insert(path.to_owned(), target_entry(image, custom));
+        let version = current.get("version").and_then(Value::as_u64).unwrap_or(0) + 1;
+        let t = targets(version, now + self.lifetimes.targets, &list, current.get("delegations").cloned());
+        write_target(&self.dir.join("targets"), path, image, true)?;
+        self.write("targets", version, &sign(&t, targets_signers)?)?;
+        Ok(version)
+    }
+
+    /// Adds signatures to the latest `role` metadata (offline threshold
+    /// signing by several key holders in turn).
+    ///
+    /// # Errors
+    /// I/O or signing failure.
+    pub fn sign_role(&self, role: &str, keys: &[&SigningKey]) -> Result<(), Error> {
+        let path = self.metadata_path(role);
+        let bytes = std::fs::read(&path).map_err(Self::io(&path))?;
+        let signed = add_signatures(&bytes, keys)?;
+        self.write(role, version_of(&signed)?, &signed)
+    }
+
+    /// Online step: snapshot N+1 listing the current targets version, and a
+    /// timestamp N+1 pinning it.
+    ///
+    /// # Errors
+    /// I/O or signing failure.
+    pub fn publish(&self, snapshot_key: &SigningKey, timestamp_key: &SigningKey, now: i64) -> Result<(), Error> {
+        let targets_version = self.read_signed("targets")?.get("version").and_then(Value::as_u64).unwrap_or(1);
+        let snapshot_version = self.read_signed("snapshot").ok().and_then(|s| s.get("version").and_then(Value::as_u64)).unwrap_or(0) + 1;
+        let snap = sign(&snapshot(snapshot_version, now + self.lifetimes.snapshot, &[("targets.json", targets_version)]), &[snapshot_key])?;
+        self.write("snapshot", snapshot_version, &snap)?;
+        self.renew_timestamp(timestamp_key, now)
+    }
+
+    /// Online step run by the cloud before the timestamp expires: timestamp
+    /// N+1 for the current snapshot.
+    ///
+    /// # Errors
+    /// I/O or signing failure.
+    pub fn renew_timestamp(&self, timestamp_key: &SigningKey, now: i64) -> Result<(), Error> {
+        let snap_path = self.metadata_path("snapshot");
+        let snap = std::fs::read(&snap_path).map_err(Self::io(&snap_path))?;
+        let snapshot_version = version_of(&snap)?;
+        let ts_version = self.read_signed("timestamp").ok().and_then(|s| s.get("version").and_then(Value::as_u64)).unwrap_or(0) + 1;
+        let ts = sign(&timestamp(ts_version, now + self.lifetimes.timestamp, snapshot_version, &snap), &[timestamp_key])?;
+        self.write("timestamp", ts_version, &ts)
+    }
+
+    /// Key rotation for any top-level role, root included: root N+1 with
+    /// `role` now held by `new` keys. It must carry signatures from a
+    /// threshold of the old root keys and (for a root rotation) of the new
+    /// ones (spec 5.3.3), so pass both sets in `root_signers`.
+    ///
+    /// # Errors
+    /// Bad spec, I/O or signing failure.
+    pub fn rotate(&self, role: &str, new: RoleSpec, root_signers: &[&SigningKey], now: i64) -> Result<u64, Error> {
+        let current = Root::parse(&self.read_signed("root")?)?;
+        let mut roles: BTreeMap<String, RoleSpec> = BTreeMap::new();
+        for (name, rk) in &current.roles {
+            let keys = rk.keyids.iter().filter_map(|id| current.keys.get(id).cloned()).collect();
+            roles.insert(name.clone(), RoleSpec { keys, threshold: rk.threshold });
+        }
+        roles.insert(role.to_owned(), new);
+        let version = current.common.version + 1;
+        let v = self::root(version, now + self.lifetimes.root, current.consistent_snapshot, &roles)?;
+        self.write("root", version, &sign(&v, root_signers)?)?;
+        Ok(version)
+    }
 }

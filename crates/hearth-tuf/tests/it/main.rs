@@ -372,3 +372,89 @@ fn root_with_unknown_key_type_still_loads() {
     let env = Envelope::parse("root", &bytes).unwrap();
     Root::parse(&env.signed).unwrap().verify_role("root", &env).unwrap();
 }
+
+/// Serves a [`repo::RepoDir`] directory as if over HTTP.
+struct DirFetcher(std::path::PathBuf);
+
+impl Fetcher for DirFetcher {
+    fn fetch(&mut self, url: &str, max_len: u64) -> Result<Vec<u8>, FetchError> {
+        let rel = url.strip_prefix("http://repo.test/").ok_or(FetchError::NotFound(404))?;
+        let data = std::fs::read(self.0.join(rel)).map_err(|_| FetchError::NotFound(404))?;
+        if data.len() as u64 > max_len {
+            return Err(FetchError::TooLong(max_len));
+        }
+        Ok(data)
+    }
+}
+
+fn keys(n: usize) -> Vec<SigningKey> {
+    (0..n).map(|_| SigningKey::generate(KeyKind::Ed25519).unwrap()).collect()
+}
+
+fn spec(keys: &[SigningKey], threshold: u64) -> RoleSpec {
+    RoleSpec { keys: keys.iter().map(|k| k.public().clone()).collect(), threshold }
+}
+
+#[test]
+fn repository_tools_thresholds_publish_and_rotation_end_to_end() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (root_keys, targets_keys, snap, ts) = (keys(3), keys(2), keys(1), keys(1));
+    let roles: BTreeMap<String, RoleSpec> = [
+        ("root".to_owned(), spec(&root_keys, 2)),
+        ("targets".to_owned(), spec(&targets_keys, 2)),
+        ("snapshot".to_owned(), spec(&snap, 1)),
+        ("timestamp".to_owned(), spec(&ts, 1)),
+    ]
+    .into();
+    let repo = repo::RepoDir::init(tmp.path(), &roles, &[&root_keys[0], &root_keys[1]], &[&targets_keys[0], &targets_keys[1]], &snap[0], &ts[0], NOW).unwrap();
+    let root_v1 = std::fs::read(repo.metadata_path("root")).unwrap();
+    let client = |now| {
+        let mut store = MemStore::default();
+        store.store("root.json", &root_v1).unwrap();
+        Updater::new(DirFetcher(tmp.path().to_owned()), store, META, now, Limits::default()).unwrap()
+    };
+    client(NOW).refresh().unwrap();
+
+    // One targets signature of the two required: devices refuse it.
+    repo.add_target("plug/fw.bin", b"image v2", Some(repo::firmware_custom("2.0.0", "plug-a1")), &[&targets_keys[0]], NOW).unwrap();
+    repo.publish(&snap[0], &ts[0], NOW).unwrap();
+    assert!(matches!(client(NOW).refresh(), Err(Error::Threshold { valid: 1, threshold: 2, .. })));
+    // The second key holder signs offline; the cloud republishes.
+    repo.sign_role("targets", &[&targets_keys[1]]).unwrap();
+    repo.publish(&snap[0], &ts[0], NOW).unwrap();
+    let mut up = client(NOW);
+    let info = up.target_info("plug/fw.bin").unwrap().unwrap();
+    assert_eq!(info.custom.as_ref().unwrap()["hearth"]["version"], "2.0.0");
+    assert_eq!(up.download_target(&info, TARGETS).unwrap(), b"image v2");
+
+    // Rotate root (old 2-of-3 and new 2-of-3 sign), then the timestamp key.
+    let new_root = keys(3);
+    repo.rotate("root", spec(&new_root, 2), &[&root_keys[1], &root_keys[2], &new_root[0], &new_root[1]], NOW).unwrap();
+    let new_ts = keys(1);
+    repo.rotate("timestamp", spec(&new_ts, 1), &[&new_root[0], &new_root[2]], NOW).unwrap();
+    repo.renew_timestamp(&new_ts[0], NOW).unwrap();
+    let mut up = client(NOW);
+    up.refresh().unwrap();
+    assert_eq!(up.trusted().root().common.version, 3);
+
+    // The cloud must renew the timestamp: a day later it has expired.
+    assert!(matches!(client(NOW + 86_400).refresh(), Err(Error::Expired { role, .. }) if role == "timestamp"));
+    repo.renew_timestamp(&new_ts[0], NOW + 86_400).unwrap();
+    client(NOW + 86_400).refresh().unwrap();
+}
+
+#[test]
+fn root_rotation_signed_by_new_keys_only_is_refused_by_tools_output() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (root_keys, t, s, ts) = (keys(2), keys(1), keys(1), keys(1));
+    let roles: BTreeMap<String, RoleSpec> =
+        [("root".to_owned(), spec(&root_keys, 2)), ("targets".to_owned(), spec(&t, 1)), ("snapshot".to_owned(), spec(&s, 1)), ("timestamp".to_owned(), spec(&ts, 1))].into();
+    let repo = repo::RepoDir::init(tmp.path(), &roles, &[&root_keys[0], &root_keys[1]], &[&t[0]], &s[0], &ts[0], NOW).unwrap();
+    let root_v1 = std::fs::read(repo.metadata_path("root")).unwrap();
+    let attacker = keys(2);
+    repo.rotate("root", spec(&attacker, 2), &[&attacker[0], &attacker[1]], NOW).unwrap();
+    let mut store = MemStore::default();
+    store.store("root.json", &root_v1).unwrap();
+    let mut up = Updater::new(DirFetcher(tmp.path().to_owned()), store, META, NOW, Limits::default()).unwrap();
+    assert!(matches!(up.refresh(), Err(Error::Threshold { valid: 0, threshold: 2, .. })));
+}
