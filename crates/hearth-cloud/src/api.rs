@@ -61,6 +61,7 @@ pub fn app(state: AppState) -> axum::Router {
         .route("/api/v1/controllers", post(register_controller))
         .route("/api/v1/devices", get(list_devices))
         .route("/api/v1/devices/{id}/command", post(command))
+        .route("/api/v1/devices/{id}/events", get(events))
         .route("/api/v1/pair", post(pair))
         .route("/api/v1/link", get(link))
         .fallback(no_route)
@@ -397,6 +398,35 @@ async fn command(
         Ok(None) => Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the device went offline before answering")),
         Ok(Some(result)) => Ok(Json(json!({ "result": b64::encode(result) }))),
     }
+}
+
+/// Query of `GET /devices/{id}/events`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventsQuery {
+    /// Only events with a larger `seq` (what the client already has).
+    #[serde(default)]
+    after: u64,
+}
+
+/// Most events in one answer; a client pages with `after`.
+const EVENTS_PAGE: u64 = 200;
+
+/// `GET /devices/{id}/events?after=N`: the device's stored sealed reports,
+/// oldest first. The cloud cannot read them; controllers decrypt.
+async fn events(
+    State(s): State<AppState>,
+    session: Session,
+    path: Result<Path<String>, PathRejection>,
+    query: Result<axum::extract::Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Ok(Path(raw)) = path else { return Err(ApiError::not_found(NO_SUCH_DEVICE)) };
+    let device = owned_device(&s, &session.account, &raw).await?;
+    let after = query.map(|q| q.0.after).map_err(|_| ApiError::bad_request("query must be ?after=<number>"))?;
+    let rows = s.store.events_of(device, after, EVENTS_PAGE).await?;
+    let events: Vec<Value> =
+        rows.into_iter().map(|e| json!({ "seq": e.seq, "at": e.at, "envelope": b64::encode(&e.envelope) })).collect();
+    Ok(Json(json!({ "events": events })))
 }
 
 #[derive(Deserialize)]

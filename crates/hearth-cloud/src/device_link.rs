@@ -217,6 +217,13 @@ impl Conn<'_> {
                 match ok {
                     Ok(()) => {
                         router.deliver_state(self.id, self.link, envelope.clone());
+                        // History for controllers that were offline (ADR 0004):
+                        // sealed reports only, bounded by the store.
+                        if hearth_proto::e2e::is_sealed(&envelope) {
+                            if let Err(e) = self.state.store.append_event(self.id.clone(), envelope.clone(), unix_now()).await {
+                                tracing::warn!(error = %e, "could not store an event");
+                            }
+                        }
                         self.pending_state = Some(envelope);
                     }
                     Err(e) => tracing::warn!(error = %e, "dropping a state report that does not verify"),

@@ -55,7 +55,34 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX devices_account_id ON devices(account_id);
     "#,
+    // 2: bounded per-device event history of sealed state reports (ADR 0004),
+    // so an offline controller catches up. Ciphertext only.
+    r#"
+    CREATE TABLE device_events (
+        seq       INTEGER PRIMARY KEY AUTOINCREMENT,
+        device_id TEXT NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
+        at        INTEGER NOT NULL,
+        envelope  BLOB NOT NULL
+    );
+    CREATE INDEX device_events_device ON device_events(device_id, seq);
+    "#,
 ];
+
+/// Most events kept per device.
+pub const EVENT_HISTORY_MAX: u64 = 1_000;
+/// Oldest event kept, in seconds (7 days).
+pub const EVENT_HISTORY_SECS: u64 = 7 * 24 * 3600;
+
+/// One stored (sealed) event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredEvent {
+    /// Cloud-assigned, increasing; a client asks for events after one it has.
+    pub seq: u64,
+    /// When the cloud received it, unix seconds.
+    pub at: u64,
+    /// The device-sealed envelope.
+    pub envelope: Vec<u8>,
+}
 
 /// Why a store operation failed. Never the client's fault: the API turns
 /// all of these into a logged 500.
@@ -332,6 +359,40 @@ impl Store {
         .await
     }
 
+    /// Appends a sealed event to a device's history and trims the history
+    /// to the newest [`EVENT_HISTORY_MAX`] within [`EVENT_HISTORY_SECS`].
+    pub async fn append_event(&self, id: DeviceId, envelope: Vec<u8>, now: u64) -> Result<(), StoreError> {
+        self.run(move |c| {
+            let tx = c.transaction()?;
+            tx.execute(
+                "INSERT INTO device_events (device_id, at, envelope) VALUES (?1, ?2, ?3)",
+                params![id.as_str(), sql_time(now), envelope],
+            )?;
+            tx.execute(
+                "DELETE FROM device_events WHERE device_id = ?1 AND (at < ?2 OR seq <= (
+                     SELECT seq FROM device_events WHERE device_id = ?1 ORDER BY seq DESC LIMIT 1 OFFSET ?3))",
+                params![id.as_str(), sql_time(now.saturating_sub(EVENT_HISTORY_SECS)), EVENT_HISTORY_MAX as i64],
+            )?;
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// A device's stored events after `after` (oldest first), at most `limit`.
+    pub async fn events_of(&self, id: DeviceId, after: u64, limit: u64) -> Result<Vec<StoredEvent>, StoreError> {
+        self.run(move |c| {
+            let mut stmt = c.prepare(
+                "SELECT seq, at, envelope FROM device_events WHERE device_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+            )?;
+            let rows = stmt.query_map(params![id.as_str(), after as i64, limit as i64], |r| {
+                Ok(StoredEvent { seq: r.get::<_, i64>(0)? as u64, at: r.get::<_, i64>(1)? as u64, envelope: r.get(2)? })
+            })?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
     /// Records a device under an account after a verified pairing. A device
     /// that was reset and paired again moves to its new owner.
     pub async fn pair_device(
@@ -347,6 +408,9 @@ impl Store {
                 params![id.as_str(), account.as_str(), name, sql_time(now)],
             )?;
             if n == 1 {
+                // A (re)paired device starts with no history: what it sealed
+                // for a previous owner is of no use to the new one.
+                c.execute("DELETE FROM device_events WHERE device_id = ?1", params![id.as_str()])?;
                 Ok(())
             } else {
                 // The row is written when the device connects, before it can pair.
@@ -520,5 +584,28 @@ mod tests {
         assert!(store.devices_of(b).await.unwrap().is_empty());
         assert_eq!(store.device_owner(id).await.unwrap(), Some(a));
         assert_eq!(store.device_owner(DeviceId::random()).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn event_history_is_bounded_by_count_and_age_and_cleared_on_pairing() {
+        let (_dir, store) = temp_store().await;
+        let a = store.create_account("h@example.com".into(), "x".into()).await.unwrap().unwrap();
+        let id = DeviceId::random();
+        store.device_connected(id.clone(), DeviceKind::Plug, vec![1], 5).await.unwrap();
+        let t0 = 1_800_000_000;
+        for i in 0..(EVENT_HISTORY_MAX + 5) {
+            store.append_event(id.clone(), i.to_be_bytes().to_vec(), t0 + i).await.unwrap();
+        }
+        let all = store.events_of(id.clone(), 0, 10_000).await.unwrap();
+        assert_eq!(all.len() as u64, EVENT_HISTORY_MAX);
+        assert_eq!(all[0].envelope, 5u64.to_be_bytes().to_vec(), "the oldest were dropped");
+        let after = store.events_of(id.clone(), all[997].seq, 10).await.unwrap();
+        assert_eq!(after.len(), 2);
+        // Eight days later one new event leaves only itself.
+        store.append_event(id.clone(), vec![7], t0 + 8 * 24 * 3600).await.unwrap();
+        assert_eq!(store.events_of(id.clone(), 0, 10_000).await.unwrap().len(), 1);
+        // A (re)pairing starts a fresh history.
+        store.pair_device(id.clone(), a, "lamp".into(), t0).await.unwrap();
+        assert!(store.events_of(id, 0, 10).await.unwrap().is_empty());
     }
 }

@@ -534,3 +534,48 @@ pub async fn revoke(cfg: &mut Config, wanted: &str, controller: &str) -> Result<
         }
     }
 }
+
+/// `hearth events`: the device's stored history (sealed reports the cloud
+/// kept for controllers that were offline), decrypted and verified here.
+/// Reports sealed before this controller was shared, or after it was
+/// revoked, are listed as unreadable.
+pub async fn events(cfg: &Config, wanted: &str, json_lines: bool) -> Result<()> {
+    let devices = list(cfg).await?;
+    let dev = resolve(&devices, wanted)?.clone();
+    let (dev_key, _) = device_key(cfg, &dev).ok_or_else(|| anyhow!("cannot check {}'s reports: device key unknown", dev.name))?;
+    let mut after = 0u64;
+    let mut last_seq = 0u64;
+    loop {
+        let v = api(cfg)?.call(Method::GET, &format!("/api/v1/devices/{}/events?after={after}", dev.id), None).await?;
+        let page = v.get("events").and_then(Value::as_array).cloned().unwrap_or_default();
+        if page.is_empty() {
+            return Ok(());
+        }
+        for e in &page {
+            let seq = e.get("seq").and_then(Value::as_u64).context("an event without seq")?;
+            after = after.max(seq);
+            let bytes = b64::decode(e.get("envelope").and_then(Value::as_str).unwrap_or_default())?;
+            match open_state(cfg, &dev.id, &dev_key, &bytes) {
+                Ok(s) => {
+                    // The device's own sequence must increase: a cloud that
+                    // reorders or replays history is caught here.
+                    let ordered = s.seq > last_seq;
+                    last_seq = last_seq.max(s.seq);
+                    if json_lines {
+                        println!("{}", json!({"seq": s.seq, "at": s.at, "state": s.state, "verified": true, "in_order": ordered}));
+                    } else {
+                        println!("#{:<6} {} {}{}", s.seq, s.at, describe_state(&s.state), if ordered { "" } else { " (OUT OF ORDER: replayed by the cloud?)" });
+                    }
+                }
+                Err(OpenError::NotARecipient) => {
+                    if json_lines {
+                        println!("{}", json!({"readable": false}));
+                    } else {
+                        println!("(sealed, not for this controller)");
+                    }
+                }
+                Err(e) => eprintln!("WARNING: an event failed verification ({e}); ignored"),
+            }
+        }
+    }
+}

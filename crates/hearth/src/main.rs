@@ -55,6 +55,14 @@ enum Cmd {
         #[arg(long, default_value = "member")]
         role: String,
     },
+    /// The device's stored history, decrypted (for catching up after being offline).
+    Events {
+        /// Device name or id.
+        device: String,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
     /// Remove a controller from a device; it can no longer act or read new state.
     Revoke {
         /// Device name or id.
@@ -186,6 +194,7 @@ async fn run(cli: Cli) -> Result<u8> {
         Cmd::Pair { code, name } => controller::pair(&mut Config::load(&dir()?)?, &code, name).await?,
         Cmd::Ls => controller::ls(&Config::load(&dir()?)?).await?,
         Cmd::Key => controller::show_key(&Config::load(&dir()?)?)?,
+        Cmd::Events { device, json } => controller::events(&Config::load(&dir()?)?, &device, json).await?,
         Cmd::Share { device, code, role } => {
             let role = match role.as_str() {
                 "owner" => hearth_proto::acl::Role::Owner,

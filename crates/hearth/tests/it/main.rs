@@ -5,4 +5,5 @@
 mod harness;
 
 mod e2e;
+mod sharing;
 mod tidy;

@@ -1,0 +1,66 @@
+//! Issue 3 end to end: sharing, catch-up from the sealed history, and
+//! revocation, with the real programs. The cloud here is honest; the
+//! malicious one is in `hearth-device`'s `adversary` tests.
+
+use std::time::Duration;
+
+use hearth_proto::acl::Refusal;
+
+use crate::e2e::share_code;
+use crate::harness::*;
+
+fn events(c: &Controller, device: &str) -> Vec<serde_json::Value> {
+    c.ok(&["events", device, "--json"]).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+fn readable(ev: &[serde_json::Value]) -> Vec<bool> {
+    ev.iter().map(|e| e["verified"] == true).collect()
+}
+
+#[test]
+fn share_catch_up_and_revoke() {
+    let w = World::new();
+    let plug = w.provision("plug", "plug");
+    let _dev = w.run_device(&plug);
+    let phone = w.controller("phone");
+    phone.signup("dana@example.com");
+    assert!(eventually(Duration::from_secs(10), || phone.run(&["pair", &plug.code, "--name", "lamp"]).status.success()));
+    phone.ok(&["on", "lamp"]);
+
+    // A second controller of the same account sees the device listed but
+    // cannot read its state until the device itself is told to share it.
+    let laptop = w.controller("laptop");
+    laptop.login("dana@example.com");
+    assert!(laptop.ok(&["status", "lamp"]).contains("encrypted, not for this controller"));
+    let shared = phone.ok(&["share", "lamp", &share_code(&laptop)]);
+    let fingerprint = laptop.ok(&["key"]).lines().find_map(|l| l.strip_prefix("encryption key fingerprint: ").map(str::to_owned)).unwrap();
+    assert!(shared.contains(&fingerprint), "the owner is shown the key it grants: {shared}");
+
+    // While the laptop is offline, the phone switches twice; the laptop
+    // catches up from the cloud's history of sealed reports.
+    phone.ok(&["off", "lamp"]);
+    phone.ok(&["on", "lamp"]);
+    let ev = events(&laptop, "lamp");
+    let r = readable(&ev);
+    assert!(r.len() >= 3, "{ev:?}");
+    assert_eq!(&r[r.len() - 2..], &[true, true], "{ev:?}");
+    assert!(!r[0], "reports sealed before the share stay unreadable: {ev:?}");
+    assert_eq!(ev.last().unwrap()["state"]["relay"], true);
+    // The laptop (a member) may switch, but may not share further.
+    laptop.ok(&["off", "lamp"]);
+    let out = laptop.run(&["share", "lamp", &share_code(&phone)]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains(Refusal::NotPermitted.explain()));
+
+    // Revoked: refused at once, and new history is not sealed for it.
+    let laptop_id = laptop.ok(&["key"]).lines().find_map(|l| l.strip_prefix("controller: ").map(str::to_owned)).unwrap();
+    phone.ok(&["revoke", "lamp", &laptop_id]);
+    let out = laptop.run(&["on", "lamp"]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains(Refusal::NotPaired.explain()));
+    phone.ok(&["on", "lamp"]);
+    let ev = events(&laptop, "lamp");
+    assert_eq!(readable(&ev).last(), Some(&false), "{ev:?}");
+    assert!(laptop.ok(&["status", "lamp"]).contains("encrypted, not for this controller"));
+    assert!(phone.ok(&["status", "lamp"]).contains("ON"));
+}
