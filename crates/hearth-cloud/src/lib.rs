@@ -50,6 +50,9 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::sync::{mpsc, watch, Semaphore};
 
+/// The connection limits and deadlines of both ports (see `server.rs`).
+pub use server::{HANDSHAKE_TIMEOUT, HEADER_TIMEOUT, MAX_CONNECTIONS, MAX_CONNECTIONS_PER_ADDRESS};
+
 /// Login and signup attempts allowed at once per client IP and per email.
 pub const RATE_LIMIT_BURST: u32 = 10;
 /// One more attempt is allowed after each interval of this length.

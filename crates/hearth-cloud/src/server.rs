@@ -5,9 +5,17 @@
 //! connection limit and a token that [`crate::serve`] waits on at shutdown.
 //! A WebSocket keeps its guard after the HTTP connection hands it over, so
 //! upgraded links count against the limit and are waited for too.
+//!
+//! Resource limits (issue 7 "Resource limits"; docs/security.md,
+//! Hardening): [`MAX_CONNECTIONS`] per port in total and
+//! [`MAX_CONNECTIONS_PER_ADDRESS`] per source address (an IPv6 /64 counts
+//! as one address), so one client cannot take every slot; a slowloris
+//! client loses its slot after [`HANDSHAKE_TIMEOUT`] (TLS) or
+//! [`HEADER_TIMEOUT`] (HTTP headers, also the keep-alive idle limit).
 
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hyper::body::Incoming;
@@ -24,6 +32,11 @@ use crate::AppState;
 
 /// Open connections allowed per port.
 pub const MAX_CONNECTIONS: usize = 10_000;
+/// Open connections allowed per port from one source address. A home
+/// behind one NAT address holds one link per device plus a few controller
+/// links; this leaves room for a large home and still stops one address
+/// from filling [`MAX_CONNECTIONS`].
+pub const MAX_CONNECTIONS_PER_ADDRESS: usize = 64;
 /// Time allowed for a TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time allowed for a request's headers to arrive.
@@ -33,7 +46,57 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Held by every connection (and every link upgraded from one).
 #[derive(Clone)]
-pub struct ConnGuard(#[allow(dead_code)] Arc<(OwnedSemaphorePermit, mpsc::Sender<()>)>);
+pub struct ConnGuard(#[allow(dead_code)] Arc<(OwnedSemaphorePermit, mpsc::Sender<()>, AddressSlot)>);
+
+/// Open connections per source address, for one port.
+#[derive(Default)]
+struct PerAddress(Mutex<HashMap<IpAddr, usize>>);
+
+impl PerAddress {
+    /// Takes a slot for `ip`, or `None` when it already holds the maximum.
+    fn take(self: &Arc<Self>, ip: IpAddr) -> Option<AddressSlot> {
+        let key = address_key(ip);
+        // A poisoned map only means a panic elsewhere mid-update; the counts are still usable.
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let n = map.entry(key).or_insert(0);
+        if *n >= MAX_CONNECTIONS_PER_ADDRESS {
+            return None;
+        }
+        *n += 1;
+        Some(AddressSlot { table: Arc::clone(self), key })
+    }
+}
+
+/// Clients get IPv6 addresses by the /64, so one client is one /64;
+/// IPv4-mapped addresses count as their IPv4 address.
+fn address_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+        },
+    }
+}
+
+/// One connection's share of its address's limit; given back on drop.
+struct AddressSlot {
+    table: Arc<PerAddress>,
+    key: IpAddr,
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut map = self.table.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&self.key) {
+            *n -= 1;
+            // Forgetting idle addresses keeps the map as small as the open connections.
+            if *n == 0 {
+                map.remove(&self.key);
+            }
+        }
+    }
+}
 
 /// What every accept loop needs.
 #[derive(Clone)]
@@ -52,6 +115,7 @@ where
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let mut stop = acc.stop.clone();
+    let per_address = Arc::new(PerAddress::default());
     loop {
         // Waiting for a permit first means a full server stops accepting and
         // lets the kernel backlog absorb the rest, instead of accepting and
@@ -75,16 +139,31 @@ where
             },
             () = crate::stopped(&mut stop) => return,
         };
+        let Some(slot) = per_address.take(addr.ip()) else {
+            // Closed before any TLS work: refusing costs one accept and one close.
+            tracing::debug!(kind, peer = %addr, "too many connections from this address; refused");
+            drop(tcp);
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
-        let guard = ConnGuard(Arc::new((permit, acc.done.clone())));
+        let guard = ConnGuard(Arc::new((permit, acc.done.clone(), slot)));
         let span = tracing::info_span!("conn", kind, peer = %addr, device = tracing::field::Empty);
         let tls = acc.tls.clone();
         let handle = handle.clone();
+        let mut conn_stop = acc.stop.clone();
         // The handshake runs in the connection's task so a slow client
         // cannot hold up the accept loop.
         tokio::spawn(
             async move {
-                let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(tcp)).await {
+                let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(tcp));
+                // At shutdown a client still in its handshake has nothing to
+                // lose: dropped at once, so it cannot delay the exit by up to
+                // HANDSHAKE_TIMEOUT.
+                let outcome = tokio::select! {
+                    r = handshake => r,
+                    () = crate::stopped(&mut conn_stop) => return,
+                };
+                let stream = match outcome {
                     Ok(Ok(stream)) => stream,
                     Ok(Err(e)) => {
                         tracing::info!(error = %e, "TLS handshake failed");

@@ -5,4 +5,5 @@
 
 mod api;
 mod devices;
+mod limits;
 mod support;
