@@ -7,7 +7,7 @@ binary (CLI of the tuf-conformance suite) is run against it, and each test
 checks the exit code, the metadata it kept, the files it wrote and the
 requests it made.
 
-Usage: run_attacks.py [PATH_TO_hearth-tuf-conformance]
+Usage: run_attacks.py [PATH_TO_hearth-tuf-conformance [PATH_TO_hearth]]
 Prints one line per test and closes with "N passed, M failed".
 """
 
@@ -44,6 +44,8 @@ TOP = ["root", "timestamp", "snapshot", "targets"]
 BIN = os.path.abspath(
     sys.argv[1] if len(sys.argv) > 1 else os.environ.get("HEARTH_TUF_CONFORMANCE", "target/debug/hearth-tuf-conformance")
 )
+# Optional second argument: the `hearth` binary, for the `hearth fw` interop test.
+HEARTH = os.path.abspath(sys.argv[2]) if len(sys.argv) > 2 else os.environ.get("HEARTH_BIN", "")
 WORK = Path(tempfile.mkdtemp(prefix="hearth-tuf-"))
 SERVE = WORK / "www"
 SERVE.mkdir()
@@ -696,6 +698,58 @@ def test_delegation_graph_preorder_dfs():
         fetched = [p.rsplit("/", 1)[1][: -len(".json")] for p in REQUESTS[start:] if p.startswith(f"/graph-{gname}/metadata/")]
         fetched = [f for f in fetched if f not in ("timestamp", "2.root")]
         assert fetched == order, f"{gname}: visited {fetched}, expected {order}"
+
+
+def test_hearth_fw_repository_is_read_by_python_tuf_and_our_client():
+    """Repository made by `hearth fw` (our tools), read by python-tuf's
+    ngclient (the reference client) and by hearth-tuf-conformance, through a
+    root rotation signed by old and new root keys."""
+    if not HEARTH:
+        raise AssertionError("path of the hearth binary not given (second argument or $HEARTH_BIN)")
+    from tuf.ngclient import Updater
+
+    work = Path(tempfile.mkdtemp(dir=WORK))
+    repo_dir = SERVE / "fwrepo"
+
+    def fw(*args):
+        p = subprocess.run([HEARTH, "fw", *map(str, args)], capture_output=True, timeout=60, cwd=work)
+        assert p.returncode == 0, p.stderr.decode()
+        return p.stdout.decode()
+
+    for k in ["r1", "r2", "r3", "t1", "t2", "s", "ts", "nr1", "nr2"]:
+        fw("keygen", "--out", work / f"{k}.pem", *(["--ecdsa"] if k in ("r2", "nr2") else []))
+    fw("init", "--repo", repo_dir, "--root-key", work / "r1.pem", "--root-key", work / "r2.pem", "--root-key", work / "r3.pem",
+       "--root-threshold", 2, "--targets-key", work / "t1.pem", "--targets-key", work / "t2.pem", "--targets-threshold", 2,
+       "--snapshot-key", work / "s.pem", "--timestamp-key", work / "ts.pem")
+    initial_root = (repo_dir / "metadata" / "1.root.json").read_bytes()
+    (work / "fw.bin").write_bytes(b"hearth firmware 2.0.0")
+    fw("add-target", "--repo", repo_dir, "--file", work / "fw.bin", "--name", "plug-a1/hearth-2.0.0.bin", "--fw-version", "2.0.0",
+       "--hardware-model", "plug-a1", "--targets-key", work / "t1.pem")
+    fw("sign", "--repo", repo_dir, "--role", "targets", "--key", work / "t2.pem")
+    fw("rotate", "--repo", repo_dir, "--role", "root", "--new-key", work / "nr1.pem", "--new-key", work / "nr2.pem", "--threshold", 2,
+       "--root-key", work / "r1.pem", "--root-key", work / "r3.pem", "--root-key", work / "nr1.pem", "--root-key", work / "nr2.pem")
+    fw("publish", "--repo", repo_dir, "--snapshot-key", work / "s.pem", "--timestamp-key", work / "ts.pem")
+
+    mdir = work / "py-metadata"
+    mdir.mkdir()
+    (mdir / "root.json").write_bytes(initial_root)
+    up = Updater(str(mdir), f"{BASE_URL}/fwrepo/metadata/", str(work), f"{BASE_URL}/fwrepo/targets/")
+    up.refresh()
+    assert up._trusted_set.root.version == 2
+    info = up.get_targetinfo("plug-a1/hearth-2.0.0.bin")
+    assert info is not None and info.unrecognized_fields["custom"]["hearth"]["hardware_model"] == "plug-a1"
+    path = up.download_target(info)
+    assert Path(path).read_bytes() == b"hearth firmware 2.0.0"
+
+    class FwRepo:
+        url = f"{BASE_URL}/fwrepo/metadata"
+        target_url = f"{BASE_URL}/fwrepo/targets"
+
+    FwRepo.initial_root = initial_root
+    c = Client(FwRepo)
+    assert c.download("plug-a1/hearth-2.0.0.bin") == 0, c.last_stderr
+    assert c.target("plug-a1/hearth-2.0.0.bin") == b"hearth firmware 2.0.0"
+    assert c.version("root") == 2
 
 
 def main() -> int:

@@ -1,6 +1,8 @@
 //! `hearth`: the controller CLI, the cloud server, the factory tools and the demo.
 #![forbid(unsafe_code)]
 
+mod fw;
+
 use hearth::{controller, demo, server};
 
 use std::path::PathBuf;
@@ -111,6 +113,9 @@ enum Cmd {
     /// Run the cloud.
     #[command(subcommand)]
     Cloud(CloudCmd),
+    /// Firmware update repository (TUF): keys, images, signing, publishing.
+    #[command(subcommand)]
+    Fw(fw::FwCmd),
     /// Run a cloud and three simulated devices on this machine, with no set-up.
     Demo(demo::DemoArgs),
 }
@@ -232,6 +237,7 @@ async fn run(cli: Cli) -> Result<u8> {
         }
         Cmd::Cloud(CloudCmd::Serve(args)) => server::serve(args).await?,
         Cmd::Demo(args) => demo::run(args).await?,
+        Cmd::Fw(cmd) => fw::run(cmd)?,
     }
     Ok(0)
 }
