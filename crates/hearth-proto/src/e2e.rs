@@ -52,6 +52,10 @@ const HPKE_INFO: &[u8] = b"hearth/v1/content-key";
 /// Prefix of the body's associated data.
 const BODY_AAD: &[u8] = b"hearth/v1/sealed-body";
 const CONTENT_KEY_LEN: usize = 16;
+/// The body plaintext is padded to a multiple of this, so the ciphertext
+/// length does not tell the cloud e.g. a power reading of 0 (one CBOR
+/// byte) from 1.2 kW (five).
+pub const PAD_TO: usize = 256;
 const NONCE_LEN: usize = 12;
 /// SEC1 uncompressed P-256 point.
 const ENC_LEN: usize = 65;
@@ -277,6 +281,22 @@ fn key_aad(device: &DeviceId, controller: &ControllerId, nonce: &[u8]) -> Vec<u8
     aad
 }
 
+/// `len (u16 big-endian) ‖ inner ‖ zeros` up to the next multiple of [`PAD_TO`].
+fn pad(inner: &[u8]) -> Result<Vec<u8>, Error> {
+    let len = u16::try_from(inner.len()).map_err(|_| Error::Encode("sealed body too long"))?;
+    let total = (2 + inner.len()).div_ceil(PAD_TO) * PAD_TO;
+    let mut out = Vec::with_capacity(total);
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(inner);
+    out.resize(total, 0);
+    Ok(out)
+}
+
+fn unpad(padded: &[u8]) -> Option<Vec<u8>> {
+    let len = usize::from(u16::from_be_bytes([*padded.first()?, *padded.get(1)?]));
+    padded.get(2..2 + len).map(<[u8]>::to_vec)
+}
+
 /// Seals `inner` (a signed envelope) for `recipients` and signs the result
 /// with the device key. Steps 1–4 of the module documentation.
 pub fn seal<R: RngCore + CryptoRng>(
@@ -299,8 +319,9 @@ pub fn seal<R: RngCore + CryptoRng>(
     // nonce can never repeat under it.
     let aad = body_aad(&header)?;
     let cipher = aes_gcm::Aes128Gcm::new_from_slice(&cek).map_err(|_| Error::Encode("content key"))?;
+    let padded = pad(inner)?;
     let body = cipher
-        .encrypt(&nonce.into(), Payload { msg: inner, aad: &aad })
+        .encrypt(&nonce.into(), Payload { msg: &padded, aad: &aad })
         .map_err(|_| Error::Encode("sealed body"))?;
     // Step 3.
     let mut wrapped = Vec::with_capacity(recipients.len());
@@ -403,9 +424,10 @@ pub fn open(
     let cipher = aes_gcm::Aes128Gcm::new_from_slice(&cek).map_err(|_| OpenError::Undecryptable)?;
     let aad = body_aad(&p.header).map_err(|_| OpenError::Undecryptable)?;
     let nonce: [u8; NONCE_LEN] = p.nonce.as_slice().try_into().map_err(|_| OpenError::Undecryptable)?;
-    let inner = cipher
+    let padded = cipher
         .decrypt(&nonce.into(), Payload { msg: &p.body, aad: &aad })
         .map_err(|_| OpenError::Undecryptable)?;
+    let inner = unpad(&padded).ok_or(OpenError::Undecryptable)?;
     Ok((p.header, inner))
 }
 
@@ -532,6 +554,26 @@ mod tests {
         };
         let bytes = to_cbor(&payload, "command").unwrap();
         assert_eq!(crate::message::decode_command(&bytes).unwrap(), payload);
+    }
+
+    #[test]
+    fn ciphertext_length_does_not_depend_on_the_reading() {
+        let dk = keys::generate();
+        let device = DeviceId::random();
+        let a = EncSecretKey::generate();
+        let ida = PublicKey::from(&keys::generate()).controller_id();
+        let sealed_len = |power: u64| {
+            let mut st = state(&device, 1);
+            st.state.power_mw = Some(power);
+            st.state.relay = Some(power > 0);
+            let inner = message::sign_state(&dk, &st).unwrap();
+            seal(&dk, header(&device, 1), &inner, &[(ida.clone(), a.public().clone())], &mut rand::rngs::OsRng).unwrap().len()
+        };
+        assert_eq!(sealed_len(0), sealed_len(1_200_000));
+        assert_eq!(unpad(&pad(b"abc").unwrap()).unwrap(), b"abc");
+        assert_eq!(pad(&[0; 254]).unwrap().len(), PAD_TO);
+        assert_eq!(pad(&[0; 255]).unwrap().len(), 2 * PAD_TO);
+        assert_eq!(unpad(&[0, 9, 1]), None);
     }
 
     /// RFC 9180 Appendix A.3.1 (DHKEM(P-256, HKDF-SHA256), HKDF-SHA256,
