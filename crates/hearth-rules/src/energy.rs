@@ -267,6 +267,13 @@ impl History {
     }
 }
 
+/// The day-bucket number for `now` in the device's zone: days since
+/// 1970-01-01 of the local date (what [`History::add`] and [`Meter::sample`]
+/// take as `local_day`).
+pub fn local_day(now: Timestamp, tz: &jiff::tz::TimeZone) -> i64 {
+    crate::sun::days_from_civil(now.to_zoned_datetime(tz.clone()).date())
+}
+
 /// The A/B scheme: of two stored copies, the valid one with the higher
 /// generation. `None` if neither is valid (a first boot).
 pub fn pick_latest(a: Option<&[u8]>, b: Option<&[u8]>) -> Option<(History, u64)> {

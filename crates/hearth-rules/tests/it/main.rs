@@ -3,6 +3,7 @@
 //! Every test is deterministic: instants are built from fixed civil times in
 //! named zones (read from the system tzdb), never from the clock.
 
+mod device_loop;
 mod energy;
 mod model;
 mod safety;
