@@ -6,6 +6,7 @@
 mod device_loop;
 mod energy;
 mod model;
+mod robustness;
 mod safety;
 mod schedule;
 mod sun;
