@@ -98,6 +98,22 @@ def endless(handler):
         pass
 
 
+def _ecdsa_p384():
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    return CryptoSigner(ec.generate_private_key(ec.SECP384R1()))
+
+
+KEYGENS = {
+    "ed25519": CryptoSigner.generate_ed25519,
+    "ecdsa": CryptoSigner.generate_ecdsa,
+    "ecdsa-p384": _ecdsa_p384,
+    "rsa": CryptoSigner.generate_rsa,
+    "rsa-pss-sha512": lambda: CryptoSigner.generate_rsa(scheme="rsassa-pss-sha512"),
+    "rsa-pkcs1v15-sha256": lambda: CryptoSigner.generate_rsa(scheme="rsa-pkcs1v15-sha256"),
+}
+
+
 class Repo:
     """A repository built with python-tuf's Metadata API."""
 
@@ -107,7 +123,7 @@ class Repo:
         self.targets_dir = SERVE / name / "targets"
         self.meta_dir.mkdir(parents=True)
         self.targets_dir.mkdir(parents=True)
-        gen = {"ed25519": CryptoSigner.generate_ed25519, "ecdsa": CryptoSigner.generate_ecdsa, "rsa": CryptoSigner.generate_rsa}[keytype]
+        gen = KEYGENS[keytype]
         self.signers = {role: [gen()] for role in TOP}
         self.root = Metadata(Root(expires=future(365)))
         self.root.signed.consistent_snapshot = consistent
@@ -549,8 +565,8 @@ def test_threshold_two_of_three_targets():
     assert c.refresh() == 0, c.last_stderr
 
 
-def test_ecdsa_and_rsa_keys():
-    for kt in ("ecdsa", "rsa"):
+def test_ecdsa_and_rsa_key_types():
+    for kt in ("ecdsa", "ecdsa-p384", "rsa", "rsa-pss-sha512", "rsa-pkcs1v15-sha256"):
         r = Repo(f"keys-{kt}", keytype=kt)
         r.add_target("fw.bin", kt.encode())
         r.publish()

@@ -2,8 +2,9 @@
 //! `{"keytype", "scheme", "keyval": {"public"}}` objects of root and
 //! delegations, as python-tuf/securesystemslib write them.
 //!
-//! Verification: ed25519 (hex public key), ecdsa-sha2-nistp256 (PEM
-//! SubjectPublicKeyInfo, DER signature) and rsassa-pss-sha256 (PEM SPKI).
+//! Verification: ed25519 (hex public key), ecdsa-sha2-nistp256/384 (PEM
+//! SubjectPublicKeyInfo or hex point, DER signature), and RSA (PEM SPKI) with
+//! rsassa-pss-sha256/384/512 or rsa-pkcs1v15-sha256/384/512.
 //! Keys of any other type parse (a root may list them) but never verify.
 //! Signing (repository tools only): ed25519 and ecdsa-sha2-nistp256.
 
@@ -19,8 +20,10 @@ enum Material {
     Ed25519(Vec<u8>),
     /// Uncompressed SEC1 point.
     EcdsaP256(Vec<u8>),
-    /// DER `RSAPublicKey` (PKCS#1).
-    RsaPss(Vec<u8>),
+    /// Uncompressed SEC1 point on P-384.
+    EcdsaP384(Vec<u8>),
+    /// DER `RSAPublicKey` (PKCS#1) and the scheme's algorithm.
+    Rsa(Vec<u8>, RsaScheme),
     /// A key type or scheme this client does not implement.
     Unsupported,
 }
@@ -60,10 +63,12 @@ impl PublicKey {
                 Ok(raw) if raw.len() == 32 => Material::Ed25519(raw),
                 _ => Material::Unsupported,
             },
-            ("ecdsa" | "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp256") => {
-                spki_from_pem(&public).and_then(|d| spki_key(&d, SpkiAlg::P256)).map_or(Material::Unsupported, Material::EcdsaP256)
-            }
-            ("rsa", "rsassa-pss-sha256") => spki_from_pem(&public).and_then(|d| spki_key(&d, SpkiAlg::Rsa)).map_or(Material::Unsupported, Material::RsaPss),
+            ("ecdsa" | "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp256") => ec_point(&public, SpkiAlg::P256).map_or(Material::Unsupported, Material::EcdsaP256),
+            ("ecdsa" | "ecdsa-sha2-nistp384", "ecdsa-sha2-nistp384") => ec_point(&public, SpkiAlg::P384).map_or(Material::Unsupported, Material::EcdsaP384),
+            ("rsa", scheme) => match (RsaScheme::from_name(scheme), spki_from_pem(&public).and_then(|d| spki_key(&d, SpkiAlg::Rsa))) {
+                (Some(scheme), Some(key)) => Material::Rsa(key, scheme),
+                _ => Material::Unsupported,
+            },
             _ => Material::Unsupported,
         };
         Ok(PublicKey { keytype, scheme, public, material })
@@ -88,7 +93,8 @@ impl PublicKey {
         let (alg, key): (&dyn signature::VerificationAlgorithm, &[u8]) = match &self.material {
             Material::Ed25519(k) => (&signature::ED25519, k),
             Material::EcdsaP256(k) => (&signature::ECDSA_P256_SHA256_ASN1, k),
-            Material::RsaPss(k) => (&signature::RSA_PSS_2048_8192_SHA256, k),
+            Material::EcdsaP384(k) => (&signature::ECDSA_P384_SHA384_ASN1, k),
+            Material::Rsa(k, scheme) => (scheme.algorithm(), k),
             Material::Unsupported => return false,
         };
         signature::UnparsedPublicKey::new(alg, key).verify(msg, sig).is_ok()
@@ -97,7 +103,7 @@ impl PublicKey {
     /// Raw material, for counting distinct keys towards a threshold.
     pub(crate) fn material_bytes(&self) -> Option<&[u8]> {
         match &self.material {
-            Material::Ed25519(k) | Material::EcdsaP256(k) | Material::RsaPss(k) => Some(k),
+            Material::Ed25519(k) | Material::EcdsaP256(k) | Material::EcdsaP384(k) | Material::Rsa(k, _) => Some(k),
             Material::Unsupported => None,
         }
     }
@@ -106,7 +112,57 @@ impl PublicKey {
 #[derive(Clone, Copy)]
 enum SpkiAlg {
     P256,
+    P384,
     Rsa,
+}
+
+/// RSA signature schemes securesystemslib names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RsaScheme {
+    PssSha256,
+    PssSha384,
+    PssSha512,
+    Pkcs1Sha256,
+    Pkcs1Sha384,
+    Pkcs1Sha512,
+}
+
+impl RsaScheme {
+    fn from_name(name: &str) -> Option<Self> {
+        Some(match name {
+            "rsassa-pss-sha256" => RsaScheme::PssSha256,
+            "rsassa-pss-sha384" => RsaScheme::PssSha384,
+            "rsassa-pss-sha512" => RsaScheme::PssSha512,
+            "rsa-pkcs1v15-sha256" => RsaScheme::Pkcs1Sha256,
+            "rsa-pkcs1v15-sha384" => RsaScheme::Pkcs1Sha384,
+            "rsa-pkcs1v15-sha512" => RsaScheme::Pkcs1Sha512,
+            _ => return None,
+        })
+    }
+
+    fn algorithm(self) -> &'static dyn signature::VerificationAlgorithm {
+        match self {
+            RsaScheme::PssSha256 => &signature::RSA_PSS_2048_8192_SHA256,
+            RsaScheme::PssSha384 => &signature::RSA_PSS_2048_8192_SHA384,
+            RsaScheme::PssSha512 => &signature::RSA_PSS_2048_8192_SHA512,
+            RsaScheme::Pkcs1Sha256 => &signature::RSA_PKCS1_2048_8192_SHA256,
+            RsaScheme::Pkcs1Sha384 => &signature::RSA_PKCS1_2048_8192_SHA384,
+            RsaScheme::Pkcs1Sha512 => &signature::RSA_PKCS1_2048_8192_SHA512,
+        }
+    }
+}
+
+/// An EC public key as PEM SPKI (securesystemslib) or as the hex of the
+/// uncompressed point (older repositories, e.g. early Sigstore roots).
+fn ec_point(public: &str, curve: SpkiAlg) -> Option<Vec<u8>> {
+    let len = match curve {
+        SpkiAlg::P384 => 97,
+        _ => 65,
+    };
+    if let Ok(raw) = hex::decode(public) {
+        return (raw.len() == len && raw[0] == 4).then_some(raw);
+    }
+    spki_from_pem(public).and_then(|d| spki_key(&d, curve))
 }
 
 fn spki_from_pem(pem: &str) -> Option<Vec<u8>> {
@@ -136,6 +192,7 @@ fn der(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
 
 const OID_EC_PUBLIC_KEY: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01];
 const OID_P256: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+const OID_P384: &[u8] = &[0x2b, 0x81, 0x04, 0x00, 0x22];
 const OID_RSA: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01];
 
 /// Extracts the key from a SubjectPublicKeyInfo after checking its algorithm.
@@ -145,9 +202,10 @@ fn spki_key(spki: &[u8], want: SpkiAlg) -> Option<Vec<u8>> {
     let (0x03, bits, []) = der(rest)? else { return None };
     let (0x06, oid, params) = der(alg)? else { return None };
     match want {
-        SpkiAlg::P256 => {
+        SpkiAlg::P256 | SpkiAlg::P384 => {
             let (0x06, curve, []) = der(params)? else { return None };
-            if oid != OID_EC_PUBLIC_KEY || curve != OID_P256 {
+            let want_curve = if matches!(want, SpkiAlg::P256) { OID_P256 } else { OID_P384 };
+            if oid != OID_EC_PUBLIC_KEY || curve != want_curve {
                 return None;
             }
         }
@@ -296,6 +354,15 @@ mod tests {
             let again = SigningKey::from_pem(&k.to_pem()).unwrap();
             assert_eq!(again.public(), k.public());
         }
+    }
+
+    #[test]
+    fn ecdsa_key_given_as_hex_point_verifies() {
+        let k = SigningKey::generate(KeyKind::EcdsaP256).unwrap();
+        let point = spki_key(&spki_from_pem(&k.public().public).unwrap(), SpkiAlg::P256).unwrap();
+        let v = json!({"keytype": "ecdsa-sha2-nistp256", "scheme": "ecdsa-sha2-nistp256", "keyval": {"public": hex::encode(&point)}});
+        let sig = k.sign(b"m").unwrap();
+        assert!(PublicKey::from_value(&v).unwrap().verify(b"m", &sig));
     }
 
     #[test]
