@@ -190,7 +190,7 @@ impl Conn<'_> {
                 tracing::info!(setup = setup_lookup.is_some(), "setup mode announced");
                 router.set_setup_lookup(self.id, self.link, setup_lookup);
             }
-            // Sealed envelopes (ADR 0004) are checked by their outer device
+            // Sealed envelopes (ADR 0006) are checked by their outer device
             // signature and routed by their readable header; the cloud cannot
             // read the body. Plain signed results remain for refusals to
             // controllers that cannot decrypt (they carry no state).
@@ -217,7 +217,7 @@ impl Conn<'_> {
                 match ok {
                     Ok(()) => {
                         router.deliver_state(self.id, self.link, envelope.clone());
-                        // History for controllers that were offline (ADR 0004):
+                        // History for controllers that were offline (ADR 0006):
                         // sealed reports only, bounded by the store.
                         if hearth_proto::e2e::is_sealed(&envelope) {
                             if let Err(e) = self.state.store.append_event(self.id.clone(), envelope.clone(), unix_now()).await {

@@ -55,7 +55,7 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX devices_account_id ON devices(account_id);
     "#,
-    // 2: bounded per-device event history of sealed state reports (ADR 0004),
+    // 2: bounded per-device event history of sealed state reports (ADR 0006),
     // so an offline controller catches up. Ciphertext only.
     r#"
     CREATE TABLE device_events (

@@ -95,7 +95,7 @@ impl DeviceCore {
     }
 
     /// Builds the next state report (seq + 1) on `next`: signed, then
-    /// sealed (ADR 0004) for the controllers on `next`'s access list that
+    /// sealed (ADR 0006) for the controllers on `next`'s access list that
     /// registered an encryption key. Never sent in the clear: with nobody to
     /// seal for, the cloud still gets only a sealed envelope nobody can open.
     fn state_frame(&self, next: &mut PersistentState, motion: bool, cause: Cause, now: u64) -> Result<DeviceFrame, Error> {

@@ -39,7 +39,7 @@ pub struct AclEntry {
     pub role: Role,
     /// Unix seconds when it was added.
     pub added_at: u64,
-    /// Its HPKE encryption key, once registered (ADR 0004). Reports are
+    /// Its HPKE encryption key, once registered (ADR 0006). Reports are
     /// sealed only for entries that have one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enc: Option<crate::e2e::EncPublicKey>,

@@ -1,4 +1,4 @@
-//! End-to-end encryption of everything a device reports (ADR 0004).
+//! End-to-end encryption of everything a device reports (ADR 0006).
 //!
 //! A device turns each signed state report or command result (the *inner*
 //! COSE_Sign1 from [`crate::message`]) into a *sealed* envelope:
@@ -148,7 +148,7 @@ impl EncSecretKey {
     }
 
     /// The controller's encryption key, derived from its signing key with a
-    /// domain-separated hash as the DeriveKeyPair input (ADR 0004): a
+    /// domain-separated hash as the DeriveKeyPair input (ADR 0006): a
     /// distinct key pair (ECDSA and ECDH never share a scalar) kept at the
     /// same protection level as the signing key it comes from.
     pub fn for_controller(signing: &SigningKey) -> Self {

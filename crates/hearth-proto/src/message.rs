@@ -27,7 +27,7 @@ pub enum Command {
     /// Report the current state (read-only).
     GetState,
     /// Register (or replace) the sender's own HPKE encryption key, so the
-    /// device seals its reports for it (ADR 0004). Signed by the controller
+    /// device seals its reports for it (ADR 0006). Signed by the controller
     /// like any command, so nobody else — the cloud included — can set it.
     RegisterKey {
         /// The sender's HPKE public key.

@@ -153,7 +153,7 @@ pub async fn pair(cfg: &mut Config, label: &str, name: Option<String>) -> Result
     cfg.settings.devices.insert(paired.device.clone(), KnownDevice { name: name.clone(), key: paired.device_key.clone() });
     cfg.save()?;
     println!("Paired {name} ({}); this controller is its owner.", paired.device);
-    // ADR 0004: tell the device our HPKE key, in a command signed by us, so
+    // ADR 0006: tell the device our HPKE key, in a command signed by us, so
     // it seals its reports for this controller from now on.
     let enc = EncSecretKey::for_controller(&key);
     let (r, _) = send(cfg, &paired.device, &paired.device_key, Command::RegisterKey { key: enc.public().clone() }).await
@@ -201,13 +201,13 @@ fn describe_state(s: &DeviceState) -> String {
     }
 }
 
-/// This controller's HPKE key (ADR 0004: derived from its signing key).
+/// This controller's HPKE key (ADR 0006: derived from its signing key).
 fn enc_key(cfg: &Config) -> Result<(ControllerId, EncSecretKey)> {
     let key = cfg.key()?;
     Ok((PublicKey::from(&key).controller_id(), EncSecretKey::for_controller(&key)))
 }
 
-/// Decrypts and verifies a state report: sealed (ADR 0004), or a plain
+/// Decrypts and verifies a state report: sealed (ADR 0006), or a plain
 /// signed one from an older device.
 fn open_state(cfg: &Config, device: &DeviceId, key: &PublicKey, bytes: &[u8]) -> Result<StatePayload, OpenError> {
     if e2e::is_sealed(bytes) {

@@ -94,7 +94,7 @@ async fn sandboxed_agent_cannot_read_outside_or_spawn_but_still_works() {
     let mut link = cloud.accept().await;
     link.greeting(&key).await;
     signal(&child, "USR2");
-    // Reports are sealed end to end (ADR 0004); this unpaired device seals
+    // Reports are sealed end to end (ADR 0006); this unpaired device seals
     // for nobody, so the relay is read from the device itself below.
     link.sealed_state(&key).await;
     signal(&child, "TERM");
