@@ -10,6 +10,7 @@ mod robustness;
 mod safety;
 mod schedule;
 mod sun;
+mod tidy;
 
 use jiff::civil::Date;
 use jiff::tz::TimeZone;
