@@ -768,6 +768,31 @@ def test_hearth_fw_repository_is_read_by_python_tuf_and_our_client():
     assert c.version("root") == 2
 
 
+def test_succinct_hash_bin_delegation():
+    from tuf.api.metadata import SuccinctRoles
+
+    r = Repo("succinct")
+    signer = CryptoSigner.generate_ed25519()
+    succinct = SuccinctRoles([], 1, 3, "bin")
+    r.targets.signed.delegations = Delegations(keys={}, succinct_roles=succinct)
+    r.targets.signed.add_key(signer.public_key)
+    for name in succinct.get_roles():
+        r.delegated[name] = Metadata(Targets(expires=future()))
+        r.deleg_signers[name] = [signer]
+    bin_name = succinct.get_role_for_target("fw/image.bin")
+    r.add_target("fw/image.bin", b"binned", role=bin_name)
+    # The same path listed in another bin must be ignored (bins are terminating).
+    other = next(n for n in succinct.get_roles() if n != bin_name)
+    r.add_target("fw/other.bin", b"wrong bin", role=other)
+    r.publish(roles=tuple(succinct.get_roles()) + ("targets",))
+    c = Client(r)
+    assert c.download("fw/image.bin") == 0, c.last_stderr
+    assert c.target("fw/image.bin") == b"binned"
+    assert f"/succinct/metadata/{bin_name}.json" in REQUESTS
+    wrong = succinct.get_role_for_target("fw/other.bin")
+    assert (wrong == other) == (c.download("fw/other.bin") == 0)
+
+
 def main() -> int:
     global BASE_URL
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)

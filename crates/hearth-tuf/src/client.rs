@@ -265,8 +265,8 @@ impl TrustedSet {
         } else {
             let parent = self.targets.get(delegator).ok_or_else(|| Error::Usage(format!("delegator {delegator} not loaded")))?;
             let delegations = parent.delegations.as_ref().ok_or_else(|| Error::Missing(format!("{delegator} has no delegations")))?;
-            let entry = delegations.roles.iter().find(|r| r.name == role).ok_or_else(|| Error::Missing(format!("{delegator} does not delegate to {role}")))?;
-            crate::metadata::verify_threshold(role, &delegations.keys, &entry.keys, &env)?;
+            let keys = delegations.role_keys(role).ok_or_else(|| Error::Missing(format!("{delegator} does not delegate to {role}")))?;
+            crate::metadata::verify_threshold(role, &delegations.keys, keys, &env)?;
         }
         // 5.6.4: version must match snapshot (mix-and-match, rollback).
         if new.common.version != meta.version {
@@ -460,13 +460,11 @@ impl<F: Fetcher, S: MetadataStore> Updater<F, S> {
             // search (5.6.7.2.1).
             if let Some(d) = &targets.delegations {
                 let mut children = Vec::new();
-                for r in &d.roles {
-                    if r.matches(path) {
-                        children.push((r.name.clone(), role.clone()));
-                        if r.terminating {
-                            to_visit.clear();
-                            break;
-                        }
+                for (name, terminating) in d.roles_for(path) {
+                    children.push((name, role.clone()));
+                    if terminating {
+                        to_visit.clear();
+                        break;
                     }
                 }
                 children.reverse();

@@ -351,6 +351,61 @@ pub struct Delegations {
     pub keys: BTreeMap<String, PublicKey>,
     /// Roles in order of trust.
     pub roles: Vec<DelegatedRole>,
+    /// TAP 15 hash-bin delegation, exclusive with `roles`.
+    pub succinct: Option<SuccinctRoles>,
+}
+
+impl Delegations {
+    /// Keys and threshold for delegated role `name`, if delegated here.
+    pub fn role_keys(&self, name: &str) -> Option<&RoleKeys> {
+        if let Some(r) = self.roles.iter().find(|r| r.name == name) {
+            return Some(&r.keys);
+        }
+        self.succinct.as_ref().filter(|s| s.is_bin(name)).map(|s| &s.keys)
+    }
+
+    /// Roles delegated `target`, in order, with their terminating flag
+    /// (spec 5.6.7.2; a succinct bin is always terminating, TAP 15).
+    pub fn roles_for(&self, target: &str) -> Vec<(String, bool)> {
+        if let Some(s) = &self.succinct {
+            return vec![(s.bin_for(target), true)];
+        }
+        self.roles.iter().filter(|r| r.matches(target)).map(|r| (r.name.clone(), r.terminating)).collect()
+    }
+}
+
+/// TAP 15 succinct hash-bin delegation: `2^bit_length` roles named
+/// `<prefix>-<bin in hex>`, target → bin by the leading bits of SHA-256(path).
+#[derive(Clone, Debug)]
+pub struct SuccinctRoles {
+    /// Keys and threshold shared by every bin.
+    pub keys: RoleKeys,
+    /// Number of leading hash bits (1..=32).
+    pub bit_length: u32,
+    /// Bin role name prefix.
+    pub name_prefix: String,
+}
+
+impl SuccinctRoles {
+    fn suffix_len(&self) -> usize {
+        self.bit_length.div_ceil(4) as usize
+    }
+
+    /// The bin role responsible for `target`.
+    pub fn bin_for(&self, target: &str) -> String {
+        let h = ring::digest::digest(&ring::digest::SHA256, target.as_bytes());
+        let first = u32::from_be_bytes([h.as_ref()[0], h.as_ref()[1], h.as_ref()[2], h.as_ref()[3]]);
+        let bin = first >> (32 - self.bit_length);
+        format!("{}-{:0width$x}", self.name_prefix, bin, width = self.suffix_len())
+    }
+
+    /// Whether `name` is one of the bins.
+    pub fn is_bin(&self, name: &str) -> bool {
+        let Some(suffix) = name.strip_prefix(&self.name_prefix).and_then(|s| s.strip_prefix('-')) else { return false };
+        suffix.len() == self.suffix_len()
+            && suffix.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            && u64::from_str_radix(suffix, 16).is_ok_and(|n| n < 1u64 << self.bit_length)
+    }
 }
 
 /// Targets metadata, top-level or delegated (spec 4.5).
@@ -378,14 +433,22 @@ impl Targets {
         let delegations = match v.get("delegations") {
             None => None,
             Some(d) => {
-                if d.get("succinct_roles").is_some() {
-                    // Off-spec for now: TAP 15 hash-bin delegation is not
-                    // implemented, so such a repository is refused loudly.
-                    return Err(Error::malformed(role, "succinct_roles (TAP 15) is not supported"));
-                }
                 let keys = parse_keys(role, d)?;
+                let succinct = match (d.get("succinct_roles"), d.get("roles")) {
+                    (Some(_), Some(_)) => return Err(Error::malformed(role, "both roles and succinct_roles")),
+                    (None, None) => return Err(Error::malformed(role, "delegations without roles")),
+                    (Some(s), None) => {
+                        let bit_length = s.get("bit_length").and_then(Value::as_u64).filter(|b| (1..=32).contains(b)).ok_or_else(|| Error::malformed(role, "succinct bit_length must be 1..=32"))?;
+                        Some(SuccinctRoles { keys: RoleKeys::parse(role, s)?, bit_length: bit_length as u32, name_prefix: str_field(role, s, "name_prefix")? })
+                    }
+                    (None, Some(_)) => None,
+                };
                 let mut roles: Vec<DelegatedRole> = Vec::new();
-                for r in d.get("roles").and_then(Value::as_array).ok_or_else(|| Error::malformed(role, "delegations.roles"))? {
+                let role_list = match &succinct {
+                    Some(_) => Vec::new(),
+                    None => d.get("roles").and_then(Value::as_array).cloned().ok_or_else(|| Error::malformed(role, "delegations.roles"))?,
+                };
+                for r in &role_list {
                     let name = str_field(role, r, "name")?;
                     if TOP_LEVEL.contains(&name.as_str()) || roles.iter().any(|o| o.name == name) {
                         return Err(Error::malformed(role, format!("bad or duplicate delegated role name {name:?}")));
@@ -398,7 +461,7 @@ impl Targets {
                     let terminating = r.get("terminating").and_then(Value::as_bool).ok_or_else(|| Error::malformed(role, format!("{name}: terminating")))?;
                     roles.push(DelegatedRole { keys: RoleKeys::parse(role, r)?, name, terminating, paths, path_hash_prefixes });
                 }
-                Some(Delegations { keys, roles })
+                Some(Delegations { keys, roles, succinct })
             }
         };
         Ok(Targets { common, targets, delegations })
@@ -497,6 +560,22 @@ fn str_list(role: &str, v: &Value, name: &str) -> Result<Vec<String>, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn succinct_bins_match_python_tuf() {
+        // Expected names computed with python-tuf's SuccinctRoles.get_role_for_target.
+        for (bits, expected) in [(1, ["bin-1", "bin-1", "bin-1"]), (3, ["bin-6", "bin-6", "bin-7"]), (8, ["bin-c2", "bin-ca", "bin-e3"]), (13, ["bin-1859", "bin-1952", "bin-1c76"])] {
+            let s = SuccinctRoles { keys: RoleKeys { keyids: vec![], threshold: 1 }, bit_length: bits, name_prefix: "bin".into() };
+            for (path, want) in ["fw/image.bin", "a", ""].iter().zip(expected) {
+                assert_eq!(s.bin_for(path), want, "bits {bits} path {path:?}");
+                assert!(s.is_bin(want));
+            }
+        }
+        let s = SuccinctRoles { keys: RoleKeys { keyids: vec![], threshold: 1 }, bit_length: 3, name_prefix: "bin".into() };
+        for not_bin in ["bin-8", "bin-06", "bin-A", "bins-1", "bin1", "other"] {
+            assert!(!s.is_bin(not_bin), "{not_bin}");
+        }
+    }
 
     #[test]
     fn path_patterns() {
