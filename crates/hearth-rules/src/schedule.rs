@@ -320,13 +320,23 @@ pub fn boot(state: &mut RuntimeState, rules: &RuleSet, tz: &TimeZone, now: Times
         PowerOnPolicy::On => true,
         PowerOnPolicy::Last => before,
     };
-    // The relay is physically off at power-up; timers from before the cut
-    // still count (an expired countdown turns the relay off below).
+    // The relay is physically off at power-up. Missed actions first: timers
+    // from before the cut that expired meanwhile count as missed (an
+    // expired countdown means "off"), and must be seen before the policy
+    // would clear them.
     state.relay_on = false;
-    let policy = DueAction { at: now, on, cause: Cause::PowerOn, rule: None, late: false };
-    note_switch(state, rules, on, now);
     let caught_up = tick(state, rules, tz, now);
-    caught_up.last().copied().unwrap_or(policy)
+    if let Some(last) = caught_up.last() {
+        return *last;
+    }
+    // Nothing missed: the policy decides. A countdown still running from
+    // before the cut keeps its deadline rather than restarting.
+    let pending = state.auto_off_at;
+    note_switch(state, rules, on, now);
+    if on && pending.is_some() {
+        state.auto_off_at = pending;
+    }
+    DueAction { at: now, on, cause: Cause::PowerOn, rule: None, late: false }
 }
 
 /// The owner switched the relay (the device's own switch or an authorized

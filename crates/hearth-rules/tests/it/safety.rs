@@ -178,3 +178,21 @@ fn interlock_config_validation() {
     check(cfg(6, Some(OverPower { retry_after_secs: 5, ..kettle_guard(false) }), None), false);
     check(cfg(6, Some(OverPower { max_retries: 11, ..kettle_guard(false) }), None), false);
 }
+
+#[test]
+fn reconfiguring_does_not_reset_the_rate_limit_or_the_latch() {
+    let mut il = Interlock::new(cfg(2, Some(OverPower { max_retries: 0, ..kettle_guard(false) }), None), 3680);
+    il.request(true, Source::Remote, t(0)).expect("on");
+    il.request(false, Source::Remote, t(1)).expect("off");
+    // An edit that loosens the limit does not forget the two switches…
+    il.reconfigure(cfg(3, Some(OverPower { max_retries: 0, ..kettle_guard(false) }), None));
+    assert_eq!(il.request(true, Source::Remote, t(2)), Ok(Verdict::Switch(true)));
+    assert!(matches!(il.request(false, Source::Remote, t(3)), Err(Refusal::RateLimited { .. })));
+    // …and a latched cut-off stays latched whatever the new settings say.
+    for s in 0..=5 {
+        il.observe(t(10 + s), Some(2500.0));
+    }
+    assert!(il.latched());
+    il.reconfigure(cfg(30, None, None));
+    assert_eq!(il.request(true, Source::Remote, t(100)), Err(Refusal::Latched));
+}

@@ -370,3 +370,26 @@ fn long_press_runs_its_action() {
     let a = schedule::button(&mut st, &set, &z, Press::Short, at("Europe/Berlin", 2025, 5, 6, 10, 21)).expect("toggle");
     assert!(a.on);
 }
+
+#[test]
+fn runtime_state_survives_a_reboot_through_its_serialized_form() {
+    let set = rules("Europe/Berlin", json!([{"id": 1, "name": "30 min", "kind": {"countdown": {"off_after_secs": 1800}}}]));
+    let z = tz("Europe/Berlin");
+    let t0 = at("Europe/Berlin", 2025, 5, 6, 10, 0);
+    let mut st = RuntimeState { last_eval: Some(t0), ..Default::default() };
+    schedule::manual(&mut st, &set, &z, true, t0);
+    let stored = serde_json::to_vec(&st).expect("serialize");
+    // Power cut at 10:10, back at 10:45: the countdown expired meanwhile.
+    let mut st: RuntimeState = serde_json::from_slice(&stored).expect("deserialize");
+    let a = schedule::boot(&mut st, &set, &z, at("Europe/Berlin", 2025, 5, 6, 10, 45));
+    assert_eq!((a.on, a.cause, a.late), (false, Cause::Timer, true));
+    // Back at 10:12 instead, with power-on policy "last": on again, and the
+    // countdown keeps its 10:30 deadline rather than restarting.
+    let mut set_last = set.clone();
+    set_last.power_on = hearth_rules::model::PowerOnPolicy::Last;
+    let mut st: RuntimeState = serde_json::from_slice(&stored).expect("deserialize");
+    let a = schedule::boot(&mut st, &set_last, &z, at("Europe/Berlin", 2025, 5, 6, 10, 12));
+    assert_eq!((a.on, a.cause), (true, Cause::PowerOn));
+    assert_eq!(st.auto_off_at, Some(at("Europe/Berlin", 2025, 5, 6, 10, 30)));
+    assert!(serde_json::from_str::<RuntimeState>(r#"{"relay_on":true,"surprise":1}"#).is_err(), "strict fields");
+}
