@@ -26,6 +26,17 @@ pub trait Fetcher {
     /// [`FetchError::NotFound`] for 403/404, [`FetchError::TooLong`] past the
     /// limit, others for transport failures.
     fn fetch(&mut self, url: &str, max_len: u64) -> Result<Vec<u8>, FetchError>;
+
+    /// Streams `url` into `out` under the same limit (for images too large
+    /// to hold in memory). The default buffers through [`Fetcher::fetch`].
+    ///
+    /// # Errors
+    /// As [`Fetcher::fetch`], plus write errors of `out` as `Transport`.
+    fn fetch_to(&mut self, url: &str, max_len: u64, out: &mut dyn std::io::Write) -> Result<u64, FetchError> {
+        let data = self.fetch(url, max_len)?;
+        out.write_all(&data).map_err(|e| FetchError::Transport(e.to_string()))?;
+        Ok(data.len() as u64)
+    }
 }
 
 /// Local metadata storage; names are non-versioned (`root.json`,
@@ -481,6 +492,23 @@ impl<F: Fetcher, S: MetadataStore> Updater<F, S> {
     /// # Errors
     /// Fetch failure or length/hash mismatch.
     pub fn download_target(&mut self, info: &TargetFile, target_base_url: &str) -> Result<Vec<u8>, Error> {
+        self.download_target_to(info, target_base_url, Vec::with_capacity(usize::try_from(info.length.min(1 << 20)).unwrap_or(0)))
+    }
+
+    /// Like [`Updater::download_target`] but streams into `out`, hashing on
+    /// the way (spec 5.7.2–5.7.3); `out` holds untrusted bytes unless this
+    /// returns `Ok`. Memory use does not grow with the image.
+    ///
+    /// # Errors
+    /// Fetch failure, more bytes than trusted, or length/hash mismatch.
+    pub fn download_target_to<W: std::io::Write>(&mut self, info: &TargetFile, target_base_url: &str, out: W) -> Result<W, Error> {
+        let url = self.target_url(info, target_base_url);
+        let mut verifier = crate::metadata::VerifyingWriter::new(info, out)?;
+        self.fetcher.fetch_to(&url, info.length, &mut verifier).map_err(|source| Error::Fetch { url, source })?;
+        verifier.finish()
+    }
+
+    fn target_url(&self, info: &TargetFile, target_base_url: &str) -> String {
         let base = if target_base_url.ends_with('/') { target_base_url.to_owned() } else { format!("{target_base_url}/") };
         let rel = if self.trusted.root.consistent_snapshot {
             let digest = info.hashes.get(&info.first_hash).map(hex::encode).unwrap_or_default();
@@ -491,10 +519,7 @@ impl<F: Fetcher, S: MetadataStore> Updater<F, S> {
         } else {
             info.path.clone()
         };
-        let url = format!("{base}{rel}");
-        let data = self.fetcher.fetch(&url, info.length).map_err(|source| Error::Fetch { url, source })?;
-        info.verify(&data)?;
-        Ok(data)
+        format!("{base}{rel}")
     }
 }
 

@@ -35,6 +35,12 @@ fn transport(e: impl std::fmt::Display) -> FetchError {
 
 impl Fetcher for HttpFetcher {
     fn fetch(&mut self, url: &str, max_len: u64) -> Result<Vec<u8>, FetchError> {
+        let mut body = Vec::new();
+        self.fetch_to(url, max_len, &mut body)?;
+        Ok(body)
+    }
+
+    fn fetch_to(&mut self, url: &str, max_len: u64, out: &mut dyn Write) -> Result<u64, FetchError> {
         let rest = url.strip_prefix("http://").ok_or_else(|| FetchError::Transport(format!("only http:// URLs are supported: {url}")))?;
         let (authority, path) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
@@ -86,7 +92,7 @@ impl Fetcher for HttpFetcher {
         if content_length.is_some_and(|l| l > max_len) {
             return Err(FetchError::TooLong(max_len));
         }
-        let mut body = Vec::new();
+        let mut total: u64 = 0;
         if chunked {
             loop {
                 let mut size_line = String::new();
@@ -95,31 +101,33 @@ impl Fetcher for HttpFetcher {
                 if size == 0 {
                     break;
                 }
-                if body.len() as u64 + size > max_len {
+                if total + size > max_len {
                     return Err(FetchError::TooLong(max_len));
                 }
-                let before = body.len();
-                read_limited(&mut reader, size, &mut body)?;
-                if ((body.len() - before) as u64) < size {
+                let n = copy_limited(&mut reader, size, out)?;
+                total += n;
+                if n < size {
                     return Err(transport("truncated chunk"));
                 }
                 let mut crlf = [0u8; 2];
                 reader.read_exact(&mut crlf).map_err(transport)?;
             }
         } else {
-            let want = content_length.unwrap_or(max_len + 1);
-            read_limited(&mut reader, want.min(max_len + 1), &mut body)?;
-            if body.len() as u64 > max_len {
+            // Without a length the body runs to connection close: read at
+            // most one byte past the limit to tell "exactly max" from "more".
+            let want = content_length.unwrap_or(max_len + 1).min(max_len + 1);
+            total = copy_limited(&mut reader, want, out)?;
+            if total > max_len {
                 return Err(FetchError::TooLong(max_len));
             }
-            if content_length.is_some_and(|l| (body.len() as u64) < l) {
+            if content_length.is_some_and(|l| total < l) {
                 return Err(transport("connection closed before content-length bytes"));
             }
         }
-        Ok(body)
+        Ok(total)
     }
 }
 
-fn read_limited(reader: &mut impl Read, n: u64, out: &mut Vec<u8>) -> Result<(), FetchError> {
-    reader.take(n).read_to_end(out).map(|_| ()).map_err(transport)
+fn copy_limited(reader: &mut impl Read, n: u64, out: &mut dyn Write) -> Result<u64, FetchError> {
+    std::io::copy(&mut reader.take(n), out).map_err(transport)
 }

@@ -315,6 +315,68 @@ impl TargetFile {
     }
 }
 
+/// Checks a target while it streams to `inner` (spec 5.7.3 without holding
+/// the image in memory): counts and hashes every byte written, refuses
+/// bytes past the trusted length, and [`VerifyingWriter::finish`] compares
+/// length and every listed hash. Until `finish` succeeds the bytes written
+/// must be treated as untrusted.
+pub struct VerifyingWriter<W> {
+    inner: W,
+    what: String,
+    expected_len: u64,
+    written: u64,
+    hashes: Vec<(String, ring::digest::Context, Vec<u8>)>,
+}
+
+impl<W: std::io::Write> VerifyingWriter<W> {
+    /// Starts verifying `target` into `inner`.
+    ///
+    /// # Errors
+    /// [`Error::LengthOrHash`] if a listed hash algorithm is unsupported.
+    pub fn new(target: &TargetFile, inner: W) -> Result<Self, Error> {
+        let hashes = target
+            .hashes
+            .iter()
+            .map(|(alg, want)| Ok((alg.clone(), ring::digest::Context::new(hash_algorithm(&target.path, alg)?), want.clone())))
+            .collect::<Result<_, Error>>()?;
+        Ok(VerifyingWriter { inner, what: target.path.clone(), expected_len: target.length, written: 0, hashes })
+    }
+
+    /// Checks length and hashes; returns the inner writer on success.
+    ///
+    /// # Errors
+    /// [`Error::LengthOrHash`] on mismatch.
+    pub fn finish(mut self) -> Result<W, Error> {
+        if self.written != self.expected_len {
+            return Err(Error::LengthOrHash { what: self.what, reason: format!("length {} != {}", self.written, self.expected_len) });
+        }
+        for (alg, ctx, want) in self.hashes.drain(..) {
+            if ctx.finish().as_ref() != want.as_slice() {
+                return Err(Error::LengthOrHash { what: self.what, reason: format!("{alg} mismatch") });
+            }
+        }
+        Ok(self.inner)
+    }
+}
+
+impl<W: std::io::Write> std::io::Write for VerifyingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.written + buf.len() as u64 > self.expected_len {
+            return Err(std::io::Error::other(format!("{}: more than the trusted {} bytes", self.what, self.expected_len)));
+        }
+        let n = self.inner.write(buf)?;
+        for (_, ctx, _) in &mut self.hashes {
+            ctx.update(&buf[..n]);
+        }
+        self.written += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 /// A delegated role entry (spec 4.5 "delegations").
 #[derive(Clone, Debug)]
 pub struct DelegatedRole {
@@ -513,14 +575,18 @@ fn check_length(what: &str, expected: u64, data: &[u8]) -> Result<(), Error> {
     Ok(())
 }
 
+fn hash_algorithm(what: &str, alg: &str) -> Result<&'static ring::digest::Algorithm, Error> {
+    match alg {
+        "sha256" => Ok(&ring::digest::SHA256),
+        "sha384" => Ok(&ring::digest::SHA384),
+        "sha512" => Ok(&ring::digest::SHA512),
+        other => Err(Error::LengthOrHash { what: what.to_owned(), reason: format!("unsupported hash algorithm {other}") }),
+    }
+}
+
 fn check_hashes(what: &str, hashes: &BTreeMap<String, Vec<u8>>, data: &[u8]) -> Result<(), Error> {
     for (alg, want) in hashes {
-        let algorithm = match alg.as_str() {
-            "sha256" => &ring::digest::SHA256,
-            "sha384" => &ring::digest::SHA384,
-            "sha512" => &ring::digest::SHA512,
-            other => return Err(Error::LengthOrHash { what: what.to_owned(), reason: format!("unsupported hash algorithm {other}") }),
-        };
+        let algorithm = hash_algorithm(what, alg)?;
         if ring::digest::digest(algorithm, data).as_ref() != want.as_slice() {
             return Err(Error::LengthOrHash { what: what.to_owned(), reason: format!("{alg} mismatch") });
         }

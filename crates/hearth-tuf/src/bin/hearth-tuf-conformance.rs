@@ -92,8 +92,21 @@ fn run(a: Args) -> anyhow::Result<()> {
                 if std::fs::read(&dest).is_ok_and(|d| info.verify(&d).is_ok()) {
                     continue;
                 }
-                let data = up.download_target(&info, &base)?;
-                write_atomic(&dest, &data)?;
+                // Stream into a temporary file, verified on the way; only a
+                // verified file is renamed into place.
+                let tmp = target_dir.join(format!(".{}.part", quote(name)));
+                let file = std::fs::File::create(&tmp).with_context(|| format!("create {}", tmp.display()))?;
+                match up.download_target_to(&info, &base, std::io::BufWriter::new(file)) {
+                    Ok(w) => {
+                        let file = w.into_inner().map_err(|e| e.into_error())?;
+                        file.sync_all()?;
+                        std::fs::rename(&tmp, &dest)?;
+                    }
+                    Err(e) => {
+                        let _ignored = std::fs::remove_file(&tmp);
+                        return Err(e.into());
+                    }
+                }
             }
             Ok(())
         }

@@ -458,3 +458,16 @@ fn root_rotation_signed_by_new_keys_only_is_refused_by_tools_output() {
     let mut up = Updater::new(DirFetcher(tmp.path().to_owned()), store, META, NOW, Limits::default()).unwrap();
     assert!(matches!(up.refresh(), Err(Error::Threshold { valid: 0, threshold: 2, .. })));
 }
+
+#[test]
+fn streamed_target_with_wrong_bytes_of_the_right_length_is_refused() {
+    let mut r = TestRepo::new(true);
+    r.add_target("fw.bin", b"good image", None);
+    let key = format!("{TARGETS}/{}.fw.bin", hex::encode(ring_sha256(b"good image")));
+    r.server.files.insert(key, b"evil image".to_vec());
+    r.publish();
+    let mut up = r.client();
+    let info = up.target_info("fw.bin").unwrap().unwrap();
+    let res = up.download_target_to(&info, TARGETS, Vec::new());
+    assert!(matches!(res, Err(Error::LengthOrHash { ref reason, .. }) if reason.contains("mismatch")), "{:?}", res.map(|_| ()));
+}
