@@ -393,3 +393,30 @@ fn runtime_state_survives_a_reboot_through_its_serialized_form() {
     assert_eq!(st.auto_off_at, Some(at("Europe/Berlin", 2025, 5, 6, 10, 30)));
     assert!(serde_json::from_str::<RuntimeState>(r#"{"relay_on":true,"surprise":1}"#).is_err(), "strict fields");
 }
+
+/// Every row of `tests/rules/dst_table.csv` (wall-clock times on DST-change
+/// days in twelve zones, resolved by Python's zoneinfo with fold=0, see
+/// `tests/rules/gen_dst_table.py`) resolves to the same instant here: gaps
+/// shift forward, repeated times take the earlier instant. Includes Lord
+/// Howe's 30-minute DST, Chatham's 02:45 change, Dublin's negative DST and
+/// changes at midnight (Santiago, Tehran).
+#[test]
+fn wall_clock_resolution_matches_python_zoneinfo() {
+    use hearth_rules::model::TimeSpec;
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/rules/dst_table.csv");
+    let text = std::fs::read_to_string(path).expect("fixture tests/rules/dst_table.csv");
+    let mut zones = std::collections::HashMap::new();
+    let mut rows = 0;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let f: Vec<&str> = line.split(',').collect();
+        assert_eq!(f.len(), 4, "bad fixture line {line}");
+        let (zone, d, hm, want): (&str, jiff::civil::Date, &str, i64) =
+            (f[0], f[1].parse().expect("date"), f[2], f[3].parse().expect("unix"));
+        let set = zones.entry(zone).or_insert_with(|| (RuleSet::empty(zone), tz(zone)));
+        let clock: ClockTime = hm.parse().expect("clock");
+        let got = schedule::resolve(TimeSpec::Clock(clock), d, &set.0, &set.1).expect("clock times always resolve");
+        assert_eq!(got.as_second(), want, "{line}");
+        rows += 1;
+    }
+    assert!(rows > 3000, "fixture too small: {rows}");
+}
