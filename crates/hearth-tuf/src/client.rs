@@ -455,20 +455,20 @@ impl<F: Fetcher, S: MetadataStore> Updater<F, S> {
         let mut visited: Vec<String> = Vec::new();
         while visited.len() <= self.limits.max_delegations {
             let Some((role, parent)) = to_visit.pop() else { break };
-            // Skip roles already seen, so delegation cycles terminate.
+            // 5.6.7.1: skip roles already visited, so delegation cycles end.
             if visited.contains(&role) {
                 continue;
             }
             self.load_targets(&role, &parent)?;
             let targets = self.trusted.targets.get(&role).ok_or_else(|| Error::Missing(format!("{role} not loaded")))?;
-            // 5.6.7.1: if this role lists the target, it is the answer.
+            // 5.6.7.1 (cont.): if this role lists the target, it is the answer.
             if let Some(t) = targets.targets.get(path) {
                 return Ok(Some(t.clone()));
             }
             visited.push(role.clone());
             // 5.6.7.2: otherwise descend into roles delegated this path, in
             // listed order; a terminating match discards the rest of the
-            // search (5.6.7.2.1).
+            // search (5.6.7.2, "terminating delegation").
             if let Some(d) = &targets.delegations {
                 let mut children = Vec::new();
                 for (name, terminating) in d.roles_for(path) {
@@ -485,7 +485,7 @@ impl<F: Fetcher, S: MetadataStore> Updater<F, S> {
         Ok(None)
     }
 
-    /// Spec 5.7.2–5.7.3: downloads a target and checks length and hashes.
+    /// Spec 5.7.2: downloads a target and checks length and hashes.
     /// With consistent snapshots the file is requested as
     /// `dir/<hash>.name`. The download stops at the trusted length.
     ///
@@ -496,7 +496,7 @@ impl<F: Fetcher, S: MetadataStore> Updater<F, S> {
     }
 
     /// Like [`Updater::download_target`] but streams into `out`, hashing on
-    /// the way (spec 5.7.2–5.7.3); `out` holds untrusted bytes unless this
+    /// the way (spec 5.7.2); `out` holds untrusted bytes unless this
     /// returns `Ok`. Memory use does not grow with the image.
     ///
     /// # Errors

@@ -305,7 +305,7 @@ impl TargetFile {
         Ok(TargetFile { path: path.to_owned(), length, hashes, first_hash, custom: v.get("custom").cloned() })
     }
 
-    /// Checks a downloaded target (spec 5.7.3).
+    /// Checks a downloaded target (spec 5.7.2: length and hashes).
     ///
     /// # Errors
     /// [`Error::LengthOrHash`] on mismatch.
@@ -315,7 +315,7 @@ impl TargetFile {
     }
 }
 
-/// Checks a target while it streams to `inner` (spec 5.7.3 without holding
+/// Checks a target while it streams to `inner` (spec 5.7.2 without holding
 /// the image in memory): counts and hashes every byte written, refuses
 /// bytes past the trusted length, and [`VerifyingWriter::finish`] compares
 /// length and every listed hash. Until `finish` succeeds the bytes written
@@ -384,7 +384,7 @@ pub struct DelegatedRole {
     pub name: String,
     /// Keys and threshold.
     pub keys: RoleKeys,
-    /// If true, the search stops here for matching paths (spec 5.6.7.2.1).
+    /// If true, the search stops here for matching paths (spec 5.6.7.2, "terminating delegation").
     pub terminating: bool,
     /// Shell-style path patterns, `*` not crossing `/`.
     pub paths: Option<Vec<String>>,

@@ -85,7 +85,7 @@ fn run(a: Args) -> anyhow::Result<()> {
             up.refresh()?;
             std::fs::create_dir_all(&target_dir)?;
             for name in &a.target_names {
-                let info = up.target_info(name)?.with_context(|| format!("target {name} not found in trusted metadata"))?;
+                let info = up.target_info(name)?.with_context(|| format!("target {name} not found in trusted metadata (spec 5.7.1)"))?;
                 // One file name per target path, so a changed target lands
                 // on the same name when downloaded again.
                 let dest = target_dir.join(quote(name));
