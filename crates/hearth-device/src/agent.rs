@@ -261,9 +261,11 @@ impl Agent {
             let dial = async move { dialer.dial().await };
             tokio::pin!(dial);
             let dialled = loop {
+                let off = self.off_deadline();
                 tokio::select! {
                     r = &mut dial => break r,
                     ev = self.events.recv() => if self.local_event(ev).is_none() { return },
+                    () = sleep_opt(off) => { self.tick(); }
                 }
             };
             match dialled {
@@ -284,12 +286,28 @@ impl Agent {
             info!("redialling the cloud in {:.1} s", delay.as_secs_f64());
             let wake = Instant::now() + delay;
             loop {
+                let off = self.off_deadline();
                 tokio::select! {
                     _ = sleep_until(wake) => break,
                     ev = self.events.recv() => if self.local_event(ev).is_none() { return },
+                    () = sleep_opt(off) => { self.tick(); }
                 }
             }
         }
+    }
+
+    /// When a granted on-time limit expires, as a tokio instant.
+    fn off_deadline(&self) -> Option<Instant> {
+        let at = self.core.off_at()?;
+        Some(Instant::now() + std::time::Duration::from_secs(at.saturating_sub(unix_now())))
+    }
+
+    /// Enforces an expired on-time limit; returns the frames to report it.
+    fn tick(&mut self) -> Vec<DeviceFrame> {
+        self.core.tick(&mut self.store, unix_now()).unwrap_or_else(|e| {
+            error!("could not save the device state; the relay stays on: {e}");
+            Vec::new()
+        })
     }
 
     /// Handles a local event; frames it produces are returned for the link
@@ -356,14 +374,18 @@ impl Agent {
                 Local(Option<Event>),
                 Read(std::io::Result<usize>),
                 Idle,
+                OffTimer,
             }
+            let off = self.off_deadline();
             let step = tokio::select! {
                 ev = self.events.recv() => Step::Local(ev),
                 r = link.read_more() => Step::Read(r),
                 _ = sleep_until(idle_deadline) => Step::Idle,
+                () = sleep_opt(off) => Step::OffTimer,
             };
             let out = match step {
                 Step::Idle => return LinkEnd::Closed(format!("nothing received for {IDLE_TIMEOUT:?}")),
+                Step::OffTimer => self.tick(),
                 Step::Local(ev) => match self.local_event(ev) {
                     Some(frames) => frames,
                     None => {
@@ -402,6 +424,14 @@ impl Agent {
             }
         }
         Ok(out)
+    }
+}
+
+/// Sleeps until `at`, or forever when there is nothing to wait for.
+async fn sleep_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -112,7 +112,7 @@ impl DeviceCore {
         let inner = message::sign_state(&self.key, &payload)?;
         let header =
             SealedHeader { v: PROTOCOL_VERSION, device: self.device.clone(), content: Content::State, seq: next.seq, to: None, at: now };
-        let sealed = e2e::seal(&self.key, header, &inner, &next.access.recipients(), &mut rand::rngs::OsRng)?;
+        let sealed = e2e::seal(&self.key, header, &inner, &next.access.recipients_at(now), &mut rand::rngs::OsRng)?;
         Ok(DeviceFrame::State { envelope: sealed })
     }
 
@@ -148,28 +148,32 @@ impl DeviceCore {
                 let counter = refused.counter.unwrap_or(0);
                 tracing::warn!(%controller, counter, reason = %refused.reason, "refused a command");
                 let access = &self.state.access;
-                return Ok(vec![self.result_frame(access, controller, counter, Outcome::Refused { reason: refused.reason }, self.report(), now)?]);
+                let refusal = Outcome::Refused { reason: refused.reason };
+                return Ok(vec![self.result_frame(access, controller, counter, refusal, self.report(), None, now)?]);
             }
         };
         let mut next = self.state.clone();
         // ADR 0001: the counter is persisted before the command takes effect.
         next.replay.commit(&decision);
         let before = next.relay;
+        let mut access_report = None;
         match decision.command {
             Command::SetRelay { on } => next.relay = on,
             Command::Toggle => next.relay = !next.relay,
             Command::GetState => {}
+            Command::GetAccess => access_report = Some(next.access.entries().to_vec()),
             Command::RegisterKey { ref key } => {
                 // `decide` found the sender on the list, so this cannot fail;
                 // the key is the sender's own (the command is signed by it).
                 next.access.set_enc_key(&decision.controller, key.clone());
                 tracing::info!(controller = %decision.controller, fingerprint = %key.fingerprint(), "registered an encryption key");
             }
-            Command::AddController { ref key, ref enc, role } => {
-                // `decide` checked that the sender is an owner.
+            Command::AddController { ref key, ref enc, role, ref scope } => {
+                // `decide` checked that the sender's role may grant `role`.
                 let added = key.controller_id();
                 if next.access.upsert(key.clone(), role, now) {
                     next.access.set_enc_key(&added, enc.clone());
+                    next.access.set_scope(&added, scope.clone());
                     tracing::info!(by = %decision.controller, controller = %added, ?role, fingerprint = %enc.fingerprint(), "added a controller");
                 } else {
                     tracing::warn!(controller = %added, "access list full; controller not added");
@@ -185,9 +189,18 @@ impl DeviceCore {
             }
         }
         let changed = next.relay != before;
+        if changed {
+            // A limited controller's "on" schedules the automatic off; any
+            // other change of the relay cancels a pending one.
+            next.off_at = match decision.max_on_secs {
+                Some(secs) if next.relay => Some(now.saturating_add(secs)),
+                _ => None,
+            };
+        }
         let mut frames = Vec::with_capacity(2);
         let after = observable(self.kind, &next, self.motion);
-        frames.push(self.result_frame(&next.access, decision.controller.clone(), decision.counter, Outcome::Done, after, now)?);
+        let access = next.access.clone();
+        frames.push(self.result_frame(&access, decision.controller.clone(), decision.counter, Outcome::Done, after, access_report, now)?);
         if changed {
             let cause = Cause::Command { controller: decision.controller.clone() };
             frames.push(self.state_frame(&mut next, self.motion, cause, now)?);
@@ -204,6 +217,7 @@ impl DeviceCore {
     /// the state); otherwise it goes out signed but in the clear with the
     /// state left empty, so an unlisted or keyless sender (or a cloud
     /// forging one) learns the refusal reason and nothing about the device.
+    #[allow(clippy::too_many_arguments)] // One result, its parts; a struct would only rename them.
     fn result_frame(
         &self,
         access: &AccessList,
@@ -211,13 +225,24 @@ impl DeviceCore {
         counter: u64,
         outcome: Outcome,
         state: DeviceState,
+        access_report: Option<Vec<hearth_proto::acl::AclEntry>>,
         now: u64,
     ) -> Result<DeviceFrame, Error> {
-        let recipients = access.recipients();
+        let recipients = access.recipients_at(now);
         let readable = recipients.iter().any(|(c, _)| c == &controller);
         let state = if readable { state } else { DeviceState::default() };
+        let access_report = if readable { access_report } else { None };
         let to = Addressed { controller: controller.clone(), counter };
-        let payload = ResultPayload { v: PROTOCOL_VERSION, device: self.device.clone(), controller, counter, outcome, state, at: now };
+        let payload = ResultPayload {
+            v: PROTOCOL_VERSION,
+            device: self.device.clone(),
+            controller,
+            counter,
+            outcome,
+            state,
+            at: now,
+            access: access_report,
+        };
         let inner = message::sign_result(&self.key, &payload)?;
         if !readable {
             return Ok(DeviceFrame::Result { envelope: inner });
@@ -268,10 +293,35 @@ impl DeviceCore {
         let mut next = self.state.clone();
         next.access.clear();
         next.replay = Default::default();
+        next.off_at = None;
         next.gate.reset();
         self.save(store, next)?;
         tracing::info!("physical reset: access list cleared, setup mode open");
         Ok(vec![DeviceFrame::Setup { setup_lookup: self.setup_lookup() }])
+    }
+
+    /// When the relay must switch itself off, if a limited "on" is running.
+    pub fn off_at(&self) -> Option<u64> {
+        self.state.off_at.filter(|_| self.state.relay)
+    }
+
+    /// The clock advanced: enforces a grant's on-time limit by switching
+    /// the relay off (reported as a local change) once `off_at` has passed.
+    pub fn tick(&mut self, store: &mut dyn StateStore, now: u64) -> Result<Vec<DeviceFrame>, Error> {
+        let Some(at) = self.state.off_at else { return Ok(Vec::new()) };
+        if now < at {
+            return Ok(Vec::new());
+        }
+        let mut next = self.state.clone();
+        next.off_at = None;
+        let mut frames = Vec::new();
+        if next.relay {
+            next.relay = false;
+            frames.push(self.state_frame(&mut next, self.motion, Cause::Local, now)?);
+        }
+        self.save(store, next)?;
+        tracing::info!("on-time limit reached: relay switched off");
+        Ok(frames)
     }
 
     /// The local button: toggles the relay (devices with one) and reports
@@ -283,6 +333,8 @@ impl DeviceCore {
         }
         let mut next = self.state.clone();
         next.relay = !next.relay;
+        // A person at the device overrides a remote on-time limit.
+        next.off_at = None;
         let report = self.state_frame(&mut next, self.motion, Cause::Local, now)?;
         self.save(store, next)?;
         tracing::info!(relay = self.state.relay, "local button toggled the relay");
@@ -357,14 +409,12 @@ mod tests {
     }
 
     fn command(key: &SigningKey, device: &DeviceId, counter: u64, command: Command) -> Vec<u8> {
-        let payload = CommandPayload {
-            v: 1,
-            device: device.clone(),
-            controller: PublicKey::from(key).controller_id(),
-            counter,
-            issued_at: NOW,
-            command,
-        };
+        command_at(key, device, counter, command, NOW)
+    }
+
+    fn command_at(key: &SigningKey, device: &DeviceId, counter: u64, command: Command, issued_at: u64) -> Vec<u8> {
+        let payload =
+            CommandPayload { v: 1, device: device.clone(), controller: PublicKey::from(key).controller_id(), counter, issued_at, command };
         message::sign_command(key, &payload).unwrap()
     }
 
@@ -459,5 +509,78 @@ mod tests {
         let frames = plug.press_button(&mut store, NOW).unwrap();
         let DeviceFrame::State { envelope } = &frames[0] else { panic!() };
         assert_eq!(e2e::open_state(envelope, &device, &key, &me, &enc), Err(e2e::OpenError::NotARecipient));
+    }
+
+    fn result_of(frames: &[DeviceFrame], core: &DeviceCore, who: &SigningKey) -> ResultPayload {
+        let DeviceFrame::Result { envelope } = &frames[0] else { panic!("expected a result") };
+        let key = PublicKey::from(&core.key);
+        if e2e::is_sealed(envelope) {
+            let me = PublicKey::from(who).controller_id();
+            e2e::open_result(envelope, core.device(), &key, &me, &e2e::EncSecretKey::for_controller(who)).unwrap()
+        } else {
+            message::verify_result(envelope, core.device(), &key).unwrap()
+        }
+    }
+
+    fn share(core: &mut DeviceCore, store: &mut Memory, by: &SigningKey, counter: u64, role: Role, scope: hearth_proto::acl::Scope) -> (SigningKey, Outcome) {
+        let new = keys::generate();
+        let cmd = Command::AddController { key: PublicKey::from(&new), enc: e2e::EncSecretKey::for_controller(&new).public().clone(), role, scope };
+        let device = core.device().clone();
+        let frames = core.handle(CloudFrame::Command { envelope: command(by, &device, counter, cmd) }, store, NOW).unwrap();
+        let outcome = result_of(&frames, core, by).outcome;
+        (new, outcome)
+    }
+
+    #[test]
+    fn scoped_grants_are_enforced_by_the_device() {
+        use hearth_proto::acl::{Refusal, Scope};
+        let mut store = Memory::default();
+        let (mut plug, secret) = core(DeviceKind::Plug);
+        let owner = pair(&mut plug, &secret, &mut store);
+        let device = plug.device().clone();
+        let reg = Command::RegisterKey { key: e2e::EncSecretKey::for_controller(&owner).public().clone() };
+        plug.handle(CloudFrame::Command { envelope: command(&owner, &device, 0, reg) }, &mut store, NOW).unwrap();
+        let run = |core: &mut DeviceCore, store: &mut Memory, who: &SigningKey, counter: u64, cmd: Command, now: u64| {
+            let frames = core.handle(CloudFrame::Command { envelope: command_at(who, &device, counter, cmd, now) }, store, now).unwrap();
+            result_of(&frames, core, who)
+        };
+
+        // An admin may share as member only.
+        let (admin, o) = share(&mut plug, &mut store, &owner, 1, Role::Admin, Scope::default());
+        assert_eq!(o, Outcome::Done);
+        let (_, o) = share(&mut plug, &mut store, &admin, 1, Role::Owner, Scope::default());
+        assert_eq!(o, Outcome::Refused { reason: Refusal::NotPermitted });
+        // A member limited to 15 minutes on: the device switches off by itself.
+        let limited = Scope { max_on_secs: Some(900), ..Scope::default() };
+        let (member, o) = share(&mut plug, &mut store, &admin, 2, Role::Member, limited);
+        assert_eq!(o, Outcome::Done);
+        assert_eq!(run(&mut plug, &mut store, &member, 1, Command::SetRelay { on: true }, NOW).outcome, Outcome::Done);
+        assert_eq!(plug.off_at(), Some(NOW + 900));
+        assert!(plug.tick(&mut store, NOW + 899).unwrap().is_empty());
+        assert_eq!(plug.tick(&mut store, NOW + 900).unwrap().len(), 1);
+        assert!(!plug.state().relay);
+        assert_eq!(store.saved.as_ref().map(|s| (s.relay, s.off_at)), Some((false, None)));
+        // The owner's "on" has no limit.
+        assert_eq!(run(&mut plug, &mut store, &owner, 2, Command::SetRelay { on: true }, NOW).outcome, Outcome::Done);
+        assert_eq!(plug.off_at(), None);
+
+        // Read-only: may read, may not switch.
+        let (reader, _) = share(&mut plug, &mut store, &owner, 3, Role::Member, Scope { read_only: true, ..Scope::default() });
+        assert_eq!(run(&mut plug, &mut store, &reader, 1, Command::GetState, NOW).outcome, Outcome::Done);
+        assert_eq!(run(&mut plug, &mut store, &reader, 2, Command::Toggle, NOW).outcome, Outcome::Refused { reason: Refusal::NotPermitted });
+
+        // Valid until NOW + 60: afterwards refused, and no longer a recipient.
+        let (guest, _) = share(&mut plug, &mut store, &owner, 4, Role::Member, Scope { until: Some(NOW + 60), ..Scope::default() });
+        assert_eq!(run(&mut plug, &mut store, &guest, 1, Command::Toggle, NOW + 30).outcome, Outcome::Done);
+        let late = run(&mut plug, &mut store, &guest, 2, Command::Toggle, NOW + 61);
+        assert_eq!((late.outcome, late.state), (Outcome::Refused { reason: Refusal::Expired }, DeviceState::default()));
+        let guest_id = PublicKey::from(&guest).controller_id();
+        assert!(plug.access().recipients_at(NOW + 61).iter().all(|(c, _)| c != &guest_id));
+
+        // The access list as the device reports it, signed and sealed.
+        let listed = run(&mut plug, &mut store, &owner, 5, Command::GetAccess, NOW).access.unwrap();
+        let roles: Vec<Role> = listed.iter().map(|e| e.role).collect();
+        assert_eq!(roles, vec![Role::Owner, Role::Admin, Role::Member, Role::Member, Role::Member]);
+        assert_eq!(listed[2].scope.max_on_secs, Some(900));
     }
 }

@@ -77,6 +77,10 @@ pub struct PersistentState {
     pub gate: PairingGate,
     /// The sequence number of the last state report sent.
     pub seq: u64,
+    /// When the relay must switch itself off (unix seconds): set when a
+    /// controller with an on-time limit switched it on (ADR 0006 scopes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub off_at: Option<u64>,
 }
 
 impl PersistentState {
@@ -89,6 +93,7 @@ impl PersistentState {
             replay: ReplayState::default(),
             gate: PairingGate::setup(),
             seq: 0,
+            off_at: None,
         }
     }
 }

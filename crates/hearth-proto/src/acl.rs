@@ -21,10 +21,41 @@ pub const MAX_ENTRIES: usize = 64;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
-    /// Paired first; may operate and (later) share and revoke.
+    /// Paired first; may operate, share with any role, and revoke anyone.
     Owner,
+    /// May operate, share as member, and revoke members.
+    Admin,
     /// May operate the device; may not share.
     Member,
+}
+
+/// Limits on one controller's grant, checked by the device (ADR 0006).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scope {
+    /// Unix seconds after which the grant is void: commands refused
+    /// ([`Refusal::Expired`]) and nothing new is sealed for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<u64>,
+    /// May read state but not change anything.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub read_only: bool,
+    /// When this controller switches the relay on, the device switches it
+    /// off again after this many seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_on_secs: Option<u64>,
+}
+
+impl Scope {
+    /// No limits.
+    pub fn is_unrestricted(&self) -> bool {
+        self == &Scope::default()
+    }
+
+    /// Whether the grant has expired at `now`.
+    pub fn expired(&self, now: u64) -> bool {
+        self.until.is_some_and(|u| now > u)
+    }
 }
 
 /// One controller on the access list.
@@ -43,6 +74,9 @@ pub struct AclEntry {
     /// sealed only for entries that have one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enc: Option<crate::e2e::EncPublicKey>,
+    /// Limits of the grant.
+    #[serde(default, skip_serializing_if = "Scope::is_unrestricted")]
+    pub scope: Scope,
 }
 
 /// Why a device refused a command. Sent back, signed, in the result.
@@ -66,6 +100,8 @@ pub enum Refusal {
     NotPermitted,
     /// This device has no such capability.
     Unsupported,
+    /// The controller's grant has expired.
+    Expired,
 }
 
 impl Refusal {
@@ -80,6 +116,7 @@ impl Refusal {
             Refusal::Stale => "the command is too old or from the future (check the clock)",
             Refusal::NotPermitted => "this controller's role does not allow that",
             Refusal::Unsupported => "the device cannot do that",
+            Refusal::Expired => "this controller's access to the device has expired",
         }
     }
 }
@@ -134,6 +171,8 @@ pub struct Decision {
     pub counter: u64,
     /// What to do.
     pub command: Command,
+    /// The sender's on-time limit, for the device to enforce.
+    pub max_on_secs: Option<u64>,
 }
 
 /// A refused command, with what could be learned about its sender so the
@@ -185,8 +224,29 @@ impl AccessList {
         if self.entries.len() >= MAX_ENTRIES {
             return false;
         }
-        self.entries.push(AclEntry { controller, key, role, added_at: now, enc: None });
+        self.entries.push(AclEntry { controller, key, role, added_at: now, enc: None, scope: Scope::default() });
         true
+    }
+
+    /// Sets a listed controller's grant limits. Returns false when the
+    /// controller is not listed.
+    pub fn set_scope(&mut self, controller: &ControllerId, scope: Scope) -> bool {
+        match self.entries.iter_mut().find(|e| &e.controller == controller) {
+            Some(e) => {
+                e.scope = scope;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// [`AccessList::recipients`] without grants expired at `now`.
+    pub fn recipients_at(&self, now: u64) -> Vec<(ControllerId, crate::e2e::EncPublicKey)> {
+        self.entries
+            .iter()
+            .filter(|e| !e.scope.expired(now))
+            .filter_map(|e| e.enc.clone().map(|k| (e.controller.clone(), k)))
+            .collect()
     }
 
     /// Sets a listed controller's encryption key. Returns false when the
@@ -280,9 +340,32 @@ impl AccessList {
                 return Err(refuse(Refusal::Unsupported, Some(&claimed), counter));
             }
         }
-        if cmd.command.is_access_change() && entry.role != Role::Owner {
+        if entry.scope.expired(ctx.now) {
+            return Err(refuse(Refusal::Expired, Some(&claimed), counter));
+        }
+        let own_key = matches!(cmd.command, Command::RegisterKey { .. });
+        if entry.scope.read_only && cmd.command.is_write() && !own_key {
             return Err(refuse(Refusal::NotPermitted, Some(&claimed), counter));
         }
-        Ok(Decision { controller: entry.controller.clone(), role: entry.role, counter: cmd.counter, command: cmd.command })
+        let allowed = match (&cmd.command, entry.role) {
+            (c, _) if !c.is_access_change() => true,
+            (_, Role::Owner) => true,
+            // An admin shares as member only, and revokes members only.
+            (Command::AddController { role, .. }, Role::Admin) => *role == Role::Member,
+            (Command::RemoveController { controller }, Role::Admin) => {
+                self.get(controller).is_none_or(|t| t.role == Role::Member)
+            }
+            _ => false,
+        };
+        if !allowed {
+            return Err(refuse(Refusal::NotPermitted, Some(&claimed), counter));
+        }
+        Ok(Decision {
+            controller: entry.controller.clone(),
+            role: entry.role,
+            counter: cmd.counter,
+            command: cmd.command,
+            max_on_secs: entry.scope.max_on_secs,
+        })
     }
 }

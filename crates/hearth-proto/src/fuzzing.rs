@@ -87,6 +87,7 @@ pub fn fixture() -> &'static Fixture {
             role: Role::Owner,
             counter: LAST_COUNTER,
             command: Command::GetState,
+            max_on_secs: None,
         });
         Fixture { controller_key, device_key, device, secret, pending, acl, replay }
     })

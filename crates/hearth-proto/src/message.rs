@@ -43,7 +43,12 @@ pub enum Command {
         enc: crate::e2e::EncPublicKey,
         /// Its role.
         role: crate::acl::Role,
+        /// Limits of the grant.
+        #[serde(default, skip_serializing_if = "crate::acl::Scope::is_unrestricted")]
+        scope: crate::acl::Scope,
     },
+    /// Report the access list (answered in the result, signed and sealed).
+    GetAccess,
     /// Remove a controller: its commands are refused and it is no longer a
     /// recipient of anything sealed from the next frame on. Owners only.
     RemoveController {
@@ -58,6 +63,7 @@ impl Command {
         match self {
             Command::SetRelay { .. } | Command::Toggle => Some(Capability::Switch),
             Command::GetState
+            | Command::GetAccess
             | Command::RegisterKey { .. }
             | Command::AddController { .. }
             | Command::RemoveController { .. } => None,
@@ -71,7 +77,7 @@ impl Command {
 
     /// Whether the command changes anything on the device.
     pub fn is_write(&self) -> bool {
-        !matches!(self, Command::GetState)
+        !matches!(self, Command::GetState | Command::GetAccess)
     }
 }
 
@@ -139,6 +145,10 @@ pub struct ResultPayload {
     pub state: DeviceState,
     /// Device clock, unix seconds.
     pub at: u64,
+    /// The access list, in answer to [`Command::GetAccess`] (and only in a
+    /// sealed result).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access: Option<Vec<crate::acl::AclEntry>>,
 }
 
 /// Why the device's state changed.

@@ -494,15 +494,21 @@ fn parse_share_code(code: &str) -> Result<(PublicKey, e2e::EncPublicKey)> {
 /// `hearth share`: asks the device, in a command signed by this (owner)
 /// controller, to add another controller with its encryption key. The
 /// device checks the role; the cloud only relays.
-pub async fn share(cfg: &mut Config, wanted: &str, code: &str, role: hearth_proto::acl::Role) -> Result<u8> {
+pub async fn share(cfg: &mut Config, wanted: &str, code: &str, role: hearth_proto::acl::Role, scope: hearth_proto::acl::Scope) -> Result<u8> {
     let (key, enc) = parse_share_code(code)?;
     let devices = list(cfg).await?;
     let dev = resolve(&devices, wanted)?.clone();
     let (dev_key, _) = device_key(cfg, &dev).ok_or_else(|| anyhow!("cannot check {}'s answer: device key unknown", dev.name))?;
     // Whoever handed over the code must confirm this fingerprint out of
     // band: it is the key the device will encrypt for.
-    println!("Granting {:?} on {} to controller {} (encryption key {})", role, dev.name, key.controller_id(), enc.fingerprint());
-    let (r, _) = send(cfg, &dev.id, &dev_key, Command::AddController { key, enc, role }).await?;
+    println!(
+        "Granting {role:?}{} on {} to controller {} (encryption key {})",
+        describe_scope(&scope),
+        dev.name,
+        key.controller_id(),
+        enc.fingerprint()
+    );
+    let (r, _) = send(cfg, &dev.id, &dev_key, Command::AddController { key, enc, role, scope }).await?;
     match r.outcome {
         Outcome::Done => {
             println!("Shared {} (the device confirmed, signed).", dev.name);
@@ -578,4 +584,66 @@ pub async fn events(cfg: &Config, wanted: &str, json_lines: bool) -> Result<()> 
             }
         }
     }
+}
+
+fn describe_scope(s: &hearth_proto::acl::Scope) -> String {
+    let mut parts = Vec::new();
+    if s.read_only {
+        parts.push("read-only".to_owned());
+    }
+    if let Some(m) = s.max_on_secs {
+        parts.push(format!("on for at most {} min", m / 60));
+    }
+    if let Some(u) = s.until {
+        parts.push(format!("until unix time {u}"));
+    }
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", parts.join(", "))
+    }
+}
+
+/// Parses `--until`: unix seconds, or a duration from now such as `90m`, `12h`, `7d`.
+pub fn parse_until(text: &str) -> Result<u64> {
+    if let Ok(abs) = text.parse::<u64>() {
+        return Ok(abs);
+    }
+    let (num, unit) = text.split_at(text.len().saturating_sub(1));
+    let n: u64 = num.parse().with_context(|| format!("{text:?}: expected unix seconds or e.g. 90m, 12h, 7d"))?;
+    let secs = match unit {
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => bail!("{text:?}: the unit must be m, h or d"),
+    };
+    Ok(now_secs() + n.saturating_mul(secs))
+}
+
+/// `hearth access`: who may do what, as the device itself reports it
+/// (a signed, sealed answer to `GetAccess`; the cloud's view plays no part).
+pub async fn access(cfg: &mut Config, wanted: &str) -> Result<u8> {
+    let devices = list(cfg).await?;
+    let dev = resolve(&devices, wanted)?.clone();
+    let (dev_key, _) = device_key(cfg, &dev).ok_or_else(|| anyhow!("cannot check {}'s answer: device key unknown", dev.name))?;
+    let (r, _) = send(cfg, &dev.id, &dev_key, Command::GetAccess).await?;
+    if let Outcome::Refused { reason } = r.outcome {
+        eprintln!("{} refused: {}", dev.name, reason.explain());
+        return Ok(EXIT_REFUSED);
+    }
+    let me = PublicKey::from(&cfg.key()?).controller_id();
+    let entries = r.access.context("the device's answer holds no access list")?;
+    println!("{} (signed by the device at unix time {}):", dev.name, r.at);
+    println!("{:<34} {:<7} {:<18} LIMITS", "CONTROLLER", "ROLE", "ENCRYPTION KEY");
+    for e in entries {
+        println!(
+            "{:<34} {:<7} {:<18} {}{}",
+            e.controller.as_str(),
+            format!("{:?}", e.role).to_lowercase(),
+            e.enc.as_ref().map(|k| k.fingerprint()).unwrap_or_else(|| "(none)".into()),
+            describe_scope(&e.scope).trim(),
+            if e.controller == me { " (this controller)" } else { "" }
+        );
+    }
+    Ok(0)
 }

@@ -53,9 +53,23 @@ enum Cmd {
         device: String,
         /// The other controller's share code (from its `hearth key`).
         code: String,
-        /// owner or member.
+        /// owner, admin or member.
         #[arg(long, default_value = "member")]
         role: String,
+        /// The grant ends: unix seconds, or from now, e.g. 90m, 12h, 7d.
+        #[arg(long)]
+        until: Option<String>,
+        /// The device switches itself off this many minutes after this controller switches it on.
+        #[arg(long)]
+        max_on_minutes: Option<u64>,
+        /// May read state but not switch.
+        #[arg(long)]
+        read_only: bool,
+    },
+    /// Who may do what on a device, as the device reports it (signed).
+    Access {
+        /// Device name or id.
+        device: String,
     },
     /// The device's stored history, decrypted (for catching up after being offline).
     Events {
@@ -200,14 +214,21 @@ async fn run(cli: Cli) -> Result<u8> {
         Cmd::Ls => controller::ls(&Config::load(&dir()?)?).await?,
         Cmd::Key => controller::show_key(&Config::load(&dir()?)?)?,
         Cmd::Events { device, json } => controller::events(&Config::load(&dir()?)?, &device, json).await?,
-        Cmd::Share { device, code, role } => {
+        Cmd::Share { device, code, role, until, max_on_minutes, read_only } => {
             let role = match role.as_str() {
                 "owner" => hearth_proto::acl::Role::Owner,
+                "admin" => hearth_proto::acl::Role::Admin,
                 "member" => hearth_proto::acl::Role::Member,
-                other => anyhow::bail!("unknown role {other:?}: owner or member"),
+                other => anyhow::bail!("unknown role {other:?}: owner, admin or member"),
             };
-            return controller::share(&mut Config::load(&dir()?)?, &device, &code, role).await;
+            let scope = hearth_proto::acl::Scope {
+                until: until.as_deref().map(controller::parse_until).transpose()?,
+                read_only,
+                max_on_secs: max_on_minutes.map(|m| m.saturating_mul(60)),
+            };
+            return controller::share(&mut Config::load(&dir()?)?, &device, &code, role, scope).await;
         }
+        Cmd::Access { device } => return controller::access(&mut Config::load(&dir()?)?, &device).await,
         Cmd::Revoke { device, controller } => return controller::revoke(&mut Config::load(&dir()?)?, &device, &controller).await,
         Cmd::On { device } => return controller::switch(&mut Config::load(&dir()?)?, &device, Command::SetRelay { on: true }).await,
         Cmd::Off { device } => return controller::switch(&mut Config::load(&dir()?)?, &device, Command::SetRelay { on: false }).await,

@@ -198,12 +198,12 @@ async fn the_cloud_cannot_add_or_remove_controllers() {
     let (_pki, _cloud, dev, agent, mut link, mut owner) = paired(DeviceKind::Plug).await;
     let key = dev.public_key();
     let mut mallory = Controller::new();
-    let add = Command::AddController { key: PublicKey::from(&mallory.key), enc: mallory.enc().public().clone(), role: Role::Owner };
+    let add = Command::AddController { key: PublicKey::from(&mallory.key), enc: mallory.enc().public().clone(), role: Role::Owner, scope: Default::default() };
     // Self-signed by the cloud's key: not on the list.
     assert_eq!(link.command(mallory.sign(dev.id(), add.clone()), &key).await.outcome, refused(Refusal::NotPaired));
     // A member (shared by the owner) may operate but not share or revoke.
     let mut member = Controller::new();
-    let share = Command::AddController { key: PublicKey::from(&member.key), enc: member.enc().public().clone(), role: Role::Member };
+    let share = Command::AddController { key: PublicKey::from(&member.key), enc: member.enc().public().clone(), role: Role::Member, scope: Default::default() };
     assert_eq!(link.command(owner.sign(dev.id(), share), &key).await.outcome, Outcome::Done);
     assert_eq!(link.command(member.sign(dev.id(), add), &key).await.outcome, refused(Refusal::NotPermitted));
     let remove_owner = Command::RemoveController { controller: owner.id() };
@@ -222,7 +222,7 @@ async fn a_revoked_controller_cannot_act_or_read_new_telemetry() {
     let (_pki, _cloud, dev, agent, mut link, mut owner) = paired(DeviceKind::EnergyPlug).await;
     let key = dev.public_key();
     let mut ex = Controller::new();
-    let share = Command::AddController { key: PublicKey::from(&ex.key), enc: ex.enc().public().clone(), role: Role::Member };
+    let share = Command::AddController { key: PublicKey::from(&ex.key), enc: ex.enc().public().clone(), role: Role::Member, scope: Default::default() };
     assert_eq!(link.command(owner.sign(dev.id(), share), &key).await.outcome, Outcome::Done);
     // While shared, the ex-member reads reports.
     assert_eq!(link.command(ex.sign(dev.id(), Command::SetRelay { on: true }), &key).await.outcome, Outcome::Done);

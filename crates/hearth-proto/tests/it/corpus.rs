@@ -56,7 +56,7 @@ fn payloads(f: &Fixture) -> (CommandPayload, ResultPayload, StatePayload, PairCo
         counter: LAST_COUNTER + 1,
         outcome: Outcome::Refused { reason: Refusal::Stale },
         state: DeviceState { relay: Some(false), ..DeviceState::default() },
-        at: NOW,
+        at: NOW,        access: None,
     };
     let state = StatePayload {
         v: PROTOCOL_VERSION,

@@ -79,7 +79,7 @@ fn our_vectors() -> Vec<(&'static str, Vector)> {
         counter: 101,
         outcome: Outcome::Done,
         state: DeviceState { relay: Some(true), ..DeviceState::default() },
-        at: NOW,
+        at: NOW,        access: None,
     };
     let state = StatePayload {
         v: PROTOCOL_VERSION,

@@ -39,7 +39,7 @@ fn on_is_acked_and_pushed_to_a_second_controller_within_a_second() {
     assert!(eventually(Duration::from_secs(10), || phone.run(&["pair", &plug.code, "--name", "lamp"]).status.success()));
     let laptop = w.controller("laptop");
     laptop.login("alice@example.com");
-    // Reports are end-to-end encrypted (ADR 0004): the laptop reads them
+    // Reports are end-to-end encrypted (ADR 0006): the laptop reads them
     // only once the owner has shared the device with it.
     phone.ok(&["share", "lamp", &share_code(&laptop), "--role", "member"]);
     let watch = laptop.watch();

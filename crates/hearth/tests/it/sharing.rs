@@ -52,8 +52,14 @@ fn share_catch_up_and_revoke() {
     assert_eq!(out.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&out.stderr).contains(Refusal::NotPermitted.explain()));
 
-    // Revoked: refused at once, and new history is not sealed for it.
+    // The device's own (signed, sealed) view of who may do what.
     let laptop_id = laptop.ok(&["key"]).lines().find_map(|l| l.strip_prefix("controller: ").map(str::to_owned)).unwrap();
+    let access = phone.ok(&["access", "lamp"]);
+    let line = access.lines().find(|l| l.starts_with(&laptop_id)).unwrap_or_else(|| panic!("{access}"));
+    assert!(line.contains("member") && line.contains(&fingerprint), "{access}");
+    assert!(access.lines().any(|l| l.contains("owner") && l.ends_with("(this controller)")), "{access}");
+
+    // Revoked: refused at once, and new history is not sealed for it.
     phone.ok(&["revoke", "lamp", &laptop_id]);
     let out = laptop.run(&["on", "lamp"]);
     assert_eq!(out.status.code(), Some(3));
@@ -63,4 +69,5 @@ fn share_catch_up_and_revoke() {
     assert_eq!(readable(&ev).last(), Some(&false), "{ev:?}");
     assert!(laptop.ok(&["status", "lamp"]).contains("encrypted, not for this controller"));
     assert!(phone.ok(&["status", "lamp"]).contains("ON"));
+    assert!(!phone.ok(&["access", "lamp"]).contains(&laptop_id));
 }
