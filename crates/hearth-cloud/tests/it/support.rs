@@ -39,7 +39,6 @@ pub struct Cloud {
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
     _dir: tempfile::TempDir,
-    _schema: Option<crate::pg::PgSchema>,
 }
 
 impl Cloud {
@@ -48,11 +47,6 @@ impl Cloud {
     }
 
     pub async fn start_with_ttl(session_ttl: Duration) -> Self {
-        Self::start_on(crate::pg::default_cloud_schema().await, session_ttl).await
-    }
-
-    /// A cloud on PostgreSQL in `schema`, or on SQLite in a temporary directory.
-    pub async fn start_on(schema: Option<crate::pg::PgSchema>, session_ttl: Duration) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let manufacturer = hearth_pki::generate_ca("test manufacturer", Validity::days(1)).unwrap();
         let cloud_ca = hearth_pki::generate_ca("test cloud", Validity::days(1)).unwrap();
@@ -63,10 +57,7 @@ impl Cloud {
         let devices = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (api_addr, dev_addr) = (api.local_addr().unwrap(), devices.local_addr().unwrap());
         let config = CloudConfig {
-            database: match &schema {
-                Some(schema) => schema.database_url(),
-                None => hearth_cloud::DatabaseUrl::Sqlite(dir.path().join("cloud.db")),
-            },
+            db_path: dir.path().join("cloud.db"),
             server,
             manufacturer_ca_pem: manufacturer.cert_pem.clone(),
             session_ttl,
@@ -75,18 +66,7 @@ impl Cloud {
         let task = tokio::spawn(hearth_cloud::serve(config, Listeners { api, devices }, async {
             let _ = stopped.await;
         }));
-        Self { api: api_addr, devices: dev_addr, cloud_ca, manufacturer, stop: Some(stop), task: Some(task), _dir: dir, _schema: schema }
-    }
-
-    /// What `serve` fails with for `database` (which must be unusable).
-    pub async fn serve_error(database: hearth_cloud::DatabaseUrl) -> String {
-        let pki = hearth_pki::generate_ca("test cloud", Validity::days(1)).unwrap();
-        let server = hearth_pki::issue_server_cert(&pki, &["localhost".into()], Validity::days(1)).unwrap();
-        let config = CloudConfig { database, server, manufacturer_ca_pem: pki.cert_pem.clone(), session_ttl: T };
-        let api = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let devices = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let served = tokio::time::timeout(T, hearth_cloud::serve(config, Listeners { api, devices }, std::future::pending()));
-        format!("{:#}", served.await.expect("serve gave up in time").expect_err("serve must fail"))
+        Self { api: api_addr, devices: dev_addr, cloud_ca, manufacturer, stop: Some(stop), task: Some(task), _dir: dir }
     }
 
     /// Stops the cloud and returns what `serve` returned.
