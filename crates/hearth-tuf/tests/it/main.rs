@@ -516,3 +516,89 @@ fn mutated_metadata_never_panics_and_never_verifies_with_changed_content() {
     // Whitespace-only mutations may still verify; most mutations must not.
     assert!(accepted < 400, "{accepted} mutated roots verified");
 }
+
+/// A tiny HTTP/1.1 server on 127.0.0.1 serving a directory, answering
+/// either with Content-Length or chunked, for the real HTTP fetcher and the
+/// conformance binary. The thread lives until the test process ends.
+fn serve_dir(dir: std::path::PathBuf, chunked: bool) -> String {
+    use std::io::{BufRead, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let mut stream = stream.unwrap();
+            let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
+            let mut line = String::new();
+            reader.read_line(&mut line).unwrap();
+            let path = line.split_whitespace().nth(1).unwrap_or("/").to_owned();
+            loop {
+                let mut h = String::new();
+                if reader.read_line(&mut h).unwrap() == 0 || h == "\r\n" {
+                    break;
+                }
+            }
+            match std::fs::read(dir.join(path.trim_start_matches('/'))) {
+                Err(_) => {
+                    let _ = stream.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+                }
+                Ok(body) if chunked => {
+                    let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n");
+                    for chunk in body.chunks(7) {
+                        let _ = write!(stream, "{:x}\r\n", chunk.len());
+                        let _ = stream.write_all(chunk);
+                        let _ = stream.write_all(b"\r\n");
+                    }
+                    let _ = stream.write_all(b"0\r\n\r\n");
+                }
+                Ok(body) => {
+                    let _ = write!(stream, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+                    let _ = stream.write_all(&body);
+                }
+            }
+        }
+    });
+    base
+}
+
+fn run_cli(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_hearth-tuf-conformance")).args(args).output().unwrap()
+}
+
+#[test]
+fn conformance_cli_over_real_http_with_and_without_chunked_bodies() {
+    for chunked in [false, true] {
+        let tmp = tempfile::tempdir().unwrap();
+        let (root_keys, t, s, ts) = (keys(1), keys(1), keys(1), keys(1));
+        let roles: BTreeMap<String, RoleSpec> =
+            [("root".to_owned(), spec(&root_keys, 1)), ("targets".to_owned(), spec(&t, 1)), ("snapshot".to_owned(), spec(&s, 1)), ("timestamp".to_owned(), spec(&ts, 1))].into();
+        let now = hearth_tuf::time::now();
+        let repo_dir = tmp.path().join("repo");
+        let repo = repo::RepoDir::init(&repo_dir, &roles, &[&root_keys[0]], &[&t[0]], &s[0], &ts[0], now).unwrap();
+        repo.add_target("dir/fw.bin", b"firmware over http", Some(repo::firmware_custom("2.0.0", "plug-a1")), &[&t[0]], now).unwrap();
+        repo.publish(&s[0], &ts[0], now).unwrap();
+        // init (no network), refresh (root 2 → 404, timestamp, snapshot, targets), download (again + target).
+        let base = serve_dir(repo_dir.clone(), chunked);
+        let mdir = tmp.path().join("md");
+        let tdir = tmp.path().join("td");
+        let root = repo_dir.join("metadata/1.root.json");
+        let md = mdir.to_str().unwrap();
+        let murl = format!("{base}/metadata");
+        let turl = format!("{base}/targets");
+        assert!(run_cli(&["--metadata-dir", md, "init", root.to_str().unwrap()]).status.success());
+        let out = run_cli(&["--metadata-url", &murl, "--metadata-dir", md, "refresh"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(std::fs::read(mdir.join("timestamp.json")).unwrap(), std::fs::read(repo_dir.join("metadata/timestamp.json")).unwrap());
+        let out = run_cli(&["--metadata-dir", md, "--metadata-url", &murl, "--target-name", "dir/fw.bin", "--target-base-url", &turl, "--target-dir", tdir.to_str().unwrap(), "download"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(std::fs::read(tdir.join("dir%2Ffw.bin")).unwrap(), b"firmware over http");
+    }
+}
+
+#[test]
+fn conformance_cli_exits_1_on_bad_usage_and_unreachable_repository() {
+    let tmp = tempfile::tempdir().unwrap();
+    let md = tmp.path().to_str().unwrap();
+    assert_eq!(run_cli(&["--metadata-dir", md, "refresh"]).status.code(), Some(1), "no --metadata-url");
+    assert_eq!(run_cli(&["--metadata-dir", md, "frobnicate"]).status.code(), Some(1));
+    assert_eq!(run_cli(&["--metadata-dir", md, "--metadata-url", "http://127.0.0.1:9/m", "refresh"]).status.code(), Some(1), "no root.json");
+}
