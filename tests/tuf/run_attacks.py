@@ -811,7 +811,7 @@ def main() -> int:
             traceback.print_exc()
     server.shutdown()
     shutil.rmtree(WORK, ignore_errors=True)
-    print(f"tuf attacks: {passed} passed, {failed} failed")
+    print(f"tuf: {passed} passed, {failed} failed")
     return 1 if failed else 0
 
 
