@@ -37,6 +37,9 @@ use crate::server::ConnGuard;
 use crate::store::{unix_now, AccountId};
 use crate::AppState;
 
+#[doc(hidden)]
+pub mod fuzzing;
+
 /// Largest accepted request body.
 pub const MAX_BODY: usize = 64 * 1024;
 /// Time allowed for a request body to arrive once the headers have.

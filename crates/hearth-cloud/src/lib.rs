@@ -42,6 +42,10 @@ mod router;
 mod server;
 mod store;
 
+/// Fuzzing entry points (issue 7); not part of the API.
+#[doc(hidden)]
+pub use api::fuzzing;
+
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;

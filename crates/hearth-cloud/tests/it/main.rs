@@ -5,5 +5,6 @@
 
 mod api;
 mod devices;
+mod fuzz_bodies;
 mod limits;
 mod support;
