@@ -550,6 +550,21 @@ mod tests {
         assert_eq!(o, Outcome::Done);
         let (_, o) = share(&mut plug, &mut store, &admin, 1, Role::Owner, Scope::default());
         assert_eq!(o, Outcome::Refused { reason: Refusal::NotPermitted });
+        // …and can neither demote nor remove the owner; nor can the owner
+        // leave the device without an owner.
+        let owner_id = PublicKey::from(&owner).controller_id();
+        let demote = Command::AddController {
+            key: PublicKey::from(&owner),
+            enc: e2e::EncSecretKey::generate().public().clone(),
+            role: Role::Member,
+            scope: Scope::default(),
+        };
+        assert_eq!(run(&mut plug, &mut store, &admin, 10, demote.clone(), NOW).outcome, Outcome::Refused { reason: Refusal::NotPermitted });
+        let remove = Command::RemoveController { controller: owner_id.clone() };
+        assert_eq!(run(&mut plug, &mut store, &admin, 11, remove.clone(), NOW).outcome, Outcome::Refused { reason: Refusal::NotPermitted });
+        assert_eq!(run(&mut plug, &mut store, &owner, 10, remove, NOW).outcome, Outcome::Refused { reason: Refusal::NotPermitted });
+        assert_eq!(run(&mut plug, &mut store, &owner, 11, demote, NOW).outcome, Outcome::Refused { reason: Refusal::NotPermitted });
+        assert_eq!(plug.access().get(&owner_id).map(|e| e.role), Some(Role::Owner));
         // A member limited to 15 minutes on: the device switches off by itself.
         let limited = Scope { max_on_secs: Some(900), ..Scope::default() };
         let (member, o) = share(&mut plug, &mut store, &admin, 2, Role::Member, limited);
@@ -561,16 +576,16 @@ mod tests {
         assert!(!plug.state().relay);
         assert_eq!(store.saved.as_ref().map(|s| (s.relay, s.off_at)), Some((false, None)));
         // The owner's "on" has no limit.
-        assert_eq!(run(&mut plug, &mut store, &owner, 2, Command::SetRelay { on: true }, NOW).outcome, Outcome::Done);
+        assert_eq!(run(&mut plug, &mut store, &owner, 12, Command::SetRelay { on: true }, NOW).outcome, Outcome::Done);
         assert_eq!(plug.off_at(), None);
 
         // Read-only: may read, may not switch.
-        let (reader, _) = share(&mut plug, &mut store, &owner, 3, Role::Member, Scope { read_only: true, ..Scope::default() });
+        let (reader, _) = share(&mut plug, &mut store, &owner, 13, Role::Member, Scope { read_only: true, ..Scope::default() });
         assert_eq!(run(&mut plug, &mut store, &reader, 1, Command::GetState, NOW).outcome, Outcome::Done);
         assert_eq!(run(&mut plug, &mut store, &reader, 2, Command::Toggle, NOW).outcome, Outcome::Refused { reason: Refusal::NotPermitted });
 
         // Valid until NOW + 60: afterwards refused, and no longer a recipient.
-        let (guest, _) = share(&mut plug, &mut store, &owner, 4, Role::Member, Scope { until: Some(NOW + 60), ..Scope::default() });
+        let (guest, _) = share(&mut plug, &mut store, &owner, 14, Role::Member, Scope { until: Some(NOW + 60), ..Scope::default() });
         assert_eq!(run(&mut plug, &mut store, &guest, 1, Command::Toggle, NOW + 30).outcome, Outcome::Done);
         let late = run(&mut plug, &mut store, &guest, 2, Command::Toggle, NOW + 61);
         assert_eq!((late.outcome, late.state), (Outcome::Refused { reason: Refusal::Expired }, DeviceState::default()));
@@ -578,7 +593,7 @@ mod tests {
         assert!(plug.access().recipients_at(NOW + 61).iter().all(|(c, _)| c != &guest_id));
 
         // The access list as the device reports it, signed and sealed.
-        let listed = run(&mut plug, &mut store, &owner, 5, Command::GetAccess, NOW).access.unwrap();
+        let listed = run(&mut plug, &mut store, &owner, 15, Command::GetAccess, NOW).access.unwrap();
         let roles: Vec<Role> = listed.iter().map(|e| e.role).collect();
         assert_eq!(roles, vec![Role::Owner, Role::Admin, Role::Member, Role::Member, Role::Member]);
         assert_eq!(listed[2].scope.max_on_secs, Some(900));

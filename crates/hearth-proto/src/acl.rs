@@ -228,6 +228,12 @@ impl AccessList {
         true
     }
 
+    /// Whether `controller` is the only owner on the list.
+    fn is_last_owner(&self, controller: &ControllerId) -> bool {
+        let owners: Vec<_> = self.entries.iter().filter(|e| e.role == Role::Owner).collect();
+        owners.len() == 1 && &owners[0].controller == controller
+    }
+
     /// Sets a listed controller's grant limits. Returns false when the
     /// controller is not listed.
     pub fn set_scope(&mut self, controller: &ControllerId, scope: Scope) -> bool {
@@ -347,14 +353,18 @@ impl AccessList {
         if entry.scope.read_only && cmd.command.is_write() && !own_key {
             return Err(refuse(Refusal::NotPermitted, Some(&claimed), counter));
         }
+        let is_member_or_new = |c: &ControllerId| self.get(c).is_none_or(|t| t.role == Role::Member);
         let allowed = match (&cmd.command, entry.role) {
             (c, _) if !c.is_access_change() => true,
+            // Nobody may leave the device without an owner (only the reset
+            // button recovers from that).
+            (Command::RemoveController { controller }, _) if self.is_last_owner(controller) => false,
+            (Command::AddController { key, role, .. }, _) if *role != Role::Owner && self.is_last_owner(&key.controller_id()) => false,
             (_, Role::Owner) => true,
-            // An admin shares as member only, and revokes members only.
-            (Command::AddController { role, .. }, Role::Admin) => *role == Role::Member,
-            (Command::RemoveController { controller }, Role::Admin) => {
-                self.get(controller).is_none_or(|t| t.role == Role::Member)
-            }
+            // An admin shares as member only, and touches members only (so it
+            // cannot demote or re-key an owner or another admin).
+            (Command::AddController { key, role, .. }, Role::Admin) => *role == Role::Member && is_member_or_new(&key.controller_id()),
+            (Command::RemoveController { controller }, Role::Admin) => is_member_or_new(controller),
             _ => false,
         };
         if !allowed {

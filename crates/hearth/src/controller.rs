@@ -647,3 +647,56 @@ pub async fn access(cfg: &mut Config, wanted: &str) -> Result<u8> {
     }
     Ok(0)
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use hearth_proto::capability::DeviceKind;
+    use hearth_proto::e2e::{Content, SealedHeader};
+
+    /// A controller flags a state report whose signature fails: a report
+    /// the cloud altered, or sealed by someone other than the device, is
+    /// shown as REJECTED and never as a state.
+    #[test]
+    fn a_forged_or_altered_state_report_is_flagged() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = Config::load(dir.path()).unwrap();
+        let me = PublicKey::from(&cfg.key().unwrap());
+        let enc = EncSecretKey::for_controller(&cfg.key().unwrap());
+        let device_key = hearth_proto::keys::generate();
+        let device = DeviceId::random();
+        cfg.settings.devices.insert(device.clone(), KnownDevice { name: "lamp".into(), key: PublicKey::from(&device_key) });
+        let seal = |signer: &p256::ecdsa::SigningKey| {
+            let payload = StatePayload {
+                v: PROTOCOL_VERSION,
+                device: device.clone(),
+                kind: DeviceKind::Plug,
+                seq: 4,
+                at: 1_800_000_000,
+                state: DeviceState { relay: Some(true), ..DeviceState::default() },
+                cause: Cause::Local,
+            };
+            let inner = message::sign_state(signer, &payload).unwrap();
+            let header = SealedHeader { v: PROTOCOL_VERSION, device: device.clone(), content: Content::State, seq: 4, to: None, at: 1_800_000_000 };
+            e2e::seal(signer, header, &inner, &[(me.controller_id(), enc.public().clone())], &mut rand::rngs::OsRng).unwrap()
+        };
+        let listed = |bytes: &[u8]| ListedDevice {
+            id: device.clone(),
+            name: "lamp".into(),
+            kind: "plug".into(),
+            online: true,
+            certificate: None,
+            last_state: Some(b64::encode(bytes)),
+        };
+        let genuine = seal(&device_key);
+        assert_eq!(verified_state(&cfg, &listed(&genuine)), "ON");
+        let mut altered = genuine.clone();
+        let at = altered.len() - 70;
+        altered[at] ^= 0x01;
+        assert!(verified_state(&cfg, &listed(&altered)).starts_with("(REJECTED"));
+        let forged = seal(&hearth_proto::keys::generate());
+        assert!(verified_state(&cfg, &listed(&forged)).starts_with("(REJECTED"));
+        assert!(matches!(open_state(&cfg, &device, &PublicKey::from(&device_key), &forged), Err(OpenError::Forged(_))));
+    }
+}
