@@ -1,0 +1,48 @@
+//! Hearth firmware install: A/B slots, trial boot, automatic fallback (ADR 0004, issue 4).
+//!
+//! The TUF client in `hearth-tuf` decides *which* image may be installed; this
+//! crate decides *how* it gets onto the device without ever leaving the device
+//! unable to start a verified image.
+//!
+//! * [`state`] — the sans-IO slot state machine over a [`state::BootRecord`]:
+//!   slots A/B, the active slot, an optional trial, the last update result.
+//!   No I/O, no clock: every transition is a plain function, unit-tested in memory.
+//! * [`store`] — the on-disk layout (`boot.json`, `slots/{a,b}/image`) and the
+//!   atomic record write (temp file + fsync + rename + directory fsync).
+//! * [`install`] — [`install::install_to_inactive`] streams a TUF-verified
+//!   image into the inactive slot and switches into trial mode with one
+//!   atomic rename; [`install::run_install_command`] hands the verified image
+//!   to an external updater (RAUC/SWUpdate style) instead.
+//! * [`supervisor`] — the simulator's boot loader: verifies the boot slot's
+//!   checksum, starts it, runs the trial health check and falls back by itself.
+//!
+//! # The health contract (agent side)
+//! The supervisor starts the agent with these environment variables:
+//! `HEARTH_HEALTH_FILE` (a path), `HEARTH_SLOT` (`a` or `b`),
+//! `HEARTH_FIRMWARE_VERSION`, and `HEARTH_TRIAL` (`1` in a trial boot, else `0`).
+//! In a trial boot, once the agent has reached the cloud and passed its
+//! self-test, it creates the file named by `HEARTH_HEALTH_FILE` (contents
+//! ignored). The supervisor then commits the trial. If the agent exits before,
+//! or the file does not appear within the health timeout, the supervisor kills
+//! it, switches back to the previous slot and records the failed version in
+//! `boot.json` (`last_result`), which the agent reports on its next link.
+//! Outside a trial, creating the file is harmless.
+//!
+//! # Crash safety
+//! The only switch point is the rename of `boot.json`. Before it the old slot
+//! is active and the partly written slot is never referenced; after it the
+//! trial is started at most [`state::MAX_TRIAL_BOOTS`] times before it is
+//! reverted. Every start checks the boot slot's length and sha256 against the
+//! values recorded from verified TUF target metadata.
+#![forbid(unsafe_code)]
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
+pub mod install;
+pub mod state;
+pub mod store;
+pub mod supervisor;
+mod error;
+mod version;
+
+pub use error::Error;
+pub use version::Version;
