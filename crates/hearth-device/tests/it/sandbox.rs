@@ -65,10 +65,11 @@ async fn selftest_report(mut lines: Lines<BufReader<ChildStdout>>) -> Vec<String
     .unwrap()
 }
 
-fn signal(child: &Child, name: &str) {
-    // The test process itself is not sandboxed, so it may run `kill`.
-    let ok = Command::new("kill").arg(format!("-{name}")).arg(child.id().to_string()).status().unwrap();
-    assert!(ok.success());
+fn signal(child: &Child, sig: rustix::process::Signal) {
+    // A direct kill(2), not `kill` the program: every fork in this test
+    // process briefly shares the open files of concurrent tests.
+    let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
+    rustix::process::kill_process(pid, sig).unwrap();
 }
 
 #[tokio::test]
@@ -93,11 +94,11 @@ async fn sandboxed_agent_cannot_read_outside_or_spawn_but_still_works() {
     let key = dev.public_key();
     let mut link = cloud.accept().await;
     link.greeting(&key).await;
-    signal(&child, "USR2");
+    signal(&child, rustix::process::Signal::USR2);
     // Reports are sealed end to end (ADR 0006); this unpaired device seals
     // for nobody, so the relay is read from the device itself below.
     link.sealed_state(&key).await;
-    signal(&child, "TERM");
+    signal(&child, rustix::process::Signal::TERM);
     let status = tokio::task::spawn_blocking(move || {
         let mut c = child;
         c.wait()
@@ -133,7 +134,7 @@ async fn user_option_picks_the_account_and_root_is_refused() {
     assert_eq!(std::fs::metadata(dev.dir.path().join("device.key")).unwrap().gid(), 4343);
     let key = dev.public_key();
     cloud.accept().await.greeting(&key).await;
-    signal(&child, "TERM");
+    signal(&child, rustix::process::Signal::TERM);
     let status = tokio::task::spawn_blocking(move || {
         let mut c = child;
         c.wait()
