@@ -111,9 +111,7 @@ pub fn install_to_inactive(dir: &Path, src: impl Read, expected: &ExpectedImage)
     let mut out = store::create_slot_file(dir, slot)?;
     copy_verified(src, &mut out, &path, expected)?;
     drop(out);
-    if let Some(parent) = path.parent() {
-        store::sync_dir(parent)?;
-    }
+    store::sync_slot_dirs(dir, slot)?;
     let image = expected.slot_image();
     store::verify_slot(dir, slot, &image)?;
     store::crash_point(steps::SLOT_SYNCED);
@@ -194,8 +192,6 @@ pub fn provision_factory(dir: &Path, image: &Path, version: Version) -> Result<(
     let mut out = store::create_slot_file(dir, Slot::A)?;
     copy_verified(File::open(image).map_err(Error::io("open", image))?, &mut out, &path, &expected)?;
     drop(out);
-    if let Some(parent) = path.parent() {
-        store::sync_dir(parent)?;
-    }
+    store::sync_slot_dirs(dir, Slot::A)?;
     store::save_record(dir, &crate::state::BootRecord::factory(expected.slot_image()))
 }

@@ -28,6 +28,16 @@
 //! `boot.json` (`last_result`), which the agent reports on its next link.
 //! Outside a trial, creating the file is harmless.
 //!
+//! # Installing from the agent
+//! After the TUF client (`hearth_tuf::client::Updater`) has downloaded and
+//! verified a target: build [`install::ExpectedImage::from_target`] with the
+//! device's hardware model, call [`install::install_to_inactive`] (or
+//! [`install::run_install_command`] when an `install_command` is configured),
+//! then exit; the supervisor sees the pending trial and starts it. Install
+//! only while `boot.json` has no trial (a trial's slot is the inactive one;
+//! [`state::BootRecord::plan_install`] refuses otherwise). Report
+//! `last_result`, the active slot and its version from [`store::load_record`].
+//!
 //! # Crash safety
 //! The only switch point is the rename of `boot.json`. Before it the old slot
 //! is active and the partly written slot is never referenced; after it the

@@ -76,7 +76,9 @@ pub fn load_record(dir: &Path) -> Result<BootRecord, Error> {
 /// [`Error::Io`].
 pub fn save_record(dir: &Path, record: &BootRecord) -> Result<(), Error> {
     let path = record_path(dir);
-    let tmp = dir.join(format!("{RECORD}.tmp"));
+    // The pid keeps two writers (supervisor and agent) off each other's temp
+    // file; the rename itself is what serialises them.
+    let tmp = dir.join(format!("{RECORD}.tmp.{}", std::process::id()));
     // serde_json cannot fail on this plain data (no maps with non-string keys).
     let bytes = serde_json::to_vec_pretty(record).map_err(|e| Error::BadRecord { path: path.clone(), reason: e.to_string() })?;
     let mut f = File::create(&tmp).map_err(Error::io("create", &tmp))?;
@@ -140,6 +142,15 @@ pub fn verify_slot(dir: &Path, slot: Slot, image: &SlotImage) -> Result<(), Erro
 
 /// Opens `slot`'s image for writing (created 0755: for the simulator the
 /// image is the agent executable), truncating what was there.
+/// Makes a slot image durable by name: fsyncs `slots/<s>/`, `slots/` and the
+/// state directory, since the slot directory may have been created just now.
+pub(crate) fn sync_slot_dirs(dir: &Path, slot: Slot) -> Result<(), Error> {
+    let slots = dir.join("slots");
+    sync_dir(&slots.join(slot.name()))?;
+    sync_dir(&slots)?;
+    sync_dir(dir)
+}
+
 pub(crate) fn create_slot_file(dir: &Path, slot: Slot) -> Result<File, Error> {
     use std::os::unix::fs::OpenOptionsExt as _;
     let path = slot_image(dir, slot);
