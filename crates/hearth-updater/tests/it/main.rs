@@ -34,6 +34,9 @@ enum Behaviour {
     ExitsAtOnce,
     /// Records its tag and never reports health.
     Hangs,
+    /// Like an agent that found an update: runs `$1 install … $2…$5`
+    /// (updater, image, version, length, sha256) when given them, then exits.
+    InstallsFromArgs,
 }
 
 impl Device {
@@ -54,6 +57,9 @@ impl Device {
             Behaviour::Healthy => "[ \"$HEARTH_TRIAL\" = 1 ] && touch \"$HEARTH_HEALTH_FILE\"\nexit 0",
             Behaviour::ExitsAtOnce => "exit 3",
             Behaviour::Hangs => "exec sleep 30",
+            Behaviour::InstallsFromArgs => {
+                "[ -n \"$1\" ] && \"$1\" install --state-dir \"$(dirname \"$HEARTH_HEALTH_FILE\")\" --image \"$2\" --version \"$3\" --length \"$4\" --sha256 \"$5\"\nexit 0"
+            }
         };
         let script = format!(
             "#!/bin/sh\necho \"{tag} slot=$HEARTH_SLOT trial=$HEARTH_TRIAL args=$*\" >> \"$(dirname \"$HEARTH_HEALTH_FILE\")/ran\"\n{body}\n# {}\n",
@@ -141,6 +147,27 @@ fn install_v2_trial_reports_health_and_is_committed() {
     // Next start is a normal boot of v2.
     assert_eq!(d.supervise(5), 0);
     assert!(std::fs::read_to_string(d.state.join("ran")).unwrap().lines().last().unwrap().contains("v2 slot=b trial=0"));
+}
+
+#[test]
+fn agent_that_installs_an_update_and_exits_is_followed_by_the_trial() {
+    let d = Device::new();
+    let v1 = d.image("v1", Behaviour::InstallsFromArgs);
+    run_ok(Command::new(UPDATER).args(["init", "--state-dir"]).arg(&d.state).arg("--image").arg(&v1).args(["--version", "1"]));
+    let v2 = d.image("v2", Behaviour::Healthy);
+    let bytes = std::fs::read(&v2).unwrap();
+    let out = Command::new(SUPERVISOR)
+        .arg("--state-dir")
+        .arg(&d.state)
+        .args(["--health-timeout", "5", "--", UPDATER])
+        .arg(&v2)
+        .args(["2", &bytes.len().to_string(), &hex::encode(Sha256::digest(&bytes))])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(d.ran(), ["v1", "v2"], "one supervisor run: v1 installs, exits, v2 is tried and committed");
+    assert_eq!(d.active_version(), "2");
+    assert!(matches!(d.record().last_result, Some(UpdateResult::Committed { .. })));
 }
 
 #[test]
