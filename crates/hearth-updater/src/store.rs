@@ -21,7 +21,8 @@ pub const RECORD: &str = "boot.json";
 
 /// Environment variable naming a crash point at which the process stops
 /// (see [`crash_point`]). Used by the crash tests to kill -9 the process at an
-/// exact step; it can only stop the process, never skip a check.
+/// exact step; it can only stop the process, never skip a check, and is
+/// ignored unless built with the test-only `crash-points` feature.
 pub const CRASH_ENV: &str = "HEARTH_UPDATER_CRASH_AT";
 
 /// Named steps where a crash test can interrupt an install or a boot.
@@ -41,13 +42,18 @@ pub mod steps {
 /// Crash-test hook: if [`CRASH_ENV`] names `step`, print `CRASHPOINT <step>`
 /// to stderr and stop here until killed (the test then sends SIGKILL, the
 /// real kill -9, so nothing after this point runs and no buffers are flushed).
+/// Compiled in only with the `crash-points` feature, which only this crate's
+/// own tests enable; otherwise it does nothing and reads no environment.
 pub fn crash_point(step: &str) {
+    #[cfg(feature = "crash-points")]
     if std::env::var_os(CRASH_ENV).is_some_and(|v| v == step) {
         eprintln!("CRASHPOINT {step}");
         loop {
             std::thread::sleep(std::time::Duration::from_secs(3600));
         }
     }
+    #[cfg(not(feature = "crash-points"))]
+    let _ = step;
 }
 
 /// Path of `slot`'s image.
