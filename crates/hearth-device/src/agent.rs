@@ -37,6 +37,8 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(45);
 /// Writing one frame must finish within this, or the link is dropped.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the agent runs the rules and interlock checks.
+pub const TICK: Duration = Duration::from_secs(1);
 
 /// How to run an agent.
 #[derive(Debug, Clone)]
@@ -163,7 +165,10 @@ pub fn spawn(opts: AgentOptions) -> anyhow::Result<AgentHandle> {
     )
     .map_err(Error::from)?;
     let (device, kind) = (config.device.clone(), config.kind);
-    let core = DeviceCore::new(device.clone(), kind, identity.key, identity.secret, state);
+    let mut store = store;
+    let mut core = DeviceCore::new(device.clone(), kind, identity.key, identity.secret, state);
+    // Once, before any command: the power-on policy through the interlock.
+    core.boot(&mut store, unix_now())?;
     let (events_tx, events) = mpsc::channel(16);
     let agent = Agent {
         core,
@@ -175,6 +180,7 @@ pub fn spawn(opts: AgentOptions) -> anyhow::Result<AgentHandle> {
             connector: TlsConnector::from(Arc::new(tls)),
         }),
         connected: false,
+        next_tick: Instant::now() + TICK,
         _lock: lock,
     };
     // Context spans are at error level so they stay attached to warnings and
@@ -248,6 +254,9 @@ struct Agent {
     events: mpsc::Receiver<Event>,
     dialer: Arc<Dialer>,
     connected: bool,
+    /// When [`DeviceCore::tick`] runs next: once a second, with or without
+    /// a cloud, so rules and interlocks never depend on the link.
+    next_tick: Instant,
     /// Held for the agent's life so no other agent uses the same directory.
     _lock: DirLock,
 }
@@ -296,14 +305,17 @@ impl Agent {
         }
     }
 
-    /// When a granted on-time limit expires, as a tokio instant.
+    /// When the next one-second tick is due.
     fn off_deadline(&self) -> Option<Instant> {
-        let at = self.core.off_at()?;
-        Some(Instant::now() + std::time::Duration::from_secs(at.saturating_sub(unix_now())))
+        Some(self.next_tick)
     }
 
-    /// Enforces an expired on-time limit; returns the frames to report it.
+    /// The one-second tick: grant limits, rules, interlocks; returns the
+    /// frames reporting what changed.
     fn tick(&mut self) -> Vec<DeviceFrame> {
+        // From now, not from the missed deadline: after a stall the core
+        // catches up from its own clock, so there is no burst of ticks.
+        self.next_tick = Instant::now() + TICK;
         self.core.tick(&mut self.store, unix_now()).unwrap_or_else(|e| {
             error!("could not save the device state; the relay stays on: {e}");
             Vec::new()

@@ -10,6 +10,8 @@
 //!   reconnect with [`backoff`], move frames, serve local events ([`spawn`],
 //!   [`run`]).
 //! * [`store`] — the state directory and atomic writes.
+//! * [`rules`] — the persisted rules and safety-interlock state that
+//!   [`DeviceCore`] drives every second.
 //!
 //! Invariants: the device writes nothing to a socket before the TLS
 //! handshake verified the cloud against the provisioned CA and name; every
@@ -20,6 +22,7 @@
 pub mod agent;
 pub mod backoff;
 pub mod protocol;
+pub mod rules;
 mod error;
 mod provision;
 pub mod store;

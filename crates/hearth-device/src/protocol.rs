@@ -8,7 +8,7 @@
 //! reported, so the device never claims an effect (or accepts a counter, or
 //! forgets a failed pairing attempt) that a restart would undo.
 
-use hearth_proto::acl::{AccessList, DeviceContext, Role};
+use hearth_proto::acl::{AccessList, DeviceContext, Refusal, Role};
 use hearth_proto::e2e::{self, Addressed, Content, SealedHeader};
 use hearth_proto::capability::{Capability, DeviceKind};
 use hearth_proto::ids::{ControllerId, DeviceId};
@@ -16,9 +16,13 @@ use hearth_proto::link::{CloudFrame, DeviceFrame, PairOutcome};
 use hearth_proto::message::{self, Cause, Command, DeviceState, Outcome, ResultPayload, StatePayload};
 use hearth_proto::pairing::{self, PairError, PairRequest, SetupSecret};
 use hearth_proto::PROTOCOL_VERSION;
+use hearth_rules::model::RuleSet;
+use hearth_rules::safety::{self, SafetyEvent, Source, Verdict};
+use hearth_rules::schedule;
 use p256::ecdsa::SigningKey;
 
 use crate::error::Error;
+use crate::rules::timestamp;
 use crate::store::{PersistentState, StateStore};
 
 /// Simulated power draw of an energy plug with its relay on: a 1.2 kW heater.
@@ -39,6 +43,44 @@ pub struct DeviceCore {
     state: PersistentState,
     /// The motion sensor's current reading; not persisted (a reboot sees no motion).
     motion: bool,
+    /// The simulated load of an energy plug while its relay is on, in mW.
+    load_mw: u64,
+    /// Safety events since the last [`DeviceCore::take_safety_events`].
+    safety_events: Vec<SafetyEvent>,
+    /// When the scheduler's bookkeeping was last saved (see [`DeviceCore::tick`]).
+    last_tick_save: u64,
+}
+
+/// How often [`DeviceCore::tick`] saves the scheduler's bookkeeping when
+/// nothing switched. Losing up to this much after a crash only means the
+/// scheduler re-evaluates that window; an action that switched was saved
+/// with its switch, so nothing fires twice.
+const TICK_SAVE_SECS: u64 = 60;
+
+/// A device-side refusal of the interlock, as the protocol's reason.
+fn refusal(r: safety::Refusal, now: u64) -> Refusal {
+    match r {
+        safety::Refusal::RateLimited { retry_after_secs, .. } => Refusal::TooManySwitches { retry_after_secs },
+        safety::Refusal::OverPowerLockout { until } => {
+            let wait = until.as_second().saturating_sub(i64::try_from(now).unwrap_or(i64::MAX)).max(1);
+            Refusal::OverPowerLockout { retry_after_secs: u32::try_from(wait).unwrap_or(u32::MAX) }
+        }
+        // `safety::Refusal` is non-exhaustive; anything new is a refusal to
+        // switch, and the latch is the most conservative reading of it.
+        _ => Refusal::OverPowerLatched,
+    }
+}
+
+fn describe(e: &SafetyEvent) -> String {
+    match e {
+        SafetyEvent::MaxOnTime { on_secs, .. } => format!("switched off after the maximum on-time ({on_secs} s on)"),
+        SafetyEvent::OverPower { watts, trip, latched: false, .. } => format!("over-power cut-off at {watts:.0} W (trip {trip})"),
+        SafetyEvent::OverPower { watts, latched: true, .. } => {
+            format!("over-power cut-off at {watts:.0} W, latched: press the device's button to reset")
+        }
+        SafetyEvent::Retried { .. } => "switched back on after an over-power cut-off".into(),
+        SafetyEvent::Refused { reason, .. } => format!("refused: {reason}"),
+    }
 }
 
 impl std::fmt::Debug for DeviceCore {
@@ -55,7 +97,72 @@ impl std::fmt::Debug for DeviceCore {
 impl DeviceCore {
     /// A core over loaded identity and state.
     pub fn new(device: DeviceId, kind: DeviceKind, key: SigningKey, secret: SetupSecret, state: PersistentState) -> Self {
-        Self { device, kind, key, secret, state, motion: false }
+        let mut state = state;
+        if state.rules.interlock.relay_on() != state.relay {
+            // A state file from before the device had interlocks: teach the
+            // interlock the relay's state. A local switch at the epoch is
+            // never rate limited (no switches recorded yet), and this runs
+            // only when the two disagree.
+            let _ = state.rules.interlock.request(state.relay, Source::Local, jiff::Timestamp::UNIX_EPOCH);
+        }
+        Self { device, kind, key, secret, state, motion: false, load_mw: SIMULATED_LOAD_MW, safety_events: Vec::new(), last_tick_save: 0 }
+    }
+
+    /// Sets the simulated load an energy plug draws while on (the
+    /// simulator's stand-in for a kettle or a heater), in milliwatts.
+    pub fn set_simulated_load_mw(&mut self, mw: u64) {
+        self.load_mw = mw;
+    }
+
+    /// The safety events (max on-time, over-power, …) since the last call.
+    pub fn take_safety_events(&mut self) -> Vec<SafetyEvent> {
+        std::mem::take(&mut self.safety_events)
+    }
+
+    /// The stored rule set.
+    pub fn rules(&self) -> &RuleSet {
+        &self.state.rules.set
+    }
+
+    /// Every relay change goes through here: the interlock decides (ADR
+    /// 0005, "no command can override"), and the relay, the scheduler's view
+    /// and the interlock agree afterwards. `manual` marks an owner's switch
+    /// (remote command or button), which starts a countdown and pauses away
+    /// mode. Returns whether the relay changed.
+    fn switch(next: &mut PersistentState, on: bool, source: Source, manual: bool, now: u64) -> Result<bool, safety::Refusal> {
+        let ts = timestamp(now);
+        let verdict = next.rules.interlock.request(on, source, ts);
+        let changed = matches!(verdict, Ok(Verdict::Switch(_)));
+        if changed {
+            next.relay = on;
+            if manual {
+                let tz = zone(&next.rules.set);
+                schedule::manual(&mut next.rules.runtime, &next.rules.set, &tz, on, ts);
+            }
+        }
+        next.rules.runtime.observed(next.relay);
+        verdict.map(|_| changed)
+    }
+
+    /// Once at start-up, before anything else: the power-on policy (or a
+    /// schedule missed while the power was out) sets the relay, through the
+    /// interlock like every other change.
+    pub fn boot(&mut self, store: &mut dyn StateStore, now: u64) -> Result<(), Error> {
+        let mut next = self.state.clone();
+        let ts = timestamp(now);
+        let tz = zone(&next.rules.set);
+        // The relay is physically off at power-up; switching off locally is
+        // never refused and not counted.
+        let _ = next.rules.interlock.request(false, Source::Local, ts);
+        next.relay = false;
+        let action = schedule::boot(&mut next.rules.runtime, &next.rules.set, &tz, ts);
+        if let Err(r) = Self::switch(&mut next, action.on, Source::Rule, false, now) {
+            tracing::warn!(reason = %r, "the power-on state was refused by the safety interlock");
+        }
+        self.save(store, next)?;
+        self.last_tick_save = now;
+        tracing::info!(relay = self.state.relay, cause = ?action.cause, "booted");
+        Ok(())
     }
 
     /// The device id.
@@ -80,7 +187,7 @@ impl DeviceCore {
 
     /// What the device reports now.
     pub fn report(&self) -> DeviceState {
-        observable(self.kind, &self.state, self.motion)
+        observable(self.kind, &self.state, self.motion, self.load_mw)
     }
 
     /// The setup lookup to announce, while in setup mode.
@@ -106,7 +213,7 @@ impl DeviceCore {
             kind: self.kind,
             seq: next.seq,
             at: now,
-            state: observable(self.kind, next, motion),
+            state: observable(self.kind, next, motion, self.load_mw),
             cause,
         };
         let inner = message::sign_state(&self.key, &payload)?;
@@ -157,9 +264,34 @@ impl DeviceCore {
         next.replay.commit(&decision);
         let before = next.relay;
         let mut access_report = None;
+        let mut outcome = Outcome::Done;
         match decision.command {
-            Command::SetRelay { on } => next.relay = on,
-            Command::Toggle => next.relay = !next.relay,
+            Command::SetRelay { .. } | Command::Toggle => {
+                let on = match decision.command {
+                    Command::SetRelay { on } => on,
+                    _ => !next.relay,
+                };
+                // The interlock has the last word; a refused switch still
+                // used up its counter (committed above), like any refusal
+                // after verification.
+                if let Err(r) = Self::switch(&mut next, on, Source::Remote, true, now) {
+                    tracing::warn!(controller = %decision.controller, reason = %r, "safety interlock refused a remote switch");
+                    outcome = Outcome::Refused { reason: refusal(r, now) };
+                }
+            }
+            Command::SetRules { base_version, ref rules } => match replace_rules(&next.rules.set, base_version, rules) {
+                Ok(set) => {
+                    // Reconfiguring keeps the interlock's history: an edit must
+                    // not reset a rate limit or a latched cut-off.
+                    next.rules.interlock.reconfigure(set.interlocks.clone());
+                    tracing::info!(by = %decision.controller, version = set.version, rules = set.rules.len(), "replaced the rule set");
+                    next.rules.set = set;
+                }
+                Err(reason) => outcome = Outcome::Refused { reason },
+            },
+            Command::GetRules => {
+                outcome = Outcome::Rules { rules: String::from_utf8_lossy(&next.rules.set.to_json()).into_owned() };
+            }
             Command::GetState => {}
             Command::GetAccess => access_report = Some(next.access.entries().to_vec()),
             Command::RegisterKey { ref key } => {
@@ -198,9 +330,9 @@ impl DeviceCore {
             };
         }
         let mut frames = Vec::with_capacity(2);
-        let after = observable(self.kind, &next, self.motion);
+        let after = observable(self.kind, &next, self.motion, self.load_mw);
         let access = next.access.clone();
-        frames.push(self.result_frame(&access, decision.controller.clone(), decision.counter, Outcome::Done, after, access_report, now)?);
+        frames.push(self.result_frame(&access, decision.controller.clone(), decision.counter, outcome, after, access_report, now)?);
         if changed {
             let cause = Cause::Command { controller: decision.controller.clone() };
             frames.push(self.state_frame(&mut next, self.motion, cause, now)?);
@@ -232,6 +364,11 @@ impl DeviceCore {
         let readable = recipients.iter().any(|(c, _)| c == &controller);
         let state = if readable { state } else { DeviceState::default() };
         let access_report = if readable { access_report } else { None };
+        // The rule set is sealed or not sent at all.
+        let outcome = match outcome {
+            Outcome::Rules { .. } if !readable => Outcome::Refused { reason: Refusal::NotPermitted },
+            other => other,
+        };
         let to = Addressed { controller: controller.clone(), counter };
         let payload = ResultPayload {
             v: PROTOCOL_VERSION,
@@ -294,6 +431,13 @@ impl DeviceCore {
         next.access.clear();
         next.replay = Default::default();
         next.off_at = None;
+        // The next owner starts without the previous owner's rules; the
+        // interlock keeps its history (a reset must not clear a latch).
+        let fresh = crate::rules::RulesState::default();
+        next.rules.interlock.reconfigure(fresh.set.interlocks.clone());
+        next.rules.set = fresh.set;
+        next.rules.runtime = fresh.runtime;
+        next.rules.runtime.observed(next.relay);
         next.gate.reset();
         self.save(store, next)?;
         tracing::info!("physical reset: access list cleared, setup mode open");
@@ -305,34 +449,104 @@ impl DeviceCore {
         self.state.off_at.filter(|_| self.state.relay)
     }
 
-    /// The clock advanced: enforces a grant's on-time limit by switching
-    /// the relay off (reported as a local change) once `off_at` has passed.
+    /// The clock advanced (the agent calls this every second; tests call it
+    /// with any `now`, which is the device's injected clock). In order:
+    /// a grant's on-time limit, the rules due since the last tick, then the
+    /// interlock's own checks (max on-time, over-power on energy plugs).
+    /// Every switch goes through the interlock; each change is saved and
+    /// then reported with its cause.
     pub fn tick(&mut self, store: &mut dyn StateStore, now: u64) -> Result<Vec<DeviceFrame>, Error> {
-        let Some(at) = self.state.off_at else { return Ok(Vec::new()) };
-        if now < at {
+        let mut next = self.state.clone();
+        let mut reports: Vec<Cause> = Vec::new();
+        // A grant's on-time limit (ADR 0006 scopes).
+        if let Some(at) = next.off_at.filter(|at| now >= *at) {
+            if !next.relay {
+                next.off_at = None;
+            } else {
+                match Self::switch(&mut next, false, Source::Rule, false, now) {
+                    Ok(_) => {
+                        next.off_at = None;
+                        tracing::info!(at, "on-time limit reached: relay switched off");
+                        reports.push(Cause::Local);
+                    }
+                    // Rate limited: the deadline stays and the next tick retries.
+                    Err(r) => tracing::warn!(reason = %r, "on-time limit reached but the switch was refused; retrying"),
+                }
+            }
+        }
+        // The device's own rules: they run with or without a cloud.
+        let ts = timestamp(now);
+        let tz = zone(&next.rules.set);
+        let due = schedule::tick(&mut next.rules.runtime, &next.rules.set, &tz, ts);
+        for action in &due {
+            match Self::switch(&mut next, action.on, Source::Rule, false, now) {
+                Ok(changed) => {
+                    if changed {
+                        if !next.relay {
+                            next.off_at = None;
+                        }
+                        tracing::info!(rule = ?action.rule, cause = ?action.cause, late = action.late, relay = next.relay, "a rule switched the relay");
+                        reports.push(Cause::Rule { rule: action.rule });
+                    }
+                }
+                Err(r) => tracing::warn!(rule = ?action.rule, reason = %r, "safety interlock refused a rule's switch"),
+            }
+        }
+        // The interlock's own checks; on an energy plug with the measured
+        // (here: simulated) power.
+        let load_w = if next.relay { self.load_mw as f32 / 1000.0 } else { 0.0 };
+        let watts = self.kind.has(Capability::EnergyMeter).then_some(load_w);
+        let obs = next.rules.interlock.observe(ts, watts);
+        if let Some(on) = obs.switch {
+            next.relay = on;
+            next.rules.runtime.observed(on);
+            if !on {
+                next.off_at = None;
+            }
+        }
+        for e in &obs.events {
+            tracing::warn!(event = %describe(e), "safety interlock");
+            reports.push(Cause::Interlock { event: describe(e) });
+        }
+        if reports.is_empty() && next.off_at == self.state.off_at && now < self.last_tick_save.saturating_add(TICK_SAVE_SECS) {
+            // Only bookkeeping moved (the scheduler's last evaluation, the
+            // interlock's timers): kept in memory, saved once a minute.
+            self.state = next;
             return Ok(Vec::new());
         }
-        let mut next = self.state.clone();
-        next.off_at = None;
-        let mut frames = Vec::new();
-        if next.relay {
-            next.relay = false;
-            frames.push(self.state_frame(&mut next, self.motion, Cause::Local, now)?);
+        let mut frames = Vec::with_capacity(reports.len());
+        for cause in reports {
+            frames.push(self.state_frame(&mut next, self.motion, cause, now)?);
         }
         self.save(store, next)?;
-        tracing::info!("on-time limit reached: relay switched off");
+        self.last_tick_save = now;
+        self.safety_events.extend(obs.events);
         Ok(frames)
     }
 
     /// The local button: toggles the relay (devices with one) and reports
-    /// it. Works with or without a cloud.
+    /// it. Works with or without a cloud. A person at the device may always
+    /// switch off; switching on still goes through the interlock, and when
+    /// the over-power cut-off is latched, the press resets the latch instead
+    /// (the only way to reset it).
     pub fn press_button(&mut self, store: &mut dyn StateStore, now: u64) -> Result<Vec<DeviceFrame>, Error> {
         if !self.kind.has(Capability::Switch) {
             tracing::info!(kind = self.kind.as_str(), "button pressed on a device without a relay; ignored");
             return Ok(Vec::new());
         }
         let mut next = self.state.clone();
-        next.relay = !next.relay;
+        if next.rules.interlock.latched() {
+            // Local source: the interlock accepts the reset.
+            let _ = next.rules.interlock.reset_latch(Source::Local);
+            self.save(store, next)?;
+            tracing::info!("button pressed: over-power latch reset");
+            return Ok(Vec::new());
+        }
+        let target = !next.relay;
+        if let Err(r) = Self::switch(&mut next, target, Source::Local, true, now) {
+            tracing::warn!(reason = %r, "safety interlock refused the button");
+            return Ok(Vec::new());
+        }
         // A person at the device overrides a remote on-time limit.
         next.off_at = None;
         let report = self.state_frame(&mut next, self.motion, Cause::Local, now)?;
@@ -360,10 +574,35 @@ fn pair_result(req: u64, outcome: PairOutcome) -> DeviceFrame {
     DeviceFrame::PairResult { req, outcome }
 }
 
+/// The zone of a rule set; UTC if the local tzdb does not know it (it was
+/// checked when the set was accepted, so this is a lost tzdb, not a typo).
+fn zone(set: &RuleSet) -> jiff::tz::TimeZone {
+    set.time_zone().unwrap_or(jiff::tz::TimeZone::UTC)
+}
+
+/// Validates a `SetRules`: the edit must be based on the current version,
+/// parse and validate, and name a zone the device knows. The stored set is
+/// `base_version + 1`, whatever version the sender wrote in the JSON.
+fn replace_rules(current: &RuleSet, base_version: u64, json: &str) -> Result<RuleSet, Refusal> {
+    if base_version != current.version {
+        return Err(Refusal::RulesConflict { current: current.version });
+    }
+    let mut new = RuleSet::from_json(json.as_bytes()).map_err(|e| {
+        tracing::warn!(error = %e, "rejected a rule set");
+        Refusal::InvalidRules
+    })?;
+    new.version = current.version.saturating_add(1);
+    if new.time_zone().is_err() {
+        tracing::warn!(zone = %new.timezone, "rejected a rule set: unknown time zone");
+        return Err(Refusal::InvalidRules);
+    }
+    current.replace(new).map_err(|_| Refusal::InvalidRules)
+}
+
 /// The reportable state of a device of `kind`: fields it lacks stay absent.
-fn observable(kind: DeviceKind, state: &PersistentState, motion: bool) -> DeviceState {
+fn observable(kind: DeviceKind, state: &PersistentState, motion: bool, load_mw: u64) -> DeviceState {
     let relay = kind.has(Capability::Switch).then_some(state.relay);
-    let power_mw = kind.has(Capability::EnergyMeter).then_some(if state.relay { SIMULATED_LOAD_MW } else { 0 });
+    let power_mw = kind.has(Capability::EnergyMeter).then_some(if state.relay { load_mw } else { 0 });
     let motion = kind.has(Capability::Motion).then_some(motion);
     DeviceState { relay, motion, power_mw }
 }
@@ -597,5 +836,213 @@ mod tests {
         let roles: Vec<Role> = listed.iter().map(|e| e.role).collect();
         assert_eq!(roles, vec![Role::Owner, Role::Admin, Role::Member, Role::Member, Role::Member]);
         assert_eq!(listed[2].scope.max_on_secs, Some(900));
+    }
+
+    /// A paired plug of `kind` whose owner registered its encryption key.
+    fn owned(kind: DeviceKind) -> (DeviceCore, Memory, SigningKey) {
+        let (mut core, secret) = core(kind);
+        let mut store = Memory::default();
+        let owner = pair(&mut core, &secret, &mut store);
+        let device = core.device().clone();
+        let reg = Command::RegisterKey { key: e2e::EncSecretKey::for_controller(&owner).public().clone() };
+        core.handle(CloudFrame::Command { envelope: command(&owner, &device, 0, reg) }, &mut store, NOW).unwrap();
+        (core, store, owner)
+    }
+
+    /// Sends `cmd` signed by `who` at `now`; returns the (opened) result.
+    fn send(core: &mut DeviceCore, store: &mut Memory, who: &SigningKey, counter: u64, cmd: Command, now: u64) -> ResultPayload {
+        let device = core.device().clone();
+        let frames = core.handle(CloudFrame::Command { envelope: command_at(who, &device, counter, cmd, now) }, store, now).unwrap();
+        result_of(&frames, core, who)
+    }
+
+    fn set_rules(core: &mut DeviceCore, store: &mut Memory, owner: &SigningKey, counter: u64, rules: serde_json::Value) -> Outcome {
+        let base_version = core.rules().version;
+        send(core, store, owner, counter, Command::SetRules { base_version, rules: rules.to_string() }, NOW).outcome
+    }
+
+    /// The causes of the state reports among `frames`, opened as the owner.
+    fn causes(frames: &[DeviceFrame], core: &DeviceCore, owner: &SigningKey) -> Vec<Cause> {
+        let key = PublicKey::from(&core.key);
+        let me = PublicKey::from(owner).controller_id();
+        let enc = e2e::EncSecretKey::for_controller(owner);
+        frames
+            .iter()
+            .filter_map(|f| match f {
+                DeviceFrame::State { envelope } => Some(e2e::open_state(envelope, core.device(), &key, &me, &enc).unwrap().cause),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_flood_of_remote_switches_cannot_exceed_the_toggle_limit() {
+        let (mut plug, mut store, owner) = owned(DeviceKind::Plug);
+        let rules = serde_json::json!({"version": 1, "timezone": "UTC", "interlocks": {"max_toggles_per_min": 6}});
+        assert_eq!(set_rules(&mut plug, &mut store, &owner, 1, rules), Outcome::Done);
+        let mut counter = 2;
+        let mut switches: Vec<u64> = Vec::new();
+        let mut refused = 0;
+        for s in 0..150 {
+            let now = NOW + s;
+            // Ten alternating commands a second from a compromised controller.
+            for i in 0..10 {
+                let before = plug.state().relay;
+                let r = send(&mut plug, &mut store, &owner, counter, Command::SetRelay { on: i % 2 == 0 }, now);
+                counter += 1;
+                if plug.state().relay != before {
+                    switches.push(now);
+                }
+                if let Outcome::Refused { reason } = r.outcome {
+                    assert!(matches!(reason, Refusal::TooManySwitches { retry_after_secs: 1..=60 }), "{reason:?}");
+                    assert!(reason.to_string().starts_with("safety interlock: too many switches, try again in "), "{reason}");
+                    refused += 1;
+                }
+            }
+            plug.tick(&mut store, now).unwrap();
+        }
+        // Never more than six switches in any 60-second window…
+        for (i, t) in switches.iter().enumerate() {
+            assert!(switches[i..].iter().take_while(|u| **u < t + 60).count() <= 6, "window at {t}: {switches:?}");
+        }
+        // …and the limit is reached, not just never tested: six at 0 s, at
+        // 60 s and at 120 s, when the window reopens.
+        assert_eq!(switches.len(), 18);
+        assert!(refused > 700, "{refused}");
+        // The interlock's history is saved with the relay it protects.
+        assert_eq!(store.saved.as_ref().map(|s| s.relay), Some(plug.state().relay));
+    }
+
+    #[test]
+    fn the_maximum_on_time_switches_off_with_an_event() {
+        let (mut plug, mut store, owner) = owned(DeviceKind::Plug);
+        let rules = serde_json::json!({"version": 1, "timezone": "UTC", "interlocks": {"max_on_secs": 120}});
+        assert_eq!(set_rules(&mut plug, &mut store, &owner, 1, rules), Outcome::Done);
+        assert_eq!(send(&mut plug, &mut store, &owner, 2, Command::SetRelay { on: true }, NOW).outcome, Outcome::Done);
+        for s in 1..120 {
+            assert!(plug.tick(&mut store, NOW + s).unwrap().is_empty(), "at {s}");
+        }
+        assert!(plug.state().relay);
+        let frames = plug.tick(&mut store, NOW + 120).unwrap();
+        assert!(!plug.state().relay);
+        assert_eq!(store.saved.as_ref().map(|s| s.relay), Some(false));
+        let causes = causes(&frames, &plug, &owner);
+        assert!(matches!(&causes[..], [Cause::Interlock { event }] if event.contains("maximum on-time")), "{causes:?}");
+        assert!(matches!(plug.take_safety_events()[..], [SafetyEvent::MaxOnTime { on_secs: 120, .. }]));
+    }
+
+    #[test]
+    fn an_over_power_load_is_cut_off_and_only_the_button_resets_the_latch() {
+        let (mut plug, mut store, owner) = owned(DeviceKind::EnergyPlug);
+        let rules = serde_json::json!({"version": 1, "timezone": "UTC",
+            "interlocks": {"over_power": {"limit_w": 1500, "for_secs": 3, "retry_after_secs": 60, "max_retries": 0}}});
+        assert_eq!(set_rules(&mut plug, &mut store, &owner, 1, rules), Outcome::Done);
+        // A 2 kW load on a plug limited to 1.5 kW.
+        plug.set_simulated_load_mw(2_000_000);
+        assert_eq!(send(&mut plug, &mut store, &owner, 2, Command::SetRelay { on: true }, NOW).outcome, Outcome::Done);
+        let mut frames = Vec::new();
+        for s in 0..=5 {
+            frames.extend(plug.tick(&mut store, NOW + s).unwrap());
+        }
+        assert!(!plug.state().relay, "still on after 5 s over the limit");
+        let events = plug.take_safety_events();
+        assert!(matches!(events[..], [SafetyEvent::OverPower { latched: true, .. }]), "{events:?}");
+        assert!(matches!(&causes(&frames, &plug, &owner)[..], [Cause::Interlock { event }] if event.contains("over-power")));
+        // No remote command switches it back on, not even the owner's…
+        let r = send(&mut plug, &mut store, &owner, 3, Command::SetRelay { on: true }, NOW + 10);
+        assert_eq!(r.outcome, Outcome::Refused { reason: Refusal::OverPowerLatched });
+        assert_eq!(r.state.power_mw, Some(0));
+        // …nor does a restart clear the latch.
+        let saved = store.saved.clone().unwrap();
+        let mut rebooted = DeviceCore::new(plug.device.clone(), plug.kind, plug.key.clone(), plug.secret.clone(), saved);
+        rebooted.boot(&mut store, NOW + 20).unwrap();
+        let r = send(&mut rebooted, &mut store, &owner, 4, Command::SetRelay { on: true }, NOW + 21);
+        assert_eq!(r.outcome, Outcome::Refused { reason: Refusal::OverPowerLatched });
+        // A person at the device resets it; then the owner may switch again.
+        assert!(rebooted.press_button(&mut store, NOW + 30).unwrap().is_empty());
+        assert!(!rebooted.state().relay);
+        assert_eq!(send(&mut rebooted, &mut store, &owner, 5, Command::SetRelay { on: true }, NOW + 31).outcome, Outcome::Done);
+    }
+
+    #[test]
+    fn rules_are_versioned_owner_only_and_read_back_sealed() {
+        let (mut plug, mut store, owner) = owned(DeviceKind::Plug);
+        let rules = serde_json::json!({"version": 7, "timezone": "Europe/Berlin",
+            "rules": [{"id": 1, "name": "off after 30 min", "kind": {"countdown": {"off_after_secs": 1800}}}]});
+        let set = |base_version, rules: &serde_json::Value| Command::SetRules { base_version, rules: rules.to_string() };
+        // A stale base version is refused and changes nothing.
+        let r = send(&mut plug, &mut store, &owner, 1, set(3, &rules), NOW);
+        assert_eq!(r.outcome, Outcome::Refused { reason: Refusal::RulesConflict { current: 0 } });
+        assert_eq!(send(&mut plug, &mut store, &owner, 2, set(0, &rules), NOW).outcome, Outcome::Done);
+        // Stored as version 1 whatever the file said; a second edit on 0 conflicts.
+        assert_eq!(plug.rules().version, 1);
+        assert_eq!(store.saved.as_ref().map(|s| s.rules.set.version), Some(1));
+        let r = send(&mut plug, &mut store, &owner, 3, set(0, &rules), NOW);
+        assert_eq!(r.outcome, Outcome::Refused { reason: Refusal::RulesConflict { current: 1 } });
+        // Invalid sets are refused: out of range, unknown field, unknown zone.
+        for (bad, counter) in [
+            serde_json::json!({"version": 1, "timezone": "UTC", "interlocks": {"max_toggles_per_min": 99}}),
+            serde_json::json!({"version": 1, "timezone": "UTC", "force": true}),
+            serde_json::json!({"version": 1, "timezone": "Mars/Olympus"}),
+        ]
+        .iter()
+        .zip(10..)
+        {
+            let r = send(&mut plug, &mut store, &owner, counter, set(1, bad), NOW);
+            assert_eq!(r.outcome, Outcome::Refused { reason: Refusal::InvalidRules }, "{bad}");
+        }
+        assert_eq!(plug.rules().version, 1);
+        // Read back, inside the sealed result.
+        let Outcome::Rules { rules: back } = send(&mut plug, &mut store, &owner, 20, Command::GetRules, NOW).outcome else { panic!() };
+        let back = RuleSet::from_json(back.as_bytes()).unwrap();
+        assert_eq!((back.version, back.timezone.as_str(), back.rules.len()), (1, "Europe/Berlin", 1));
+        // A member may switch and read the rules, but not change them.
+        let (member, _) = share(&mut plug, &mut store, &owner, 21, Role::Member, hearth_proto::acl::Scope::default());
+        let r = send(&mut plug, &mut store, &member, 1, set(1, &rules), NOW);
+        assert_eq!(r.outcome, Outcome::Refused { reason: Refusal::NotPermitted });
+        assert!(matches!(send(&mut plug, &mut store, &member, 2, Command::GetRules, NOW).outcome, Outcome::Rules { .. }));
+        // An admin may change them.
+        let (admin, _) = share(&mut plug, &mut store, &owner, 22, Role::Admin, hearth_proto::acl::Scope::default());
+        assert_eq!(send(&mut plug, &mut store, &admin, 1, set(1, &rules), NOW).outcome, Outcome::Done);
+        assert_eq!(plug.rules().version, 2);
+    }
+
+    #[test]
+    fn rules_run_without_a_cloud_and_survive_a_restart() {
+        // NOW is 2027-01-15 08:00:00 UTC. A schedule at 08:01 and a
+        // 60-second countdown; no cloud anywhere, only the core's clock.
+        let (mut plug, mut store, owner) = owned(DeviceKind::Plug);
+        let rules = serde_json::json!({"version": 1, "timezone": "UTC", "power_on": "last", "rules": [
+            {"id": 1, "name": "morning", "kind": {"schedule": {"days": ["mon","tue","wed","thu","fri","sat","sun"], "at": {"clock": "08:01"}, "action": "on"}}},
+            {"id": 2, "name": "countdown", "kind": {"countdown": {"off_after_secs": 60}}}]});
+        assert_eq!(set_rules(&mut plug, &mut store, &owner, 1, rules), Outcome::Done);
+        let mut causes_seen = Vec::new();
+        let mut changes = Vec::new();
+        for s in 0..=200 {
+            let before = plug.state().relay;
+            let frames = plug.tick(&mut store, NOW + s).unwrap();
+            causes_seen.extend(causes(&frames, &plug, &owner));
+            if plug.state().relay != before {
+                changes.push((s, plug.state().relay));
+            }
+        }
+        // On at 08:01 by the schedule, off 60 s later by the countdown.
+        assert_eq!(changes, vec![(60, true), (120, false)]);
+        assert_eq!(causes_seen, vec![Cause::Rule { rule: Some(1) }, Cause::Rule { rule: None }]);
+        // The button starts the countdown too.
+        plug.press_button(&mut store, NOW + 300).unwrap();
+        assert!(plug.state().relay);
+        // A restart keeps the rules and the running countdown.
+        let saved = store.saved.clone().unwrap();
+        let mut rebooted = DeviceCore::new(plug.device.clone(), plug.kind, plug.key.clone(), plug.secret.clone(), saved);
+        rebooted.boot(&mut store, NOW + 310).unwrap();
+        assert_eq!(rebooted.rules().version, 1);
+        assert!(rebooted.state().relay, "power-on policy 'last' keeps it on");
+        for s in 311..360 {
+            rebooted.tick(&mut store, NOW + s).unwrap();
+            assert!(rebooted.state().relay, "off early at {s}");
+        }
+        rebooted.tick(&mut store, NOW + 360).unwrap();
+        assert!(!rebooted.state().relay);
     }
 }

@@ -81,6 +81,10 @@ pub struct PersistentState {
     /// controller with an on-time limit switched it on (ADR 0006 scopes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub off_at: Option<u64>,
+    /// Rules, scheduler and safety-interlock state (issue 5). Absent in
+    /// files written before the device had rules: the defaults apply.
+    #[serde(default)]
+    pub rules: crate::rules::RulesState,
 }
 
 impl PersistentState {
@@ -94,6 +98,7 @@ impl PersistentState {
             gate: PairingGate::setup(),
             seq: 0,
             off_at: None,
+            rules: crate::rules::RulesState::default(),
         }
     }
 }

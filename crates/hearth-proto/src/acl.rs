@@ -102,6 +102,27 @@ pub enum Refusal {
     Unsupported,
     /// The controller's grant has expired.
     Expired,
+    /// Safety interlock: too many relay switches in the last minute
+    /// (protects the relay and the appliance from a flicker attack).
+    TooManySwitches {
+        /// Seconds until one more switch is allowed.
+        retry_after_secs: u32,
+    },
+    /// Safety interlock: cut off for over-power, waiting before it may go on again.
+    OverPowerLockout {
+        /// Seconds until the relay may go on again.
+        retry_after_secs: u32,
+    },
+    /// Safety interlock: cut off for over-power too often; only a person at
+    /// the device can reset it.
+    OverPowerLatched,
+    /// The rule set was edited meanwhile: read it again and redo the edit.
+    RulesConflict {
+        /// The device's current rule-set version.
+        current: u64,
+    },
+    /// The rule set is not valid (parse error or a value out of range).
+    InvalidRules,
 }
 
 impl Refusal {
@@ -117,13 +138,30 @@ impl Refusal {
             Refusal::NotPermitted => "this controller's role does not allow that",
             Refusal::Unsupported => "the device cannot do that",
             Refusal::Expired => "this controller's access to the device has expired",
+            Refusal::TooManySwitches { .. } => "safety interlock: too many switches in the last minute, try again later",
+            Refusal::OverPowerLockout { .. } => "safety interlock: switched off for over-power, try again later",
+            Refusal::OverPowerLatched => "safety interlock: switched off for over-power too often; press the device's button to reset",
+            Refusal::RulesConflict { .. } => "the rules were changed meanwhile: read them again and redo the edit",
+            Refusal::InvalidRules => "the device rejected the rule set as invalid",
         }
     }
 }
 
 impl std::fmt::Display for Refusal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.explain())
+        // Variants with a number say it; the rest is the plain sentence.
+        match self {
+            Refusal::TooManySwitches { retry_after_secs } => {
+                write!(f, "safety interlock: too many switches, try again in {retry_after_secs} s")
+            }
+            Refusal::OverPowerLockout { retry_after_secs } => {
+                write!(f, "safety interlock: switched off for over-power, try again in {retry_after_secs} s")
+            }
+            Refusal::RulesConflict { current } => {
+                write!(f, "the rules were changed meanwhile (now version {current}): read them again and redo the edit")
+            }
+            other => f.write_str(other.explain()),
+        }
     }
 }
 
@@ -355,6 +393,9 @@ impl AccessList {
         }
         let is_member_or_new = |c: &ControllerId| self.get(c).is_none_or(|t| t.role == Role::Member);
         let allowed = match (&cmd.command, entry.role) {
+            // Rules and safety interlocks: owners and admins only (a member,
+            // even an unrestricted one, may switch but not reconfigure).
+            (c, role) if c.is_config_change() => matches!(role, Role::Owner | Role::Admin),
             (c, _) if !c.is_access_change() => true,
             // Nobody may leave the device without an owner (only the reset
             // button recovers from that).

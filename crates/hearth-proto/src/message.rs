@@ -55,6 +55,19 @@ pub enum Command {
         /// Who to remove.
         controller: ControllerId,
     },
+    /// Replace the device's rule set (schedules, timers, away mode, motion
+    /// rules, safety interlocks) atomically. Owners and admins only. The
+    /// device accepts it only if its current version is `base_version`
+    /// (optimistic concurrency: two editors cannot silently overwrite each
+    /// other) and stores it as version `base_version + 1`.
+    SetRules {
+        /// The version the edit was made against.
+        base_version: u64,
+        /// The new rule set, JSON (hearth-rules `RuleSet`; its `version` is ignored).
+        rules: String,
+    },
+    /// Report the rule set (answered as [`Outcome::Rules`], only sealed).
+    GetRules,
 }
 
 impl Command {
@@ -64,6 +77,8 @@ impl Command {
             Command::SetRelay { .. } | Command::Toggle => Some(Capability::Switch),
             Command::GetState
             | Command::GetAccess
+            | Command::SetRules { .. }
+            | Command::GetRules
             | Command::RegisterKey { .. }
             | Command::AddController { .. }
             | Command::RemoveController { .. } => None,
@@ -77,7 +92,13 @@ impl Command {
 
     /// Whether the command changes anything on the device.
     pub fn is_write(&self) -> bool {
-        !matches!(self, Command::GetState | Command::GetAccess)
+        !matches!(self, Command::GetState | Command::GetAccess | Command::GetRules)
+    }
+
+    /// Whether the command changes the device's configuration (rules and
+    /// safety interlocks): owners and admins only.
+    pub fn is_config_change(&self) -> bool {
+        matches!(self, Command::SetRules { .. })
     }
 }
 
@@ -125,6 +146,12 @@ pub enum Outcome {
         /// The reason.
         reason: Refusal,
     },
+    /// The answer to [`Command::GetRules`]: the stored rule set as JSON.
+    /// Only ever sent inside a sealed result.
+    Rules {
+        /// The rule set (hearth-rules `RuleSet` JSON), with its version.
+        rules: String,
+    },
 }
 
 /// Device → controller: the answer to one command. Signed by the device.
@@ -162,6 +189,17 @@ pub enum Cause {
     },
     /// Something on the device itself (button, sensor, boot).
     Local,
+    /// One of the device's own rules (schedule, timer, away mode, motion).
+    Rule {
+        /// The rule's id, when a single rule caused it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rule: Option<u32>,
+    },
+    /// A safety interlock switched the relay (max on-time, over-power).
+    Interlock {
+        /// What happened, for people.
+        event: String,
+    },
     /// A periodic or on-connect report with no change.
     Report,
 }

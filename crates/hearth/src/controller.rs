@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use futures_util::{SinkExt, StreamExt};
-use hearth_proto::acl::Refusal;
 use hearth_proto::e2e::{self, EncSecretKey, OpenError};
 use hearth_proto::ids::{ControllerId, DeviceId};
 use hearth_proto::keys::PublicKey;
@@ -159,7 +158,7 @@ pub async fn pair(cfg: &mut Config, label: &str, name: Option<String>) -> Result
     let (r, _) = send(cfg, &paired.device, &paired.device_key, Command::RegisterKey { key: enc.public().clone() }).await
         .context("registering this controller's encryption key with the device")?;
     match r.outcome {
-        Outcome::Done => println!("Registered encryption key {} with the device.", enc.public().fingerprint()),
+        Outcome::Done | Outcome::Rules { .. } => println!("Registered encryption key {} with the device.", enc.public().fingerprint()),
         Outcome::Refused { reason } => bail!("the device refused this controller's encryption key: {}", reason.explain()),
     }
     Ok(())
@@ -327,19 +326,15 @@ pub async fn switch(cfg: &mut Config, wanted: &str, command: Command) -> Result<
         _ => e,
     })?;
     match r.outcome {
-        Outcome::Done => {
+        Outcome::Done | Outcome::Rules { .. } => {
             println!("{} is {} (signed by the device, {} ms)", dev.name, describe_state(&r.state), rtt.as_millis());
             Ok(0)
         }
         Outcome::Refused { reason } => {
-            eprintln!("{} refused: {}", dev.name, explain(reason));
+            eprintln!("{} refused: {reason}", dev.name);
             Ok(EXIT_REFUSED)
         }
     }
-}
-
-fn explain(r: Refusal) -> &'static str {
-    r.explain()
 }
 
 /// `hearth watch`: prints verified live state until interrupted.
@@ -443,6 +438,9 @@ pub async fn watch(cfg: &Config, json_lines: bool, count: Option<usize>, duratio
                         Cause::Command { controller } => format!("by controller {}", &controller.as_str()[..8]),
                         Cause::Local => "on the device".into(),
                         Cause::Report => "report".into(),
+                        Cause::Rule { rule: Some(id) } => format!("by rule {id} on the device"),
+                        Cause::Rule { rule: None } => "by a rule on the device".into(),
+                        Cause::Interlock { event } => format!("safety interlock: {event}"),
                     };
                     println!("{}: {} ({why})", dev.name, describe_state(&s.state));
                 }
@@ -510,7 +508,7 @@ pub async fn share(cfg: &mut Config, wanted: &str, code: &str, role: hearth_prot
     );
     let (r, _) = send(cfg, &dev.id, &dev_key, Command::AddController { key, enc, role, scope }).await?;
     match r.outcome {
-        Outcome::Done => {
+        Outcome::Done | Outcome::Rules { .. } => {
             println!("Shared {} (the device confirmed, signed).", dev.name);
             Ok(0)
         }
@@ -530,7 +528,7 @@ pub async fn revoke(cfg: &mut Config, wanted: &str, controller: &str) -> Result<
     let (dev_key, _) = device_key(cfg, &dev).ok_or_else(|| anyhow!("cannot check {}'s answer: device key unknown", dev.name))?;
     let (r, _) = send(cfg, &dev.id, &dev_key, Command::RemoveController { controller: controller.clone() }).await?;
     match r.outcome {
-        Outcome::Done => {
+        Outcome::Done | Outcome::Rules { .. } => {
             println!("Revoked {controller} on {} (the device confirmed, signed).", dev.name);
             Ok(0)
         }
