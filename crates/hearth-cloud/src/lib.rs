@@ -47,13 +47,14 @@ mod store;
 pub use api::fuzzing;
 
 use std::future::Future;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use tokio::sync::{mpsc, watch, Semaphore};
 
+/// Where the cloud keeps its state (see `store.rs`).
+pub use store::{DatabaseUrl, DatabaseUrlError};
 /// The connection limits and deadlines of both ports (see `server.rs`).
 pub use server::{HANDSHAKE_TIMEOUT, HEADER_TIMEOUT, MAX_CONNECTIONS, MAX_CONNECTIONS_PER_ADDRESS};
 
@@ -71,8 +72,9 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// Everything the cloud needs to run.
 #[derive(Debug, Clone)]
 pub struct CloudConfig {
-    /// The SQLite database file (created if missing).
-    pub db_path: PathBuf,
+    /// The database: a SQLite file (created if missing) for one node, or a
+    /// PostgreSQL URL shared by many nodes.
+    pub database: DatabaseUrl,
     /// The TLS server certificate and key for both ports
     /// (`PkiDir::cloud_server()`).
     pub server: hearth_pki::CertifiedKey,
@@ -116,9 +118,9 @@ pub async fn serve(
     listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let store = store::Store::open(&config.db_path)
+    let store = store::Store::connect(&config.database)
         .await
-        .with_context(|| format!("opening the database {}", config.db_path.display()))?;
+        .with_context(|| format!("opening the database {}", config.database))?;
     let api_tls = hearth_pki::server_config(&config.server, None, &[b"http/1.1"])
         .context("building the API port's TLS configuration")?;
     let device_tls = hearth_pki::server_config(&config.server, Some(&config.manufacturer_ca_pem), &[])

@@ -2,27 +2,46 @@
 //! registry.
 //!
 //! All SQL lives here, behind [`Store`], so the rest of the cloud never sees
-//! a connection and a PostgreSQL backend can follow with the same methods.
-//! The schema is built by an ordered list of migrations recorded in
-//! `schema_migrations`; a migration is never edited once released, only
-//! followed by a new one.
+//! a connection. Two backends sit behind the same methods, chosen by the
+//! [`DatabaseUrl`]: SQLite for a single node (the default) and PostgreSQL
+//! for many nodes sharing one database (issue 8). Each method carries both
+//! dialects' SQL next to each other so their semantics stay identical.
 //!
-//! rusqlite is blocking, so every call runs on tokio's blocking pool with one
-//! shared connection behind a mutex. SQLite serialises writers anyway, and
-//! one connection keeps the pragmas (WAL, foreign keys) in one place.
+//! The schema is built by an ordered list of migrations recorded in
+//! `schema_migrations` (in both backends); a migration is never edited once
+//! released, only followed by a new one, and every migration exists in both
+//! dialects.
+//!
+//! rusqlite is blocking, so every SQLite call runs on tokio's blocking pool
+//! with one shared connection behind a mutex. SQLite serialises writers
+//! anyway, and one connection keeps the pragmas (WAL, foreign keys) in one
+//! place. PostgreSQL uses a small fixed pool of async connections
+//! ([`postgres::Pool`]).
 
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 
 use hearth_proto::capability::DeviceKind;
 use hearth_proto::ids::DeviceId;
 use rusqlite::{params, Connection, OptionalExtension};
 
+mod postgres;
+
+/// One schema step in both dialects. They differ only in types: SQLite's
+/// `BLOB`/`INTEGER` are PostgreSQL's `BYTEA`/`BIGINT`, and an
+/// `AUTOINCREMENT` key is an identity column.
+struct Migration {
+    sqlite: &'static str,
+    postgres: &'static str,
+}
+
 /// The schema, one step per entry; entry `i` is version `i + 1`.
-const MIGRATIONS: &[&str] = &[
+const MIGRATIONS: &[Migration] = &[
     // 1: accounts, sessions, controllers, devices.
-    r#"
+    Migration {
+        sqlite: r#"
     CREATE TABLE accounts (
         id            TEXT PRIMARY KEY,
         email         TEXT NOT NULL UNIQUE,
@@ -55,9 +74,44 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX devices_account_id ON devices(account_id);
     "#,
+        postgres: r#"
+    CREATE TABLE accounts (
+        id            TEXT PRIMARY KEY,
+        email         TEXT NOT NULL UNIQUE,
+        password_hash TEXT NOT NULL,
+        created_at    BIGINT NOT NULL
+    );
+    CREATE TABLE sessions (
+        token_hash BYTEA PRIMARY KEY,
+        account_id TEXT NOT NULL REFERENCES accounts(id) ON DELETE CASCADE,
+        expires_at BIGINT NOT NULL
+    );
+    CREATE INDEX sessions_expires_at ON sessions(expires_at);
+    CREATE TABLE controllers (
+        account_id TEXT NOT NULL REFERENCES accounts(id) ON DELETE CASCADE,
+        id         TEXT NOT NULL,
+        public_key BYTEA NOT NULL,
+        name       TEXT NOT NULL,
+        created_at BIGINT NOT NULL,
+        PRIMARY KEY (account_id, id)
+    );
+    CREATE TABLE devices (
+        id          TEXT PRIMARY KEY,
+        kind        TEXT NOT NULL,
+        certificate BYTEA NOT NULL,
+        last_seen   BIGINT NOT NULL,
+        last_state  BYTEA,
+        account_id  TEXT REFERENCES accounts(id) ON DELETE SET NULL,
+        name        TEXT,
+        paired_at   BIGINT
+    );
+    CREATE INDEX devices_account_id ON devices(account_id);
+    "#,
+    },
     // 2: bounded per-device event history of sealed state reports (ADR 0006),
     // so an offline controller catches up. Ciphertext only.
-    r#"
+    Migration {
+        sqlite: r#"
     CREATE TABLE device_events (
         seq       INTEGER PRIMARY KEY AUTOINCREMENT,
         device_id TEXT NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
@@ -66,6 +120,18 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX device_events_device ON device_events(device_id, seq);
     "#,
+        // An identity never reuses a value, like AUTOINCREMENT, so a client's
+        // "events after seq" stays meaningful across trims.
+        postgres: r#"
+    CREATE TABLE device_events (
+        seq       BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        device_id TEXT NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
+        at        BIGINT NOT NULL,
+        envelope  BYTEA NOT NULL
+    );
+    CREATE INDEX device_events_device ON device_events(device_id, seq);
+    "#,
+    },
 ];
 
 /// Most events kept per device.
@@ -92,6 +158,9 @@ pub enum StoreError {
     /// SQLite reported an error.
     #[error("database: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    /// PostgreSQL reported an error (or could not be reached).
+    #[error("database: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
     /// The blocking task running the query panicked or was cancelled.
     #[error("database task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
@@ -162,10 +231,99 @@ pub struct DeviceRow {
     pub last_state: Option<Vec<u8>>,
 }
 
+/// Where the cloud keeps its state, parsed from `--database-url`: a
+/// `postgres://` (or `postgresql://`) URL, or else a SQLite file path
+/// (optionally written `sqlite:PATH`).
+#[derive(Clone, PartialEq, Eq)]
+pub enum DatabaseUrl {
+    /// A SQLite database file, created if missing.
+    Sqlite(PathBuf),
+    /// A PostgreSQL connection URL (validated when parsed).
+    Postgres(String),
+}
+
+/// Why a database URL was refused.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid database URL: {0}")]
+pub struct DatabaseUrlError(String);
+
+impl FromStr for DatabaseUrl {
+    type Err = DatabaseUrlError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+            // Parse now so a typo fails at startup with a clear message
+            // rather than at the first query.
+            let config: tokio_postgres::Config = s.parse().map_err(|e| DatabaseUrlError(format!("{e}")))?;
+            if config.get_hosts().is_empty() {
+                return Err(DatabaseUrlError("a PostgreSQL URL needs a host".into()));
+            }
+            if !matches!(
+                config.get_ssl_mode(),
+                tokio_postgres::config::SslMode::Disable | tokio_postgres::config::SslMode::Prefer
+            ) {
+                return Err(DatabaseUrlError(
+                    "TLS to PostgreSQL is not supported; reach it over loopback or a private network (docs/deploy.md)"
+                        .into(),
+                ));
+            }
+            return Ok(Self::Postgres(s.to_owned()));
+        }
+        if let Some((scheme, _)) = s.split_once("://") {
+            if scheme != "sqlite" {
+                return Err(DatabaseUrlError(format!("unknown scheme {scheme:?}; use postgres:// or a SQLite path")));
+            }
+        }
+        let path = s.strip_prefix("sqlite://").or_else(|| s.strip_prefix("sqlite:")).unwrap_or(s);
+        if path.is_empty() {
+            return Err(DatabaseUrlError("empty SQLite path".into()));
+        }
+        Ok(Self::Sqlite(PathBuf::from(path)))
+    }
+}
+
+impl fmt::Display for DatabaseUrl {
+    /// Safe to log: a PostgreSQL password is replaced by `***`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Sqlite(path) => write!(f, "sqlite:{}", path.display()),
+            Self::Postgres(url) => f.write_str(&redact_password(url)),
+        }
+    }
+}
+
+impl fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "DatabaseUrl({self})")
+    }
+}
+
+/// `postgres://user:secret@host/db` → `postgres://user:***@host/db`.
+fn redact_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***@{host}{tail}"),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
+}
+
 /// The database. Cheap to clone.
 #[derive(Clone)]
 pub struct Store {
-    conn: Arc<Mutex<Connection>>,
+    backend: Backend,
+}
+
+#[derive(Clone)]
+enum Backend {
+    Sqlite(Arc<Mutex<Connection>>),
+    Postgres(Arc<postgres::Pool>),
 }
 
 impl fmt::Debug for Store {
@@ -194,6 +352,16 @@ fn parse_device_id(text: &str) -> Result<DeviceId, StoreError> {
 }
 
 impl Store {
+    /// Opens the database at `url` and brings its schema up to date.
+    pub async fn connect(url: &DatabaseUrl) -> Result<Self, StoreError> {
+        match url {
+            DatabaseUrl::Sqlite(path) => Self::open(path).await,
+            DatabaseUrl::Postgres(url) => {
+                Ok(Self { backend: Backend::Postgres(Arc::new(postgres::Pool::open(url).await?)) })
+            }
+        }
+    }
+
     /// Opens (creating if needed) the SQLite database at `path` and brings
     /// its schema up to date.
     pub async fn open(path: &Path) -> Result<Self, StoreError> {
@@ -205,16 +373,16 @@ impl Store {
             Ok(conn)
         })
         .await??;
-        Ok(Self { conn: Arc::new(Mutex::new(conn)) })
+        Ok(Self { backend: Backend::Sqlite(Arc::new(Mutex::new(conn))) })
     }
 
-    /// Runs `f` with the connection on the blocking pool.
-    async fn run<T, F>(&self, f: F) -> Result<T, StoreError>
+    /// Runs `f` with the SQLite connection on the blocking pool.
+    async fn run<T, F>(conn: &Arc<Mutex<Connection>>, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
     {
-        let conn = self.conn.clone();
+        let conn = conn.clone();
         tokio::task::spawn_blocking(move || {
             // A panic while holding the lock happened inside a rusqlite call;
             // SQLite rolls back any open transaction itself, so the
@@ -228,32 +396,61 @@ impl Store {
     /// The schema version the database is at.
     #[cfg(test)]
     pub async fn schema_version(&self) -> Result<i64, StoreError> {
-        self.run(|c| current_version(c)).await
+        match &self.backend {
+            Backend::Sqlite(conn) => Self::run(conn, |c| current_version(c)).await,
+            Backend::Postgres(pool) => postgres::current_version(&*pool.client().await?).await,
+        }
     }
 
     /// Creates an account; `None` if the email is taken.
     pub async fn create_account(&self, email: String, password_hash: String) -> Result<Option<AccountId>, StoreError> {
-        self.run(move |c| {
-            let id = AccountId::random();
-            let inserted = c.execute(
-                "INSERT INTO accounts (id, email, password_hash, created_at) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT (email) DO NOTHING",
-                params![id.as_str(), email, password_hash, sql_time(unix_now())],
-            )?;
-            Ok((inserted == 1).then_some(id))
-        })
-        .await
+        let id = AccountId::random();
+        let now = sql_time(unix_now());
+        let inserted = match &self.backend {
+            Backend::Sqlite(conn) => {
+                let id = id.clone();
+                Self::run(conn, move |c| {
+                    Ok(c.execute(
+                        "INSERT INTO accounts (id, email, password_hash, created_at) VALUES (?1, ?2, ?3, ?4)
+                         ON CONFLICT (email) DO NOTHING",
+                        params![id.as_str(), email, password_hash, now],
+                    )? as u64)
+                })
+                .await?
+            }
+            Backend::Postgres(pool) => {
+                pool.client()
+                    .await?
+                    .execute(
+                        "INSERT INTO accounts (id, email, password_hash, created_at) VALUES ($1, $2, $3, $4)
+                         ON CONFLICT (email) DO NOTHING",
+                        &[&id.as_str(), &email, &password_hash, &now],
+                    )
+                    .await?
+            }
+        };
+        Ok((inserted == 1).then_some(id))
     }
 
     /// The account and password hash for an email.
     pub async fn account_by_email(&self, email: String) -> Result<Option<(AccountId, String)>, StoreError> {
-        self.run(move |c| {
-            Ok(c.query_row("SELECT id, password_hash FROM accounts WHERE email = ?1", params![email], |r| {
-                Ok((AccountId(r.get(0)?), r.get(1)?))
-            })
-            .optional()?)
-        })
-        .await
+        match &self.backend {
+            Backend::Sqlite(conn) => {
+                Self::run(conn, move |c| {
+                    Ok(c.query_row("SELECT id, password_hash FROM accounts WHERE email = ?1", params![email], |r| {
+                        Ok((AccountId(r.get(0)?), r.get(1)?))
+                    })
+                    .optional()?)
+                })
+                .await
+            }
+            Backend::Postgres(pool) => Ok(pool
+                .client()
+                .await?
+                .query_opt("SELECT id, password_hash FROM accounts WHERE email = $1", &[&email])
+                .await?
+                .map(|r| (AccountId(r.get(0)), r.get(1)))),
+        }
     }
 
     /// Records a session by the SHA-256 of its token.
@@ -263,41 +460,89 @@ impl Store {
         account: AccountId,
         expires_at: u64,
     ) -> Result<(), StoreError> {
-        self.run(move |c| {
-            c.execute(
-                "INSERT INTO sessions (token_hash, account_id, expires_at) VALUES (?1, ?2, ?3)",
-                params![&token_hash[..], account.as_str(), sql_time(expires_at)],
-            )?;
-            Ok(())
-        })
-        .await
+        let expires_at = sql_time(expires_at);
+        match &self.backend {
+            Backend::Sqlite(conn) => {
+                Self::run(conn, move |c| {
+                    c.execute(
+                        "INSERT INTO sessions (token_hash, account_id, expires_at) VALUES (?1, ?2, ?3)",
+                        params![&token_hash[..], account.as_str(), expires_at],
+                    )?;
+                    Ok(())
+                })
+                .await
+            }
+            Backend::Postgres(pool) => {
+                pool.client()
+                    .await?
+                    .execute(
+                        "INSERT INTO sessions (token_hash, account_id, expires_at) VALUES ($1, $2, $3)",
+                        &[&&token_hash[..], &account.as_str(), &expires_at],
+                    )
+                    .await?;
+                Ok(())
+            }
+        }
     }
 
     /// The account of an unexpired session.
     pub async fn session_account(&self, token_hash: [u8; 32], now: u64) -> Result<Option<AccountId>, StoreError> {
-        self.run(move |c| {
-            Ok(c.query_row(
-                "SELECT account_id FROM sessions WHERE token_hash = ?1 AND expires_at > ?2",
-                params![&token_hash[..], sql_time(now)],
-                |r| Ok(AccountId(r.get(0)?)),
-            )
-            .optional()?)
-        })
-        .await
+        let now = sql_time(now);
+        match &self.backend {
+            Backend::Sqlite(conn) => {
+                Self::run(conn, move |c| {
+                    Ok(c.query_row(
+                        "SELECT account_id FROM sessions WHERE token_hash = ?1 AND expires_at > ?2",
+                        params![&token_hash[..], now],
+                        |r| Ok(AccountId(r.get(0)?)),
+                    )
+                    .optional()?)
+                })
+                .await
+            }
+            Backend::Postgres(pool) => Ok(pool
+                .client()
+                .await?
+                .query_opt(
+                    "SELECT account_id FROM sessions WHERE token_hash = $1 AND expires_at > $2",
+                    &[&&token_hash[..], &now],
+                )
+                .await?
+                .map(|r| AccountId(r.get(0)))),
+        }
     }
 
     /// Ends a session.
     pub async fn delete_session(&self, token_hash: [u8; 32]) -> Result<(), StoreError> {
-        self.run(move |c| {
-            c.execute("DELETE FROM sessions WHERE token_hash = ?1", params![&token_hash[..]])?;
-            Ok(())
-        })
-        .await
+        match &self.backend {
+            Backend::Sqlite(conn) => {
+                Self::run(conn, move |c| {
+                    c.execute("DELETE FROM sessions WHERE token_hash = ?1", params![&token_hash[..]])?;
+                    Ok(())
+                })
+                .await
+            }
+            Backend::Postgres(pool) => {
+                pool.client().await?.execute("DELETE FROM sessions WHERE token_hash = $1", &[&&token_hash[..]]).await?;
+                Ok(())
+            }
+        }
     }
 
     /// Forgets expired sessions; returns how many.
     pub async fn delete_expired_sessions(&self, now: u64) -> Result<usize, StoreError> {
-        self.run(move |c| Ok(c.execute("DELETE FROM sessions WHERE expires_at <= ?1", params![sql_time(now)])?)).await
+        let now = sql_time(now);
+        match &self.backend {
+            Backend::Sqlite(conn) => {
+                Self::run(conn, move |c| Ok(c.execute("DELETE FROM sessions WHERE expires_at <= ?1", params![now])?))
+                    .await
+            }
+            Backend::Postgres(pool) => {
+                let n = pool.client().await?.execute("DELETE FROM sessions WHERE expires_at <= $1", &[&now]).await?;
+                // A count of rows deleted in one statement fits in memory.
+                Ok(usize::try_from(n).unwrap_or(usize::MAX))
+            }
+        }
     }
 
     /// Registers (or renames) a controller key on an account.
@@ -308,15 +553,29 @@ impl Store {
         public_key: Vec<u8>,
         name: String,
     ) -> Result<(), StoreError> {
-        self.run(move |c| {
-            c.execute(
-                "INSERT INTO controllers (account_id, id, public_key, name, created_at) VALUES (?1, ?2, ?3, ?4, ?5)
-                 ON CONFLICT (account_id, id) DO UPDATE SET name = excluded.name",
-                params![account.as_str(), controller, public_key, name, sql_time(unix_now())],
-            )?;
-            Ok(())
-        })
-        .await
+        let now = sql_time(unix_now());
+        match &self.backend {
+            Backend::Sqlite(conn) => Self::run(conn, move |c| {
+                c.execute(
+                    "INSERT INTO controllers (account_id, id, public_key, name, created_at) VALUES (?1, ?2, ?3, ?4, ?5)
+                         ON CONFLICT (account_id, id) DO UPDATE SET name = excluded.name",
+                    params![account.as_str(), controller, public_key, name, now],
+                )?;
+                Ok(())
+            })
+            .await,
+            Backend::Postgres(pool) => {
+                pool.client()
+                    .await?
+                    .execute(
+                        "INSERT INTO controllers (account_id, id, public_key, name, created_at) VALUES ($1, $2, $3, $4, $5)
+                         ON CONFLICT (account_id, id) DO UPDATE SET name = excluded.name",
+                        &[&account.as_str(), &controller, &public_key, &name, &now],
+                    )
+                    .await?;
+                Ok(())
+            }
+        }
     }
 
     /// Records that a device connected, and returns its owner if paired.
@@ -327,70 +586,158 @@ impl Store {
         certificate: Vec<u8>,
         now: u64,
     ) -> Result<Option<AccountId>, StoreError> {
-        self.run(move |c| {
-            Ok(c.query_row(
-                "INSERT INTO devices (id, kind, certificate, last_seen) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT (id) DO UPDATE SET kind = excluded.kind, certificate = excluded.certificate,
-                     last_seen = excluded.last_seen
-                 RETURNING account_id",
-                params![id.as_str(), kind.as_str(), certificate, sql_time(now)],
-                |r| r.get::<_, Option<String>>(0),
-            )?
-            .map(AccountId))
-        })
-        .await
+        let now = sql_time(now);
+        let owner = match &self.backend {
+            Backend::Sqlite(conn) => {
+                Self::run(conn, move |c| {
+                    Ok(c.query_row(
+                        "INSERT INTO devices (id, kind, certificate, last_seen) VALUES (?1, ?2, ?3, ?4)
+                         ON CONFLICT (id) DO UPDATE SET kind = excluded.kind, certificate = excluded.certificate,
+                             last_seen = excluded.last_seen
+                         RETURNING account_id",
+                        params![id.as_str(), kind.as_str(), certificate, now],
+                        |r| r.get::<_, Option<String>>(0),
+                    )?)
+                })
+                .await?
+            }
+            Backend::Postgres(pool) => pool
+                .client()
+                .await?
+                .query_one(
+                    "INSERT INTO devices (id, kind, certificate, last_seen) VALUES ($1, $2, $3, $4)
+                     ON CONFLICT (id) DO UPDATE SET kind = excluded.kind, certificate = excluded.certificate,
+                         last_seen = excluded.last_seen
+                     RETURNING account_id",
+                    &[&id.as_str(), &kind.as_str(), &certificate, &now],
+                )
+                .await?
+                .get::<_, Option<String>>(0),
+        };
+        Ok(owner.map(AccountId))
     }
 
     /// Records when a device was last connected.
     pub async fn device_seen(&self, id: DeviceId, now: u64) -> Result<(), StoreError> {
-        self.run(move |c| {
-            c.execute("UPDATE devices SET last_seen = ?2 WHERE id = ?1", params![id.as_str(), sql_time(now)])?;
-            Ok(())
-        })
-        .await
+        let now = sql_time(now);
+        match &self.backend {
+            Backend::Sqlite(conn) => {
+                Self::run(conn, move |c| {
+                    c.execute("UPDATE devices SET last_seen = ?2 WHERE id = ?1", params![id.as_str(), now])?;
+                    Ok(())
+                })
+                .await
+            }
+            Backend::Postgres(pool) => {
+                pool.client()
+                    .await?
+                    .execute("UPDATE devices SET last_seen = $2 WHERE id = $1", &[&id.as_str(), &now])
+                    .await?;
+                Ok(())
+            }
+        }
     }
 
     /// Stores a device's latest signed state report.
     pub async fn set_last_state(&self, id: DeviceId, envelope: Vec<u8>) -> Result<(), StoreError> {
-        self.run(move |c| {
-            c.execute("UPDATE devices SET last_state = ?2 WHERE id = ?1", params![id.as_str(), envelope])?;
-            Ok(())
-        })
-        .await
+        match &self.backend {
+            Backend::Sqlite(conn) => {
+                Self::run(conn, move |c| {
+                    c.execute("UPDATE devices SET last_state = ?2 WHERE id = ?1", params![id.as_str(), envelope])?;
+                    Ok(())
+                })
+                .await
+            }
+            Backend::Postgres(pool) => {
+                pool.client()
+                    .await?
+                    .execute("UPDATE devices SET last_state = $2 WHERE id = $1", &[&id.as_str(), &envelope])
+                    .await?;
+                Ok(())
+            }
+        }
     }
 
     /// Appends a sealed event to a device's history and trims the history
     /// to the newest [`EVENT_HISTORY_MAX`] within [`EVENT_HISTORY_SECS`].
     pub async fn append_event(&self, id: DeviceId, envelope: Vec<u8>, now: u64) -> Result<(), StoreError> {
-        self.run(move |c| {
-            let tx = c.transaction()?;
-            tx.execute(
-                "INSERT INTO device_events (device_id, at, envelope) VALUES (?1, ?2, ?3)",
-                params![id.as_str(), sql_time(now), envelope],
-            )?;
-            tx.execute(
-                "DELETE FROM device_events WHERE device_id = ?1 AND (at < ?2 OR seq <= (
-                     SELECT seq FROM device_events WHERE device_id = ?1 ORDER BY seq DESC LIMIT 1 OFFSET ?3))",
-                params![id.as_str(), sql_time(now.saturating_sub(EVENT_HISTORY_SECS)), EVENT_HISTORY_MAX as i64],
-            )?;
-            tx.commit()?;
-            Ok(())
-        })
-        .await
+        let oldest = sql_time(now.saturating_sub(EVENT_HISTORY_SECS));
+        let now = sql_time(now);
+        let max = EVENT_HISTORY_MAX as i64;
+        match &self.backend {
+            Backend::Sqlite(conn) => {
+                Self::run(conn, move |c| {
+                    let tx = c.transaction()?;
+                    tx.execute(
+                        "INSERT INTO device_events (device_id, at, envelope) VALUES (?1, ?2, ?3)",
+                        params![id.as_str(), now, envelope],
+                    )?;
+                    tx.execute(
+                        "DELETE FROM device_events WHERE device_id = ?1 AND (at < ?2 OR seq <= (
+                             SELECT seq FROM device_events WHERE device_id = ?1 ORDER BY seq DESC LIMIT 1 OFFSET ?3))",
+                        params![id.as_str(), oldest, max],
+                    )?;
+                    tx.commit()?;
+                    Ok(())
+                })
+                .await
+            }
+            Backend::Postgres(pool) => {
+                let mut client = pool.client().await?;
+                let tx = client.transaction().await?;
+                tx.execute(
+                    "INSERT INTO device_events (device_id, at, envelope) VALUES ($1, $2, $3)",
+                    &[&id.as_str(), &now, &envelope],
+                )
+                .await?;
+                tx.execute(
+                    "DELETE FROM device_events WHERE device_id = $1 AND (at < $2 OR seq <= (
+                         SELECT seq FROM device_events WHERE device_id = $1 ORDER BY seq DESC LIMIT 1 OFFSET $3))",
+                    &[&id.as_str(), &oldest, &max],
+                )
+                .await?;
+                tx.commit().await?;
+                Ok(())
+            }
+        }
     }
 
     /// A device's stored events after `after` (oldest first), at most `limit`.
     pub async fn events_of(&self, id: DeviceId, after: u64, limit: u64) -> Result<Vec<StoredEvent>, StoreError> {
-        self.run(move |c| {
-            let mut stmt = c.prepare(
-                "SELECT seq, at, envelope FROM device_events WHERE device_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
-            )?;
-            let rows = stmt.query_map(params![id.as_str(), after as i64, limit as i64], |r| {
-                Ok(StoredEvent { seq: r.get::<_, i64>(0)? as u64, at: r.get::<_, i64>(1)? as u64, envelope: r.get(2)? })
-            })?;
-            Ok(rows.collect::<Result<Vec<_>, _>>()?)
-        })
-        .await
+        let (after, limit) = (sql_time(after), sql_time(limit));
+        match &self.backend {
+            Backend::Sqlite(conn) => {
+                Self::run(conn, move |c| {
+                    let mut stmt = c.prepare(
+                        "SELECT seq, at, envelope FROM device_events WHERE device_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+                    )?;
+                    let rows = stmt.query_map(params![id.as_str(), after, limit], |r| {
+                        Ok(StoredEvent {
+                            seq: r.get::<_, i64>(0)? as u64,
+                            at: r.get::<_, i64>(1)? as u64,
+                            envelope: r.get(2)?,
+                        })
+                    })?;
+                    Ok(rows.collect::<Result<Vec<_>, _>>()?)
+                })
+                .await
+            }
+            Backend::Postgres(pool) => Ok(pool
+                .client()
+                .await?
+                .query(
+                    "SELECT seq, at, envelope FROM device_events WHERE device_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+                    &[&id.as_str(), &after, &limit],
+                )
+                .await?
+                .iter()
+                .map(|r| StoredEvent {
+                    seq: r.get::<_, i64>(0) as u64,
+                    at: r.get::<_, i64>(1) as u64,
+                    envelope: r.get(2),
+                })
+                .collect()),
+        }
     }
 
     /// Records a device under an account after a verified pairing. A device
@@ -402,69 +749,119 @@ impl Store {
         name: String,
         now: u64,
     ) -> Result<(), StoreError> {
-        self.run(move |c| {
-            let n = c.execute(
-                "UPDATE devices SET account_id = ?2, name = ?3, paired_at = ?4 WHERE id = ?1",
-                params![id.as_str(), account.as_str(), name, sql_time(now)],
-            )?;
-            if n == 1 {
-                // A (re)paired device starts with no history: what it sealed
-                // for a previous owner is of no use to the new one.
-                c.execute("DELETE FROM device_events WHERE device_id = ?1", params![id.as_str()])?;
-                Ok(())
-            } else {
-                // The row is written when the device connects, before it can pair.
-                Err(StoreError::Corrupt {
-                    what: "device row",
-                    reason: format!("device {id} paired but was never registered"),
+        let now = sql_time(now);
+        // The row is written when the device connects, before it can pair.
+        let unregistered = |id: &DeviceId| StoreError::Corrupt {
+            what: "device row",
+            reason: format!("device {id} paired but was never registered"),
+        };
+        match &self.backend {
+            Backend::Sqlite(conn) => {
+                Self::run(conn, move |c| {
+                    let n = c.execute(
+                        "UPDATE devices SET account_id = ?2, name = ?3, paired_at = ?4 WHERE id = ?1",
+                        params![id.as_str(), account.as_str(), name, now],
+                    )?;
+                    if n == 1 {
+                        // A (re)paired device starts with no history: what it sealed
+                        // for a previous owner is of no use to the new one.
+                        c.execute("DELETE FROM device_events WHERE device_id = ?1", params![id.as_str()])?;
+                        Ok(())
+                    } else {
+                        Err(unregistered(&id))
+                    }
                 })
+                .await
             }
-        })
-        .await
+            Backend::Postgres(pool) => {
+                // One transaction, so no other node sees the new owner with
+                // the previous owner's history (SQLite gets the same from its
+                // single connection).
+                let mut client = pool.client().await?;
+                let tx = client.transaction().await?;
+                let n = tx
+                    .execute(
+                        "UPDATE devices SET account_id = $2, name = $3, paired_at = $4 WHERE id = $1",
+                        &[&id.as_str(), &account.as_str(), &name, &now],
+                    )
+                    .await?;
+                if n != 1 {
+                    // Roll back now rather than when the guard drops, so the
+                    // connection is idle again before it returns to the pool.
+                    tx.rollback().await?;
+                    return Err(unregistered(&id));
+                }
+                tx.execute("DELETE FROM device_events WHERE device_id = $1", &[&id.as_str()]).await?;
+                tx.commit().await?;
+                Ok(())
+            }
+        }
     }
 
     /// The owner of a device, if any.
     pub async fn device_owner(&self, id: DeviceId) -> Result<Option<AccountId>, StoreError> {
-        self.run(move |c| {
-            Ok(c.query_row("SELECT account_id FROM devices WHERE id = ?1", params![id.as_str()], |r| {
-                r.get::<_, Option<String>>(0)
-            })
-            .optional()?
-            .flatten()
-            .map(AccountId))
-        })
-        .await
+        let owner = match &self.backend {
+            Backend::Sqlite(conn) => {
+                Self::run(conn, move |c| {
+                    Ok(c.query_row("SELECT account_id FROM devices WHERE id = ?1", params![id.as_str()], |r| {
+                        r.get::<_, Option<String>>(0)
+                    })
+                    .optional()?)
+                })
+                .await?
+            }
+            Backend::Postgres(pool) => pool
+                .client()
+                .await?
+                .query_opt("SELECT account_id FROM devices WHERE id = $1", &[&id.as_str()])
+                .await?
+                .map(|r| r.get::<_, Option<String>>(0)),
+        };
+        Ok(owner.flatten().map(AccountId))
     }
 
     /// The devices of an account, by name.
     pub async fn devices_of(&self, account: AccountId) -> Result<Vec<DeviceRow>, StoreError> {
-        self.run(move |c| {
-            let mut stmt = c.prepare(
-                "SELECT id, name, kind, certificate, last_state FROM devices WHERE account_id = ?1 ORDER BY name, id",
-            )?;
-            let rows = stmt.query_map(params![account.as_str()], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, Option<String>>(1)?,
-                    r.get::<_, String>(2)?,
-                    r.get::<_, Vec<u8>>(3)?,
-                    r.get::<_, Option<Vec<u8>>>(4)?,
-                ))
-            })?;
-            let mut out = Vec::new();
-            for row in rows {
-                let (id, name, kind, certificate, last_state) = row?;
-                out.push(DeviceRow {
-                    id: parse_device_id(&id)?,
-                    name: name.unwrap_or_default(),
-                    kind: parse_kind(&kind)?,
-                    certificate,
-                    last_state,
-                });
+        type Raw = (String, Option<String>, String, Vec<u8>, Option<Vec<u8>>);
+        let rows: Vec<Raw> = match &self.backend {
+            Backend::Sqlite(conn) => {
+                Self::run(conn, move |c| {
+                    let mut stmt = c.prepare(
+                        "SELECT id, name, kind, certificate, last_state FROM devices WHERE account_id = ?1 ORDER BY name, id",
+                    )?;
+                    let rows = stmt.query_map(params![account.as_str()], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                    })?;
+                    Ok(rows.collect::<Result<Vec<Raw>, _>>()?)
+                })
+                .await?
             }
-            Ok(out)
-        })
-        .await
+            // `COLLATE "C"` sorts bytewise like SQLite's default BINARY
+            // collation, so both backends list in the same order.
+            Backend::Postgres(pool) => pool
+                .client()
+                .await?
+                .query(
+                    r#"SELECT id, name, kind, certificate, last_state FROM devices WHERE account_id = $1
+                       ORDER BY name COLLATE "C" NULLS FIRST, id COLLATE "C""#,
+                    &[&account.as_str()],
+                )
+                .await?
+                .iter()
+                .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
+                .collect(),
+        };
+        let mut out = Vec::with_capacity(rows.len());
+        for (id, name, kind, certificate, last_state) in rows {
+            out.push(DeviceRow {
+                id: parse_device_id(&id)?,
+                name: name.unwrap_or_default(),
+                kind: parse_kind(&kind)?,
+                certificate,
+                last_state,
+            });
+        }
+        Ok(out)
     }
 }
 
@@ -499,7 +896,7 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     if found > known {
         return Err(StoreError::SchemaTooNew { found, known });
     }
-    for (index, sql) in MIGRATIONS.iter().enumerate() {
+    for (index, Migration { sqlite: sql, .. }) in MIGRATIONS.iter().enumerate() {
         let version = index as i64 + 1;
         if version <= found {
             continue;
@@ -520,92 +917,263 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
 mod tests {
     use super::*;
 
-    async fn temp_store() -> (tempfile::TempDir, Store) {
+    /// A store under test and what keeps its data alive: a temporary
+    /// directory for SQLite, a throwaway schema for PostgreSQL.
+    struct TestDb {
+        url: DatabaseUrl,
+        store: Store,
+        _dir: Option<tempfile::TempDir>,
+        _schema: Option<PgSchema>,
+    }
+
+    impl TestDb {
+        fn name(&self) -> &'static str {
+            match self.url {
+                DatabaseUrl::Sqlite(_) => "sqlite",
+                DatabaseUrl::Postgres(_) => "postgres",
+            }
+        }
+
+        /// Runs raw SQL outside the store (to fake a newer schema).
+        async fn execute_raw(&self, sql: &str) {
+            match &self.url {
+                DatabaseUrl::Sqlite(path) => Connection::open(path).unwrap().execute_batch(sql).unwrap(),
+                DatabaseUrl::Postgres(url) => {
+                    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();
+                    tokio::spawn(conn);
+                    client.batch_execute(sql).await.unwrap();
+                }
+            }
+        }
+    }
+
+    /// A schema `t_<random>` on the HEARTH_TEST_POSTGRES server, dropped on
+    /// drop, so tests run in parallel and leave nothing behind.
+    struct PgSchema {
+        base: String,
+        name: String,
+    }
+
+    impl Drop for PgSchema {
+        fn drop(&mut self) {
+            // No blocking on a future inside the test's runtime: a short-lived
+            // thread with its own runtime drops the schema.
+            let (base, name) = (self.base.clone(), self.name.clone());
+            let cleanup = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                rt.block_on(async {
+                    let (client, conn) = tokio_postgres::connect(&base, tokio_postgres::NoTls).await.unwrap();
+                    tokio::spawn(conn);
+                    // The store's pooled connections outlive the test body
+                    // (their tasks stop with its runtime) and could hold locks;
+                    // they carry the schema's name as application_name.
+                    let end = "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1";
+                    client.execute(end, &[&name]).await.unwrap();
+                    client.batch_execute(&format!("DROP SCHEMA {name} CASCADE")).await.unwrap();
+                });
+            });
+            if cleanup.join().is_err() && !std::thread::panicking() {
+                panic!("could not drop test schema {}", self.name);
+            }
+        }
+    }
+
+    /// One fresh store per backend: SQLite always, PostgreSQL when
+    /// HEARTH_TEST_POSTGRES is set (otherwise a printed skip).
+    async fn test_dbs(test: &str) -> Vec<TestDb> {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("cloud.db")).await.unwrap();
-        (dir, store)
+        let url = DatabaseUrl::Sqlite(dir.path().join("cloud.db"));
+        let store = Store::connect(&url).await.unwrap();
+        let mut dbs = vec![TestDb { url, store, _dir: Some(dir), _schema: None }];
+        match std::env::var("HEARTH_TEST_POSTGRES") {
+            Err(_) => println!("skipping PostgreSQL part of {test}: HEARTH_TEST_POSTGRES is unset"),
+            Ok(base) => {
+                let name = format!("t_{}", hex::encode(rand::random::<[u8; 8]>()));
+                let (client, conn) = tokio_postgres::connect(&base, tokio_postgres::NoTls).await.unwrap();
+                tokio::spawn(conn);
+                client.batch_execute(&format!("CREATE SCHEMA {name}")).await.unwrap();
+                let sep = if base.contains('?') { '&' } else { '?' };
+                let url: DatabaseUrl =
+                    format!("{base}{sep}options=-csearch_path%3D{name}&application_name={name}").parse().unwrap();
+                let schema = PgSchema { base, name };
+                let store = Store::connect(&url).await.unwrap();
+                dbs.push(TestDb { url, store, _dir: None, _schema: Some(schema) });
+            }
+        }
+        dbs
+    }
+
+    #[test]
+    fn database_urls_parse_and_redact() {
+        assert_eq!(
+            "/var/lib/hearth/db".parse::<DatabaseUrl>().unwrap(),
+            DatabaseUrl::Sqlite("/var/lib/hearth/db".into())
+        );
+        assert_eq!("sqlite:rel.db".parse::<DatabaseUrl>().unwrap(), DatabaseUrl::Sqlite("rel.db".into()));
+        assert_eq!("sqlite:///abs.db".parse::<DatabaseUrl>().unwrap(), DatabaseUrl::Sqlite("/abs.db".into()));
+        let pg: DatabaseUrl = "postgresql://u:pw@db.internal:5433/hearth".parse().unwrap();
+        assert_eq!(pg.to_string(), "postgresql://u:***@db.internal:5433/hearth");
+        assert!(!format!("{pg:?}").contains("pw"));
+        for bad in ["", "sqlite:", "mysql://x/y", "postgres://h/db?sslmode=require", "postgres://h/db?bogus=1"] {
+            assert!(bad.parse::<DatabaseUrl>().is_err(), "{bad:?} was accepted");
+        }
     }
 
     #[tokio::test]
     async fn migrations_run_once_and_reopen_cleanly() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("cloud.db");
-        let store = Store::open(&path).await.unwrap();
-        assert_eq!(store.schema_version().await.unwrap(), MIGRATIONS.len() as i64);
-        store.create_account("a@example.com".into(), "h".into()).await.unwrap().unwrap();
-        drop(store);
-        let store = Store::open(&path).await.unwrap();
-        assert_eq!(store.schema_version().await.unwrap(), MIGRATIONS.len() as i64);
-        assert!(store.account_by_email("a@example.com".into()).await.unwrap().is_some());
+        for db in test_dbs("migrations_run_once_and_reopen_cleanly").await {
+            let store = &db.store;
+            assert_eq!(store.schema_version().await.unwrap(), MIGRATIONS.len() as i64, "{}", db.name());
+            store.create_account("a@example.com".into(), "h".into()).await.unwrap().unwrap();
+            let store = Store::connect(&db.url).await.unwrap();
+            assert_eq!(store.schema_version().await.unwrap(), MIGRATIONS.len() as i64, "{}", db.name());
+            assert!(store.account_by_email("a@example.com".into()).await.unwrap().is_some(), "{}", db.name());
+        }
     }
 
     #[tokio::test]
     async fn a_newer_schema_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("cloud.db");
-        drop(Store::open(&path).await.unwrap());
-        let c = Connection::open(&path).unwrap();
-        c.execute("INSERT INTO schema_migrations (version, applied_at) VALUES (99, 0)", []).unwrap();
-        drop(c);
-        assert!(matches!(Store::open(&path).await, Err(StoreError::SchemaTooNew { found: 99, .. })));
+        for db in test_dbs("a_newer_schema_is_refused").await {
+            db.execute_raw("INSERT INTO schema_migrations (version, applied_at) VALUES (99, 0)").await;
+            assert!(
+                matches!(Store::connect(&db.url).await, Err(StoreError::SchemaTooNew { found: 99, .. })),
+                "{}",
+                db.name()
+            );
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_opens_agree_on_the_schema() {
+        for db in test_dbs("concurrent_opens_agree_on_the_schema").await {
+            // Several nodes starting together (PostgreSQL serialises them on
+            // the migration lock); none fails or re-applies a migration.
+            let opens: Vec<_> = (0..4)
+                .map(|_| {
+                    tokio::spawn({
+                        let url = db.url.clone();
+                        async move { Store::connect(&url).await }
+                    })
+                })
+                .collect();
+            for open in opens {
+                let store = open.await.unwrap().unwrap();
+                assert_eq!(store.schema_version().await.unwrap(), MIGRATIONS.len() as i64, "{}", db.name());
+            }
+        }
     }
 
     #[tokio::test]
     async fn duplicate_email_is_reported() {
-        let (_dir, store) = temp_store().await;
-        assert!(store.create_account("a@example.com".into(), "h".into()).await.unwrap().is_some());
-        assert!(store.create_account("a@example.com".into(), "h".into()).await.unwrap().is_none());
+        for db in test_dbs("duplicate_email_is_reported").await {
+            let store = &db.store;
+            assert!(store.create_account("a@example.com".into(), "h".into()).await.unwrap().is_some(), "{}", db.name());
+            assert!(store.create_account("a@example.com".into(), "h".into()).await.unwrap().is_none(), "{}", db.name());
+        }
     }
 
     #[tokio::test]
     async fn sessions_expire() {
-        let (_dir, store) = temp_store().await;
-        let account = store.create_account("a@example.com".into(), "h".into()).await.unwrap().unwrap();
-        store.create_session([1; 32], account.clone(), 100).await.unwrap();
-        assert_eq!(store.session_account([1; 32], 99).await.unwrap(), Some(account));
-        assert_eq!(store.session_account([1; 32], 100).await.unwrap(), None);
-        assert_eq!(store.delete_expired_sessions(100).await.unwrap(), 1);
+        for db in test_dbs("sessions_expire").await {
+            let store = &db.store;
+            let account = store.create_account("a@example.com".into(), "h".into()).await.unwrap().unwrap();
+            store.create_session([1; 32], account.clone(), 100).await.unwrap();
+            assert_eq!(store.session_account([1; 32], 99).await.unwrap(), Some(account), "{}", db.name());
+            assert_eq!(store.session_account([1; 32], 100).await.unwrap(), None, "{}", db.name());
+            assert_eq!(store.delete_expired_sessions(100).await.unwrap(), 1, "{}", db.name());
+            store
+                .create_session([2; 32], store.account_by_email("a@example.com".into()).await.unwrap().unwrap().0, 200)
+                .await
+                .unwrap();
+            store.delete_session([2; 32]).await.unwrap();
+            assert_eq!(store.session_account([2; 32], 0).await.unwrap(), None, "{}", db.name());
+        }
+    }
+
+    #[tokio::test]
+    async fn controllers_upsert_by_account_and_id() {
+        for db in test_dbs("controllers_upsert_by_account_and_id").await {
+            let store = &db.store;
+            let a = store.create_account("a@example.com".into(), "h".into()).await.unwrap().unwrap();
+            store.upsert_controller(a.clone(), "c1".into(), vec![1], "laptop".into()).await.unwrap();
+            store.upsert_controller(a, "c1".into(), vec![1], "renamed".into()).await.unwrap();
+        }
     }
 
     #[tokio::test]
     async fn devices_are_listed_only_to_their_owner() {
-        let (_dir, store) = temp_store().await;
-        let a = store.create_account("a@example.com".into(), "h".into()).await.unwrap().unwrap();
-        let b = store.create_account("b@example.com".into(), "h".into()).await.unwrap().unwrap();
-        let id = DeviceId::random();
-        assert_eq!(store.device_connected(id.clone(), DeviceKind::Plug, vec![1], 5).await.unwrap(), None);
-        store.pair_device(id.clone(), a.clone(), "lamp".into(), 6).await.unwrap();
-        assert_eq!(store.device_connected(id.clone(), DeviceKind::Plug, vec![1], 7).await.unwrap(), Some(a.clone()));
-        store.set_last_state(id.clone(), vec![9]).await.unwrap();
-        let listed = store.devices_of(a.clone()).await.unwrap();
-        assert_eq!(listed.len(), 1);
-        assert_eq!(listed[0].name, "lamp");
-        assert_eq!(listed[0].last_state.as_deref(), Some(&[9u8][..]));
-        assert!(store.devices_of(b).await.unwrap().is_empty());
-        assert_eq!(store.device_owner(id).await.unwrap(), Some(a));
-        assert_eq!(store.device_owner(DeviceId::random()).await.unwrap(), None);
+        for db in test_dbs("devices_are_listed_only_to_their_owner").await {
+            let store = &db.store;
+            let a = store.create_account("a@example.com".into(), "h".into()).await.unwrap().unwrap();
+            let b = store.create_account("b@example.com".into(), "h".into()).await.unwrap().unwrap();
+            let id = DeviceId::random();
+            assert_eq!(store.device_connected(id.clone(), DeviceKind::Plug, vec![1], 5).await.unwrap(), None);
+            store.pair_device(id.clone(), a.clone(), "lamp".into(), 6).await.unwrap();
+            assert_eq!(
+                store.device_connected(id.clone(), DeviceKind::Plug, vec![1], 7).await.unwrap(),
+                Some(a.clone()),
+                "{}",
+                db.name()
+            );
+            store.device_seen(id.clone(), 8).await.unwrap();
+            store.set_last_state(id.clone(), vec![9]).await.unwrap();
+            let listed = store.devices_of(a.clone()).await.unwrap();
+            assert_eq!(listed.len(), 1, "{}", db.name());
+            assert_eq!(listed[0].name, "lamp");
+            assert_eq!(listed[0].kind, DeviceKind::Plug);
+            assert_eq!(listed[0].certificate, vec![1]);
+            assert_eq!(listed[0].last_state.as_deref(), Some(&[9u8][..]));
+            assert!(store.devices_of(b).await.unwrap().is_empty(), "{}", db.name());
+            assert_eq!(store.device_owner(id).await.unwrap(), Some(a), "{}", db.name());
+            assert_eq!(store.device_owner(DeviceId::random()).await.unwrap(), None, "{}", db.name());
+            assert!(matches!(
+                store.pair_device(DeviceId::random(), AccountId::random(), "x".into(), 1).await,
+                Err(StoreError::Corrupt { what: "device row", .. })
+            ));
+        }
+    }
+
+    #[tokio::test]
+    async fn devices_are_listed_in_the_same_order_on_both_backends() {
+        let mut orders = Vec::new();
+        for db in test_dbs("devices_are_listed_in_the_same_order_on_both_backends").await {
+            let store = &db.store;
+            let a = store.create_account("a@example.com".into(), "h".into()).await.unwrap().unwrap();
+            // Case and accents are where collations differ.
+            for name in ["b", "B", "a", "Z", "é", "e", "lamp 10", "lamp 9"] {
+                let id = DeviceId::random();
+                store.device_connected(id.clone(), DeviceKind::Plug, vec![1], 5).await.unwrap();
+                store.pair_device(id, a.clone(), name.into(), 6).await.unwrap();
+            }
+            orders.push(store.devices_of(a).await.unwrap().into_iter().map(|d| d.name).collect::<Vec<_>>());
+        }
+        assert_eq!(orders[0], ["B", "Z", "a", "b", "e", "lamp 10", "lamp 9", "é"]);
+        assert!(orders.iter().all(|o| *o == orders[0]), "{orders:?}");
     }
 
     #[tokio::test]
     async fn event_history_is_bounded_by_count_and_age_and_cleared_on_pairing() {
-        let (_dir, store) = temp_store().await;
-        let a = store.create_account("h@example.com".into(), "x".into()).await.unwrap().unwrap();
-        let id = DeviceId::random();
-        store.device_connected(id.clone(), DeviceKind::Plug, vec![1], 5).await.unwrap();
-        let t0 = 1_800_000_000;
-        for i in 0..(EVENT_HISTORY_MAX + 5) {
-            store.append_event(id.clone(), i.to_be_bytes().to_vec(), t0 + i).await.unwrap();
+        for db in test_dbs("event_history_is_bounded_by_count_and_age_and_cleared_on_pairing").await {
+            let store = &db.store;
+            let a = store.create_account("h@example.com".into(), "x".into()).await.unwrap().unwrap();
+            let id = DeviceId::random();
+            store.device_connected(id.clone(), DeviceKind::Plug, vec![1], 5).await.unwrap();
+            let t0 = 1_800_000_000;
+            for i in 0..(EVENT_HISTORY_MAX + 5) {
+                store.append_event(id.clone(), i.to_be_bytes().to_vec(), t0 + i).await.unwrap();
+            }
+            let all = store.events_of(id.clone(), 0, 10_000).await.unwrap();
+            assert_eq!(all.len() as u64, EVENT_HISTORY_MAX, "{}", db.name());
+            assert_eq!(all[0].envelope, 5u64.to_be_bytes().to_vec(), "the oldest were dropped ({})", db.name());
+            assert!(all.windows(2).all(|w| w[0].seq < w[1].seq), "{}", db.name());
+            let after = store.events_of(id.clone(), all[997].seq, 10).await.unwrap();
+            assert_eq!(after.len(), 2, "{}", db.name());
+            // Eight days later one new event leaves only itself.
+            store.append_event(id.clone(), vec![7], t0 + 8 * 24 * 3600).await.unwrap();
+            assert_eq!(store.events_of(id.clone(), 0, 10_000).await.unwrap().len(), 1, "{}", db.name());
+            // A (re)pairing starts a fresh history.
+            store.pair_device(id.clone(), a, "lamp".into(), t0).await.unwrap();
+            assert!(store.events_of(id, 0, 10).await.unwrap().is_empty(), "{}", db.name());
         }
-        let all = store.events_of(id.clone(), 0, 10_000).await.unwrap();
-        assert_eq!(all.len() as u64, EVENT_HISTORY_MAX);
-        assert_eq!(all[0].envelope, 5u64.to_be_bytes().to_vec(), "the oldest were dropped");
-        let after = store.events_of(id.clone(), all[997].seq, 10).await.unwrap();
-        assert_eq!(after.len(), 2);
-        // Eight days later one new event leaves only itself.
-        store.append_event(id.clone(), vec![7], t0 + 8 * 24 * 3600).await.unwrap();
-        assert_eq!(store.events_of(id.clone(), 0, 10_000).await.unwrap().len(), 1);
-        // A (re)pairing starts a fresh history.
-        store.pair_device(id.clone(), a, "lamp".into(), t0).await.unwrap();
-        assert!(store.events_of(id, 0, 10).await.unwrap().is_empty());
     }
 }

@@ -57,7 +57,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let device_listener = bind_or_any(args.device_listen).await?;
     let api_addr = api.local_addr()?;
     let device_addr = device_listener.local_addr()?;
-    let config = cloud_config(&pki, &dir.join("cloud"), Duration::from_secs(7 * 24 * 3600))?;
+    let config = cloud_config(&pki, &dir.join("cloud"), None, Duration::from_secs(7 * 24 * 3600))?;
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {

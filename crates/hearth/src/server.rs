@@ -13,9 +13,13 @@ pub struct ServeArgs {
     /// The PKI directory (needs cloud-server.pem/.key and manufacturer-ca.pem).
     #[arg(long)]
     pub pki: PathBuf,
-    /// Where the database lives.
+    /// Where the database lives (unless --database-url says otherwise).
     #[arg(long)]
     pub data_dir: PathBuf,
+    /// The database: a SQLite file path, or a postgres:// URL for several
+    /// cloud nodes sharing one database (default: hearth.sqlite3 in --data-dir).
+    #[arg(long)]
+    pub database_url: Option<hearth_cloud::DatabaseUrl>,
     /// HTTPS API and controller links.
     #[arg(long, default_value = "127.0.0.1:8443")]
     pub api_listen: SocketAddr,
@@ -28,10 +32,16 @@ pub struct ServeArgs {
 }
 
 /// Builds the cloud configuration from a PKI directory and a data directory.
-pub fn cloud_config(pki: &hearth_pki::PkiDir, data_dir: &std::path::Path, session: Duration) -> Result<hearth_cloud::CloudConfig> {
+/// `database` overrides the default SQLite file in `data_dir`.
+pub fn cloud_config(
+    pki: &hearth_pki::PkiDir,
+    data_dir: &std::path::Path,
+    database: Option<hearth_cloud::DatabaseUrl>,
+    session: Duration,
+) -> Result<hearth_cloud::CloudConfig> {
     std::fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
     Ok(hearth_cloud::CloudConfig {
-        db_path: data_dir.join("hearth.sqlite3"),
+        database: database.unwrap_or_else(|| hearth_cloud::DatabaseUrl::Sqlite(data_dir.join("hearth.sqlite3"))),
         server: pki.cloud_server().context("loading the cloud's server certificate")?,
         manufacturer_ca_pem: pki.read(hearth_pki::MANUFACTURER_CA)?,
         session_ttl: session,
@@ -69,7 +79,7 @@ pub async fn shutdown_signal() {
 /// Runs the cloud until Ctrl-C or SIGTERM.
 pub async fn serve(args: ServeArgs) -> Result<()> {
     let pki = hearth_pki::PkiDir::open(&args.pki);
-    let config = cloud_config(&pki, &args.data_dir, Duration::from_secs(args.session_hours * 3600))?;
+    let config = cloud_config(&pki, &args.data_dir, args.database_url, Duration::from_secs(args.session_hours * 3600))?;
     let api = bind(args.api_listen, "api").await?;
     let devices = bind(args.device_listen, "device").await?;
     println!("hearth cloud: api https://{} devices {}", api.local_addr()?, devices.local_addr()?);

@@ -7,4 +7,5 @@ mod api;
 mod devices;
 mod fuzz_bodies;
 mod limits;
+mod pg;
 mod support;

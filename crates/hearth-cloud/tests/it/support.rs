@@ -39,6 +39,7 @@ pub struct Cloud {
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
     _dir: tempfile::TempDir,
+    _schema: Option<crate::pg::PgSchema>,
 }
 
 impl Cloud {
@@ -47,6 +48,11 @@ impl Cloud {
     }
 
     pub async fn start_with_ttl(session_ttl: Duration) -> Self {
+        Self::start_on(crate::pg::default_cloud_schema().await, session_ttl).await
+    }
+
+    /// A cloud on PostgreSQL in `schema`, or on SQLite in a temporary directory.
+    pub async fn start_on(schema: Option<crate::pg::PgSchema>, session_ttl: Duration) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let manufacturer = hearth_pki::generate_ca("test manufacturer", Validity::days(1)).unwrap();
         let cloud_ca = hearth_pki::generate_ca("test cloud", Validity::days(1)).unwrap();
@@ -57,7 +63,10 @@ impl Cloud {
         let devices = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (api_addr, dev_addr) = (api.local_addr().unwrap(), devices.local_addr().unwrap());
         let config = CloudConfig {
-            db_path: dir.path().join("cloud.db"),
+            database: match &schema {
+                Some(schema) => schema.database_url(),
+                None => hearth_cloud::DatabaseUrl::Sqlite(dir.path().join("cloud.db")),
+            },
             server,
             manufacturer_ca_pem: manufacturer.cert_pem.clone(),
             session_ttl,
@@ -66,16 +75,41 @@ impl Cloud {
         let task = tokio::spawn(hearth_cloud::serve(config, Listeners { api, devices }, async {
             let _ = stopped.await;
         }));
-        Self { api: api_addr, devices: dev_addr, cloud_ca, manufacturer, stop: Some(stop), task: Some(task), _dir: dir }
+        let cloud =
+            Self { api: api_addr, devices: dev_addr, cloud_ca, manufacturer, stop: Some(stop), task: Some(task), _dir: dir, _schema: schema };
+        // Serving starts once the database is open. Waiting here keeps that
+        // real I/O (a PostgreSQL connection and its migrations) out of tests
+        // that pause tokio's clock right after starting the cloud.
+        cloud.health_ok().await;
+        cloud
+    }
+
+    /// What `serve` fails with for `database` (which must be unusable).
+    pub async fn serve_error(database: hearth_cloud::DatabaseUrl) -> String {
+        let pki = hearth_pki::generate_ca("test cloud", Validity::days(1)).unwrap();
+        let server = hearth_pki::issue_server_cert(&pki, &["localhost".into()], Validity::days(1)).unwrap();
+        let config = CloudConfig { database, server, manufacturer_ca_pem: pki.cert_pem.clone(), session_ttl: T };
+        let api = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let devices = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let served = tokio::time::timeout(T, hearth_cloud::serve(config, Listeners { api, devices }, std::future::pending()));
+        format!("{:#}", served.await.expect("serve gave up in time").expect_err("serve must fail"))
     }
 
     /// Stops the cloud and returns what `serve` returned.
     pub async fn shutdown(mut self) -> anyhow::Result<()> {
         let _ = self.stop.take().unwrap().send(());
-        tokio::time::timeout(Duration::from_secs(15), self.task.take().unwrap())
-            .await
-            .expect("serve did not return")
-            .unwrap()
+        // A wall-clock deadline: tests that pause tokio's clock would
+        // otherwise see it jump past 15 s while serve waits on real I/O
+        // (a PostgreSQL query in flight), and fail a healthy shutdown.
+        let (expired, deadline) = oneshot::channel::<()>();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(15));
+            let _ = expired.send(());
+        });
+        tokio::select! {
+            served = self.task.take().unwrap() => served.unwrap(),
+            _ = deadline => panic!("serve did not return"),
+        }
     }
 
     pub async fn tls(
