@@ -489,7 +489,15 @@ impl DeviceCore {
                         reports.push(Cause::Rule { rule: action.rule });
                     }
                 }
-                Err(r) => tracing::warn!(rule = ?action.rule, reason = %r, "safety interlock refused a rule's switch"),
+                Err(r) => {
+                    tracing::warn!(rule = ?action.rule, reason = %r, "safety interlock refused a rule's switch");
+                    if !action.on && next.relay {
+                        // A refused "off" (the rate limit) must not be lost:
+                        // the scheduler dropped the fired timer, so re-arm it
+                        // for the next tick until the relay is off.
+                        next.rules.runtime.auto_off_at = Some(timestamp(now.saturating_add(1)));
+                    }
+                }
             }
         }
         // The interlock's own checks; on an energy plug with the measured

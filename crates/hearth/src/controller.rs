@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use futures_util::{SinkExt, StreamExt};
+use hearth_proto::acl::Refusal;
 use hearth_proto::e2e::{self, EncSecretKey, OpenError};
 use hearth_proto::ids::{ControllerId, DeviceId};
 use hearth_proto::keys::PublicKey;
@@ -14,6 +15,7 @@ use hearth_proto::link::ControllerPush;
 use hearth_proto::message::{self, Cause, Command, CommandPayload, DeviceState, Outcome, ResultPayload, StatePayload};
 use hearth_proto::pairing::{PendingPairing, SetupLabel};
 use hearth_proto::{b64, PROTOCOL_VERSION};
+use hearth_rules::model::RuleSet;
 use hyper::{Method, StatusCode};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -537,6 +539,118 @@ pub async fn revoke(cfg: &mut Config, wanted: &str, controller: &str) -> Result<
             Ok(EXIT_REFUSED)
         }
     }
+}
+
+/// Reads the device's rule set (a sealed `GetRules` result, verified).
+async fn read_rules(cfg: &mut Config, dev: &ListedDevice, dev_key: &PublicKey) -> Result<Result<RuleSet, Refusal>> {
+    let (r, _) = send(cfg, &dev.id, dev_key, Command::GetRules).await?;
+    match r.outcome {
+        Outcome::Rules { rules } => {
+            Ok(Ok(RuleSet::from_json(rules.as_bytes()).map_err(|e| anyhow!("the device sent a rule set this controller cannot read: {e}"))?))
+        }
+        Outcome::Refused { reason } => Ok(Err(reason)),
+        Outcome::Done => bail!("the device answered without its rules"),
+    }
+}
+
+/// Stores `set` on the device as the version after `base_version`.
+async fn write_rules(cfg: &mut Config, dev: &ListedDevice, dev_key: &PublicKey, base_version: u64, set: &RuleSet) -> Result<u8> {
+    let rules = String::from_utf8(set.to_json()).context("rule set is not UTF-8")?;
+    let (r, _) = send(cfg, &dev.id, dev_key, Command::SetRules { base_version, rules }).await?;
+    match r.outcome {
+        Outcome::Done | Outcome::Rules { .. } => {
+            println!("Stored rules version {} on {} (the device confirmed, signed).", base_version + 1, dev.name);
+            Ok(0)
+        }
+        Outcome::Refused { reason } => {
+            eprintln!("{} refused: {reason}", dev.name);
+            Ok(EXIT_REFUSED)
+        }
+    }
+}
+
+/// `hearth rules <device> [set FILE]`: shows the rule set the device runs,
+/// or replaces it atomically. The replacement names the version it read, so
+/// a concurrent edit by someone else is refused rather than overwritten.
+pub async fn rules(cfg: &mut Config, wanted: &str, file: Option<&std::path::Path>) -> Result<u8> {
+    let devices = list(cfg).await?;
+    let dev = resolve(&devices, wanted)?.clone();
+    let (dev_key, _) = device_key(cfg, &dev).ok_or_else(|| anyhow!("cannot check {}'s answer: device key unknown", dev.name))?;
+    // Checked here first, so a typo is reported with its line, not as a refusal.
+    let new = match file {
+        Some(path) => {
+            let text = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            Some(RuleSet::from_json(&text).with_context(|| format!("{} is not a valid rule set", path.display()))?)
+        }
+        None => None,
+    };
+    let current = match read_rules(cfg, &dev, &dev_key).await? {
+        Ok(set) => set,
+        Err(reason) => {
+            eprintln!("{} refused: {reason}", dev.name);
+            return Ok(EXIT_REFUSED);
+        }
+    };
+    match new {
+        Some(new) => write_rules(cfg, &dev, &dev_key, current.version, &new).await,
+        None => {
+            let pretty = serde_json::to_string_pretty(&current).context("formatting the rule set")?;
+            println!("{pretty}");
+            Ok(0)
+        }
+    }
+}
+
+/// `hearth timer <device> --off-after 30m`: the device switches itself off
+/// that long after it goes on (replaces any countdown rule it had).
+pub async fn timer(cfg: &mut Config, wanted: &str, off_after_secs: u32) -> Result<u8> {
+    use hearth_rules::model::{Countdown, Rule, RuleKind};
+    let devices = list(cfg).await?;
+    let dev = resolve(&devices, wanted)?.clone();
+    let (dev_key, _) = device_key(cfg, &dev).ok_or_else(|| anyhow!("cannot check {}'s answer: device key unknown", dev.name))?;
+    let mut set = match read_rules(cfg, &dev, &dev_key).await? {
+        Ok(set) => set,
+        Err(reason) => {
+            eprintln!("{} refused: {reason}", dev.name);
+            return Ok(EXIT_REFUSED);
+        }
+    };
+    let base = set.version;
+    set.rules.retain(|r| !matches!(r.kind, RuleKind::Countdown(_)));
+    let id = set.rules.iter().map(|r| r.id).max().unwrap_or(0).saturating_add(1);
+    set.rules.push(Rule {
+        id,
+        name: format!("off after {}", describe_secs(off_after_secs)),
+        enabled: true,
+        kind: RuleKind::Countdown(Countdown { off_after_secs }),
+    });
+    set.validate().context("the timer")?;
+    write_rules(cfg, &dev, &dev_key, base, &set).await
+}
+
+fn describe_secs(s: u32) -> String {
+    match s {
+        s if s % 3600 == 0 => format!("{} h", s / 3600),
+        s if s % 60 == 0 => format!("{} min", s / 60),
+        s => format!("{s} s"),
+    }
+}
+
+/// Parses `90s`, `30m`, `2h` (or a bare number of seconds).
+pub fn parse_duration(text: &str) -> Result<u32> {
+    let text = text.trim();
+    let (num, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => text.split_at(i),
+        None => (text, "s"),
+    };
+    let n: u32 = num.parse().with_context(|| format!("{text:?} is not a duration like 30m, 2h or 90s"))?;
+    let mult = match unit {
+        "s" => 1,
+        "m" | "min" => 60,
+        "h" => 3600,
+        other => bail!("unknown unit {other:?} in {text:?}: use s, m or h"),
+    };
+    n.checked_mul(mult).filter(|s| *s > 0).ok_or_else(|| anyhow!("{text:?} is out of range"))
 }
 
 /// `hearth events`: the device's stored history (sealed reports the cloud

@@ -86,6 +86,25 @@ enum Cmd {
         /// The controller id to remove.
         controller: String,
     },
+    /// Show a device's rules (schedules, timers, away mode, motion rules,
+    /// safety interlocks), or replace them: `hearth rules plug set rules.json`.
+    Rules {
+        /// Device name or id.
+        device: String,
+        /// `set` to replace the rule set with FILE.
+        action: Option<String>,
+        /// The rule set to store (JSON, see the README).
+        file: Option<std::path::PathBuf>,
+    },
+    /// Turn a device off automatically a while after it was switched on
+    /// (a countdown rule, run by the device itself).
+    Timer {
+        /// Device name or id.
+        device: String,
+        /// How long after switching on, e.g. 30m, 2h, 90s.
+        #[arg(long)]
+        off_after: String,
+    },
     /// Switch a device on.
     On {
         /// Device name or id.
@@ -230,6 +249,18 @@ async fn run(cli: Cli) -> Result<u8> {
         }
         Cmd::Access { device } => return controller::access(&mut Config::load(&dir()?)?, &device).await,
         Cmd::Revoke { device, controller } => return controller::revoke(&mut Config::load(&dir()?)?, &device, &controller).await,
+        Cmd::Rules { device, action, file } => {
+            let file = match (action.as_deref(), file) {
+                (None, None) => None,
+                (Some("set"), Some(file)) => Some(file),
+                _ => anyhow::bail!("usage: hearth rules <device> [set FILE.json]"),
+            };
+            return controller::rules(&mut Config::load(&dir()?)?, &device, file.as_deref()).await;
+        }
+        Cmd::Timer { device, off_after } => {
+            let secs = controller::parse_duration(&off_after)?;
+            return controller::timer(&mut Config::load(&dir()?)?, &device, secs).await;
+        }
         Cmd::On { device } => return controller::switch(&mut Config::load(&dir()?)?, &device, Command::SetRelay { on: true }).await,
         Cmd::Off { device } => return controller::switch(&mut Config::load(&dir()?)?, &device, Command::SetRelay { on: false }).await,
         Cmd::Toggle { device } => return controller::switch(&mut Config::load(&dir()?)?, &device, Command::Toggle).await,

@@ -5,5 +5,6 @@
 mod harness;
 
 mod e2e;
+mod rules;
 mod sharing;
 mod tidy;

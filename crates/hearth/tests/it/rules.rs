@@ -1,0 +1,88 @@
+//! Issue 5 through the CLI: rules stored on the device, read back
+//! decrypted, a countdown timer, the toggle-rate interlock refusing with a
+//! reason, and a countdown that fires with the cloud stopped. Also checks
+//! that the README's rule examples are valid rule sets.
+
+use std::time::Duration;
+
+use hearth_rules::model::{RuleKind, RuleSet};
+
+use crate::harness::*;
+
+/// The JSON blocks of the README's rules section, each a rule set.
+#[test]
+fn readme_rule_examples_parse() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md")).unwrap();
+    let start = readme.find("## Rules on the device").expect("README has a rules section");
+    let section = &readme[start..];
+    let section = &section[..section[3..].find("\n## ").map_or(section.len(), |i| i + 3)];
+    let blocks: Vec<&str> = section.split("```json\n").skip(1).map(|b| &b[..b.find("```").unwrap()]).collect();
+    assert_eq!(blocks.len(), 3, "a schedule, an away mode and a motion rule");
+    let mut kinds = Vec::new();
+    for b in blocks {
+        let set = RuleSet::from_json(b.as_bytes()).unwrap_or_else(|e| panic!("{e}: {b}"));
+        set.time_zone().unwrap();
+        kinds.extend(set.rules.iter().map(|r| match r.kind {
+            RuleKind::Schedule(_) => "schedule",
+            RuleKind::Away(_) => "away",
+            RuleKind::Motion(_) => "motion",
+            RuleKind::Countdown(_) => "countdown",
+            RuleKind::Button(_) => "button",
+        }));
+    }
+    for want in ["schedule", "away", "motion"] {
+        assert!(kinds.contains(&want), "no {want} example: {kinds:?}");
+    }
+}
+
+fn relay_in_state_file(p: &Provisioned) -> bool {
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(p.state.join("state.json")).unwrap()).unwrap();
+    v["relay"].as_bool().unwrap()
+}
+
+#[test]
+fn rules_timer_interlock_and_a_countdown_without_the_cloud() {
+    let mut w = World::new();
+    let plug = w.provision("plug", "plug");
+    let _dev = w.run_device(&plug);
+    let phone = w.controller("phone");
+    phone.signup("erin@example.com");
+    assert!(eventually(Duration::from_secs(10), || phone.run(&["pair", &plug.code, "--name", "lamp"]).status.success()));
+    let shown: serde_json::Value = serde_json::from_str(&phone.ok(&["rules", "lamp"])).unwrap();
+    assert_eq!(shown["version"], 0);
+
+    // At most three switches a minute: the fourth is refused, with why.
+    let limited = w.path("limited.json");
+    std::fs::write(&limited, r#"{"version": 1, "timezone": "UTC", "power_on": "last", "interlocks": {"max_toggles_per_min": 3}}"#).unwrap();
+    assert!(phone.ok(&["rules", "lamp", "set", limited.to_str().unwrap()]).contains("version 1"));
+    phone.ok(&["on", "lamp"]);
+    phone.ok(&["off", "lamp"]);
+    phone.ok(&["on", "lamp"]);
+    let out = phone.run(&["off", "lamp"]);
+    assert_eq!(out.status.code(), Some(3));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("safety interlock: too many switches, try again in "), "{err}");
+    assert!(relay_in_state_file(&plug));
+
+    // A timer is a countdown rule added to what is there.
+    assert!(phone.ok(&["timer", "lamp", "--off-after", "30m"]).contains("version 2"));
+    let shown: serde_json::Value = serde_json::from_str(&phone.ok(&["rules", "lamp"])).unwrap();
+    assert_eq!(shown["rules"][0]["kind"]["countdown"]["off_after_secs"], 1800);
+    assert_eq!(shown["interlocks"]["max_toggles_per_min"], 3);
+
+    // A 3-second countdown, then the cloud goes away: the device still
+    // switches itself off.
+    let countdown = w.path("countdown.json");
+    std::fs::write(
+        &countdown,
+        r#"{"version": 1, "timezone": "UTC", "interlocks": {"max_toggles_per_min": 30},
+            "rules": [{"id": 1, "name": "cd", "kind": {"countdown": {"off_after_secs": 3}}}]}"#,
+    )
+    .unwrap();
+    assert!(phone.ok(&["rules", "lamp", "set", countdown.to_str().unwrap()]).contains("version 3"));
+    phone.ok(&["off", "lamp"]);
+    phone.ok(&["on", "lamp"]);
+    assert!(relay_in_state_file(&plug));
+    w.stop_cloud();
+    assert!(eventually(Duration::from_secs(10), || !relay_in_state_file(&plug)), "the countdown did not fire without a cloud");
+}
