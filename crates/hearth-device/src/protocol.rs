@@ -1053,4 +1053,23 @@ mod tests {
         rebooted.tick(&mut store, NOW + 360).unwrap();
         assert!(!rebooted.state().relay);
     }
+
+    #[test]
+    fn a_countdown_off_refused_by_the_rate_limit_is_retried_until_it_goes_through() {
+        let (mut plug, mut store, owner) = owned(DeviceKind::Plug);
+        let rules = serde_json::json!({"version": 1, "timezone": "UTC", "interlocks": {"max_toggles_per_min": 3},
+            "rules": [{"id": 1, "name": "cd", "kind": {"countdown": {"off_after_secs": 5}}}]});
+        assert_eq!(set_rules(&mut plug, &mut store, &owner, 1, rules), Outcome::Done);
+        // Three switches at NOW use up the minute; the last one is "on".
+        for (counter, on) in [(2, true), (3, false), (4, true)] {
+            assert_eq!(send(&mut plug, &mut store, &owner, counter, Command::SetRelay { on }, NOW).outcome, Outcome::Done);
+        }
+        // The countdown is due at NOW + 5 but refused until the window reopens.
+        for s in 1..60 {
+            plug.tick(&mut store, NOW + s).unwrap();
+            assert!(plug.state().relay, "off at {s} despite the limit");
+        }
+        plug.tick(&mut store, NOW + 60).unwrap();
+        assert!(!plug.state().relay, "the refused countdown was lost");
+    }
 }
