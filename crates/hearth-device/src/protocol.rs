@@ -893,8 +893,8 @@ mod tests {
         let mut refused = 0;
         for s in 0..150 {
             let now = NOW + s;
-            // Ten alternating commands a second from a compromised controller.
-            for i in 0..10 {
+            // Four alternating commands a second from a compromised controller.
+            for i in 0..4 {
                 let before = plug.state().relay;
                 let r = send(&mut plug, &mut store, &owner, counter, Command::SetRelay { on: i % 2 == 0 }, now);
                 counter += 1;
@@ -913,10 +913,12 @@ mod tests {
         for (i, t) in switches.iter().enumerate() {
             assert!(switches[i..].iter().take_while(|u| **u < t + 60).count() <= 6, "window at {t}: {switches:?}");
         }
-        // …and the limit is reached, not just never tested: six at 0 s, at
-        // 60 s and at 120 s, when the window reopens.
+        // …and the limit is reached, not just never tested: six in each of
+        // the three minutes.
         assert_eq!(switches.len(), 18);
-        assert!(refused > 700, "{refused}");
+        // Half the commands ask for the state the relay has (unchanged, not
+        // refused); nearly all of the other half are refused.
+        assert!(refused > 250, "{refused}");
         // The interlock's history is saved with the relay it protects.
         assert_eq!(store.saved.as_ref().map(|s| s.relay), Some(plug.state().relay));
     }
