@@ -555,15 +555,17 @@ impl Store {
     ) -> Result<(), StoreError> {
         let now = sql_time(unix_now());
         match &self.backend {
-            Backend::Sqlite(conn) => Self::run(conn, move |c| {
-                c.execute(
+            Backend::Sqlite(conn) => {
+                Self::run(conn, move |c| {
+                    c.execute(
                     "INSERT INTO controllers (account_id, id, public_key, name, created_at) VALUES (?1, ?2, ?3, ?4, ?5)
                          ON CONFLICT (account_id, id) DO UPDATE SET name = excluded.name",
                     params![account.as_str(), controller, public_key, name, now],
                 )?;
-                Ok(())
-            })
-            .await,
+                    Ok(())
+                })
+                .await
+            }
             Backend::Postgres(pool) => {
                 pool.client()
                     .await?
@@ -1060,6 +1062,33 @@ mod tests {
                 let store = open.await.unwrap().unwrap();
                 assert_eq!(store.schema_version().await.unwrap(), MIGRATIONS.len() as i64, "{}", db.name());
             }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn nodes_starting_together_on_an_empty_postgres_migrate_once() {
+        // Only PostgreSQL: a SQLite file belongs to one cloud process.
+        for db in test_dbs("nodes_starting_together_on_an_empty_postgres_migrate_once").await {
+            if matches!(db.url, DatabaseUrl::Sqlite(_)) {
+                continue;
+            }
+            db.execute_raw("DROP TABLE device_events, devices, controllers, sessions, accounts, schema_migrations")
+                .await;
+            let opens: Vec<_> = (0..4)
+                .map(|_| {
+                    let url = db.url.clone();
+                    tokio::spawn(async move { Store::connect(&url).await })
+                })
+                .collect();
+            for open in opens {
+                let store = open.await.unwrap().unwrap();
+                assert_eq!(store.schema_version().await.unwrap(), MIGRATIONS.len() as i64);
+            }
+            let DatabaseUrl::Postgres(url) = &db.url else { unreachable!() };
+            let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();
+            tokio::spawn(conn);
+            let rows: i64 = client.query_one("SELECT COUNT(*) FROM schema_migrations", &[]).await.unwrap().get(0);
+            assert_eq!(rows, MIGRATIONS.len() as i64, "each migration applied exactly once");
         }
     }
 
