@@ -477,7 +477,12 @@ impl DeviceCore {
         // The device's own rules: they run with or without a cloud.
         let ts = timestamp(now);
         let tz = zone(&next.rules.set);
-        let due = schedule::tick(&mut next.rules.runtime, &next.rules.set, &tz, ts);
+        let mut due = schedule::tick(&mut next.rules.runtime, &next.rules.set, &tz, ts);
+        if !self.kind.has(Capability::Switch) {
+            // A sensor has no relay: its rules may be stored, but nothing here
+            // may switch (or pretend to).
+            due.clear();
+        }
         for action in &due {
             match Self::switch(&mut next, action.on, Source::Rule, false, now) {
                 Ok(changed) => {
@@ -1073,5 +1078,17 @@ mod tests {
         }
         plug.tick(&mut store, NOW + 60).unwrap();
         assert!(!plug.state().relay, "the refused countdown was lost");
+    }
+
+    #[test]
+    fn rules_never_switch_a_device_without_a_relay() {
+        let (mut sensor, mut store, owner) = owned(DeviceKind::MotionSensor);
+        let rules = serde_json::json!({"version": 1, "timezone": "UTC", "rules": [
+            {"id": 1, "name": "morning", "kind": {"schedule": {"days": ["mon","tue","wed","thu","fri","sat","sun"], "at": {"clock": "08:01"}, "action": "on"}}}]});
+        assert_eq!(set_rules(&mut sensor, &mut store, &owner, 1, rules), Outcome::Done);
+        for s in 0..=90 {
+            assert!(sensor.tick(&mut store, NOW + s).unwrap().is_empty());
+        }
+        assert!(!sensor.state().relay);
     }
 }
