@@ -760,25 +760,29 @@ impl Store {
         match &self.backend {
             Backend::Sqlite(conn) => {
                 Self::run(conn, move |c| {
-                    let n = c.execute(
+                    // One transaction, so a crash between the two statements
+                    // cannot leave the new owner with the old owner's history.
+                    let tx = c.transaction()?;
+                    let n = tx.execute(
                         "UPDATE devices SET account_id = ?2, name = ?3, paired_at = ?4 WHERE id = ?1",
                         params![id.as_str(), account.as_str(), name, now],
                     )?;
                     if n == 1 {
                         // A (re)paired device starts with no history: what it sealed
                         // for a previous owner is of no use to the new one.
-                        c.execute("DELETE FROM device_events WHERE device_id = ?1", params![id.as_str()])?;
+                        tx.execute("DELETE FROM device_events WHERE device_id = ?1", params![id.as_str()])?;
+                        tx.commit()?;
                         Ok(())
                     } else {
+                        // Dropping `tx` rolls back (nothing was changed anyway).
                         Err(unregistered(&id))
                     }
                 })
                 .await
             }
             Backend::Postgres(pool) => {
-                // One transaction, so no other node sees the new owner with
-                // the previous owner's history (SQLite gets the same from its
-                // single connection).
+                // One transaction, as for SQLite: no other node sees the new
+                // owner with the previous owner's history.
                 let mut client = pool.client().await?;
                 let tx = client.transaction().await?;
                 let n = tx
