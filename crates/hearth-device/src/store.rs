@@ -315,10 +315,20 @@ impl DirLock {
         opts.write(true).create(true).truncate(false);
         open_mode(&mut opts, 0o600);
         let file = opts.open(&path).map_err(|e| io_err(&path, e))?;
-        match file.try_lock() {
-            Ok(()) => Ok(Self { _file: file }),
-            Err(fs::TryLockError::WouldBlock) => Err(Error::Locked { dir: dir.to_path_buf() }),
-            Err(fs::TryLockError::Error(e)) => Err(io_err(&path, e)),
+        // A lock released a moment ago can still be held for a few
+        // milliseconds by a process being forked elsewhere (the child keeps a
+        // copy of the descriptor until it execs), so retry briefly before
+        // calling the directory busy.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        loop {
+            match file.try_lock() {
+                Ok(()) => return Ok(Self { _file: file }),
+                Err(fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(fs::TryLockError::WouldBlock) => return Err(Error::Locked { dir: dir.to_path_buf() }),
+                Err(fs::TryLockError::Error(e)) => return Err(io_err(&path, e)),
+            }
         }
     }
 }
