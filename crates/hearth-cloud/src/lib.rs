@@ -16,6 +16,7 @@
 //!   | `GET /devices` | bearer | → `{"devices": [{id, name, kind, online, certificate, last_state}]}` |
 //!   | `POST /pair` | bearer | `{code_lookup, name, request}` → `{device, response}`; 404; 409 `{error, pair_error}`; 502; 504 |
 //!   | `POST /devices/{id}/command` | bearer | `{envelope}` → `{"result": "<envelope>"}`; 404; 503; 504 |
+//!   | `GET /devices/{id}/events?after=N` | bearer | → the device's stored sealed reports (last 1,000, at most 7 days), paged by `seq`; 404 |
 //!   | `GET /link` | bearer, or `?token=` for browsers | WebSocket: `ControllerPush` down, `ControllerFrame` up |
 //!
 //!   Bodies are `application/json` (else 415), at most 64 KiB (else 413),
