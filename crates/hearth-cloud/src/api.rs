@@ -17,11 +17,11 @@ use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Extension, Json};
 use hearth_proto::acl::Role;
 use hearth_proto::b64;
-use hearth_proto::ids::DeviceId;
+use hearth_proto::ids::{ControllerId, DeviceId};
 use hearth_proto::keys::PublicKey;
 use hearth_proto::link::{CloudFrame, PairOutcome};
 use hearth_proto::pairing::{verify_confirmation, PairRequest};
@@ -34,7 +34,7 @@ use crate::auth;
 use crate::error::ApiError;
 use crate::router::RouteError;
 use crate::server::ConnGuard;
-use crate::store::{unix_now, AccountId};
+use crate::store::{unix_now, AccountId, MemberAdded};
 use crate::AppState;
 
 #[doc(hidden)]
@@ -65,6 +65,8 @@ pub fn app(state: AppState) -> axum::Router {
         .route("/api/v1/devices", get(list_devices))
         .route("/api/v1/devices/{id}/command", post(command))
         .route("/api/v1/devices/{id}/events", get(events))
+        .route("/api/v1/devices/{id}/members", post(add_member))
+        .route("/api/v1/devices/{id}/members/{controller}", delete(remove_member))
         .route("/api/v1/pair", post(pair))
         .route("/api/v1/link", get(link))
         .fallback(no_route)
@@ -339,6 +341,8 @@ async fn list_devices(State(s): State<AppState>, session: Session) -> Result<Jso
                 "online": s.router.is_online(&d.id),
                 "certificate": b64::encode(&d.certificate),
                 "last_state": last_state.map(b64::encode),
+                "shared": d.shared,
+                "role": if d.shared { "member" } else { "owner" },
             })
         })
         .collect();
@@ -352,6 +356,18 @@ pub async fn owned_device(state: &AppState, account: &AccountId, raw: &str) -> R
     match state.store.device_owner(id.clone()).await? {
         Some(owner) if &owner == account => Ok(id),
         _ => Err(ApiError::not_found(NO_SUCH_DEVICE)),
+    }
+}
+
+/// The device `raw` names, if `account` owns it or it was shared with the
+/// account (a routing member). Used for what the device itself guards:
+/// commands (it checks the signer against its access list) and sealed
+/// history (only controllers it encrypts for can read it).
+pub async fn reachable_device(state: &AppState, account: &AccountId, raw: &str) -> Result<DeviceId, ApiError> {
+    let Ok(id) = raw.parse::<DeviceId>() else { return Err(ApiError::not_found(NO_SUCH_DEVICE)) };
+    match state.store.device_access(id.clone(), account.clone()).await? {
+        Some(_) => Ok(id),
+        None => Err(ApiError::not_found(NO_SUCH_DEVICE)),
     }
 }
 
@@ -379,7 +395,9 @@ async fn command(
     JsonBody(body): JsonBody<CommandBody>,
 ) -> Result<Json<Value>, ApiError> {
     let Ok(Path(raw)) = path else { return Err(ApiError::not_found(NO_SUCH_DEVICE)) };
-    let device = owned_device(&s, &session.account, &raw).await?;
+    // The device decides whether the signer may act; the cloud only routes
+    // for the accounts the owner shared it with.
+    let device = reachable_device(&s, &session.account, &raw).await?;
     let envelope = b64::decode(&body.envelope).map_err(|_| ApiError::bad_request("envelope is not base64url"))?;
     let peek = hearth_proto::message::peek_command(&envelope)
         .map_err(|e| ApiError::bad_request(format!("envelope is not a signed command: {e}")))?;
@@ -424,12 +442,65 @@ async fn events(
     query: Result<axum::extract::Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Ok(Path(raw)) = path else { return Err(ApiError::not_found(NO_SUCH_DEVICE)) };
-    let device = owned_device(&s, &session.account, &raw).await?;
+    let device = reachable_device(&s, &session.account, &raw).await?;
     let after = query.map(|q| q.0.after).map_err(|_| ApiError::bad_request("query must be ?after=<number>"))?;
     let rows = s.store.events_of(device, after, EVENTS_PAGE).await?;
     let events: Vec<Value> =
         rows.into_iter().map(|e| json!({ "seq": e.seq, "at": e.at, "envelope": b64::encode(&e.envelope) })).collect();
     Ok(Json(json!({ "events": events })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MemberBody {
+    controller: ControllerId,
+}
+
+/// `POST /devices/{id}/members`: the owner tells the cloud it shared the
+/// device with `controller` (after the device confirmed the signed grant),
+/// so the account that registered that controller can route to it. This
+/// grants nothing on the device: its access list is the only authority.
+async fn add_member(
+    State(s): State<AppState>,
+    session: Session,
+    path: Result<Path<String>, PathRejection>,
+    JsonBody(body): JsonBody<MemberBody>,
+) -> Result<Response, ApiError> {
+    let Ok(Path(raw)) = path else { return Err(ApiError::not_found(NO_SUCH_DEVICE)) };
+    let device = owned_device(&s, &session.account, &raw).await?;
+    match s.store.add_member(device.clone(), body.controller.to_string(), unix_now()).await? {
+        MemberAdded::Added(account) => {
+            s.router.set_members(&device, s.store.members_of(device.clone()).await?);
+            tracing::info!(%device, member = %account, "device shared with another account");
+            Ok((StatusCode::CREATED, Json(json!({ "routing": "member" }))).into_response())
+        }
+        MemberAdded::Owner => Ok((StatusCode::OK, Json(json!({ "routing": "owner" }))).into_response()),
+        MemberAdded::UnknownController => Err(ApiError::not_found("no account registered this controller")),
+        MemberAdded::Ambiguous => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "several accounts registered this controller key; the cloud cannot tell whose it is",
+        )),
+    }
+}
+
+/// `DELETE /devices/{id}/members/{controller}`: the owner revoked
+/// `controller` on the device; stop routing for its account unless the
+/// device is still shared with another of that account's controllers.
+async fn remove_member(
+    State(s): State<AppState>,
+    session: Session,
+    path: Result<Path<(String, String)>, PathRejection>,
+) -> Result<StatusCode, ApiError> {
+    let Ok(Path((raw, controller))) = path else { return Err(ApiError::not_found(NO_SUCH_DEVICE)) };
+    let device = owned_device(&s, &session.account, &raw).await?;
+    let controller: ControllerId =
+        controller.parse().map_err(|_| ApiError::bad_request("not a controller id"))?;
+    if !s.store.remove_member(device.clone(), controller.to_string()).await? {
+        return Err(ApiError::not_found("this device is not shared with this controller"));
+    }
+    s.router.set_members(&device, s.store.members_of(device.clone()).await?);
+    tracing::info!(%device, %controller, "device no longer shared with a controller");
+    Ok(StatusCode::NO_CONTENT)
 }
 
 #[derive(Deserialize)]

@@ -12,7 +12,7 @@ use hearth_proto::link::{CloudFrame, ControllerFrame, ControllerPush};
 use tokio::time::{timeout, Instant, MissedTickBehavior};
 use tracing::Instrument;
 
-use crate::api::{owned_device, Session};
+use crate::api::{reachable_device, Session};
 use crate::server::ConnGuard;
 use crate::store::unix_now;
 use crate::AppState;
@@ -148,7 +148,7 @@ async fn serve(state: AppState, mut socket: WebSocket, session: Session, _guard:
 async fn handle_frame(state: &AppState, session: &Session, socket: &mut WebSocket, frame: ControllerFrame) -> bool {
     let ControllerFrame::Command { device, envelope } = frame;
     let undeliverable = |message: String| ControllerPush::Undeliverable { device: device.clone(), message };
-    let problem = match owned_device(state, &session.account, device.as_str()).await {
+    let problem = match reachable_device(state, &session.account, device.as_str()).await {
         Err(e) => Some(e.message().to_owned()),
         Ok(_) => match hearth_proto::message::peek_command(&envelope) {
             Err(e) => Some(format!("envelope is not a signed command: {e}")),

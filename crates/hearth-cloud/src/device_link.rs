@@ -115,7 +115,9 @@ pub async fn run(state: AppState, mut tls: TlsStream<TcpStream>) -> Result<(), L
         _ => return Err(LinkError::NoHello),
     };
     let owner = state.store.device_connected(id.clone(), kind, cert.to_vec(), unix_now()).await?;
-    let handle = state.router.add_device(&id, DeviceInfo { owner, setup_lookup });
+    // Members only matter for a paired device.
+    let members = if owner.is_some() { state.store.members_of(id.clone()).await? } else { Vec::new() };
+    let handle = state.router.add_device(&id, DeviceInfo { owner, setup_lookup, members });
     let link = handle.link;
 
     let mut conn = Conn { state: &state, id: &id, key: &key, link, pending_state: None, last_persist: None };

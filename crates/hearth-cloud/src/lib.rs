@@ -13,10 +13,12 @@
 //!   | `POST /login` | – | `{email, password}` → `{"token", "expires_at"}` (Unix seconds); 401; 429 + `Retry-After` |
 //!   | `POST /logout` | bearer | → 204 |
 //!   | `POST /controllers` | bearer | `{public_key, name}` → 201 `{"controller": "<id>"}` (idempotent) |
-//!   | `GET /devices` | bearer | → `{"devices": [{id, name, kind, online, certificate, last_state}]}` |
+//!   | `GET /devices` | bearer | → `{"devices": [{id, name, kind, online, certificate, last_state, shared, role}]}`: owned and shared-with-this-account devices |
 //!   | `POST /pair` | bearer | `{code_lookup, name, request}` → `{device, response}`; 404; 409 `{error, pair_error}`; 502; 504 |
-//!   | `POST /devices/{id}/command` | bearer | `{envelope}` → `{"result": "<envelope>"}`; 404; 503; 504 |
-//!   | `GET /devices/{id}/events?after=N` | bearer | → the device's stored sealed reports (last 1,000, at most 7 days), paged by `seq`; 404 |
+//!   | `POST /devices/{id}/command` | bearer | `{envelope}` → `{"result": "<envelope>"}` (owner or member account; the device decides); 404; 503; 504 |
+//!   | `GET /devices/{id}/events?after=N` | bearer | → the device's stored sealed reports (last 1,000, at most 7 days), paged by `seq`; owner or member; 404 |
+//!   | `POST /devices/{id}/members` | bearer (owner) | `{controller}` → 201 `{"routing": "member"}` / 200 `{"routing": "owner"}`; 404; 409 |
+//!   | `DELETE /devices/{id}/members/{controller}` | bearer (owner) | → 204; 404 |
 //!   | `GET /link` | bearer, or `?token=` for browsers | WebSocket: `ControllerPush` down, `ControllerFrame` up |
 //!
 //!   Bodies are `application/json` (else 415), at most 64 KiB (else 413),

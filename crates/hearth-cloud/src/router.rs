@@ -46,6 +46,18 @@ pub struct DeviceInfo {
     pub owner: Option<AccountId>,
     /// The setup lookup it announced, while in setup mode.
     pub setup_lookup: Option<String>,
+    /// Other accounts the owner shared it with (routing only; the device
+    /// decides what their controllers may do).
+    pub members: Vec<AccountId>,
+}
+
+impl DeviceInfo {
+    /// Every account whose controllers get this device's pushes.
+    fn audience(&self) -> Vec<AccountId> {
+        let mut out: Vec<AccountId> = self.owner.iter().cloned().collect();
+        out.extend(self.members.iter().filter(|m| self.owner.as_ref() != Some(*m)).cloned());
+        out
+    }
 }
 
 struct DeviceEntry {
@@ -149,7 +161,7 @@ impl Router {
         let (tx, rx) = mpsc::channel(DEVICE_QUEUE);
         let close = Arc::new(Notify::new());
         let link = self.fresh_id();
-        let owner = info.owner.clone();
+        let audience = info.audience();
         let mut inner = self.lock();
         if let Some(old) = inner.devices.remove(id) {
             // notify_one stores a permit, so the old link sees it even if it
@@ -163,8 +175,8 @@ impl Router {
             inner.setup_index.insert(lookup.clone(), id.clone());
         }
         inner.devices.insert(id.clone(), DeviceEntry { link, tx, close: close.clone(), info, last_state: None });
-        if let Some(owner) = owner {
-            push_locked(&mut inner, &owner, &ControllerPush::Presence { device: id.clone(), online: true });
+        for account in audience {
+            push_locked(&mut inner, &account, &ControllerPush::Presence { device: id.clone(), online: true });
         }
         LinkHandle { link, rx, close }
     }
@@ -184,8 +196,8 @@ impl Router {
         // Dropping the senders wakes the waiters with "device went away".
         inner.commands.retain(|(device, _, _), _| device != id);
         inner.pairings.retain(|_, (device, _)| device != id);
-        if let Some(owner) = entry.info.owner {
-            push_locked(&mut inner, &owner, &ControllerPush::Presence { device: id.clone(), online: false });
+        for account in entry.info.audience() {
+            push_locked(&mut inner, &account, &ControllerPush::Presence { device: id.clone(), online: false });
         }
         true
     }
@@ -220,12 +232,22 @@ impl Router {
         self.lock().setup_index.get(lookup).cloned()
     }
 
-    /// Records a device's new owner after pairing.
+    /// Records a device's new owner after pairing; whom the previous owner
+    /// shared it with no longer gets its pushes.
     pub fn set_owner(&self, id: &DeviceId, owner: AccountId) {
         let mut inner = self.lock();
         if let Some(entry) = inner.devices.get_mut(id) {
             entry.info.owner = Some(owner.clone());
+            entry.info.members.clear();
             push_locked(&mut inner, &owner, &ControllerPush::Presence { device: id.clone(), online: true });
+        }
+    }
+
+    /// Replaces the member accounts of an online device (after a share or a
+    /// revoke was recorded in the store).
+    pub fn set_members(&self, id: &DeviceId, members: Vec<AccountId>) {
+        if let Some(entry) = self.lock().devices.get_mut(id) {
+            entry.info.members = members;
         }
     }
 
@@ -288,25 +310,27 @@ impl Router {
 
     /// Routes a command result: to the request waiting for it (matched on
     /// the verified controller and counter), and to every controller link
-    /// of the owner.
+    /// of the owner and the members.
     pub fn deliver_result(&self, device: &DeviceId, controller: ControllerId, counter: u64, envelope: Vec<u8>) {
         let mut inner = self.lock();
         if let Some(tx) = inner.commands.remove(&(device.clone(), controller, counter)) {
             // The waiter may have just timed out; then nobody needs it.
             let _ = tx.send(envelope.clone());
         }
-        if let Some(owner) = inner.devices.get(device).and_then(|d| d.info.owner.clone()) {
-            push_locked(&mut inner, &owner, &ControllerPush::Result { device: device.clone(), envelope });
+        let audience = inner.devices.get(device).map(|d| d.info.audience()).unwrap_or_default();
+        for account in audience {
+            push_locked(&mut inner, &account, &ControllerPush::Result { device: device.clone(), envelope: envelope.clone() });
         }
     }
 
-    /// Caches a device's state report and pushes it to the owner's links.
+    /// Caches a device's state report and pushes it to the links of the
+    /// owner and the members.
     pub fn deliver_state(&self, device: &DeviceId, link: u64, envelope: Vec<u8>) {
         let mut inner = self.lock();
         let Some(entry) = inner.devices.get_mut(device).filter(|d| d.link == link) else { return };
         entry.last_state = Some(envelope.clone());
-        if let Some(owner) = entry.info.owner.clone() {
-            push_locked(&mut inner, &owner, &ControllerPush::State { device: device.clone(), envelope });
+        for account in entry.info.audience() {
+            push_locked(&mut inner, &account, &ControllerPush::State { device: device.clone(), envelope: envelope.clone() });
         }
     }
 
@@ -378,7 +402,7 @@ mod tests {
     use super::*;
 
     fn info(owner: Option<AccountId>, lookup: Option<&str>) -> DeviceInfo {
-        DeviceInfo { owner, setup_lookup: lookup.map(str::to_owned) }
+        DeviceInfo { owner, setup_lookup: lookup.map(str::to_owned), members: Vec::new() }
     }
 
     fn account() -> AccountId {

@@ -132,6 +132,33 @@ const MIGRATIONS: &[Migration] = &[
     CREATE INDEX device_events_device ON device_events(device_id, seq);
     "#,
     },
+    // 3: routing membership of shared devices (issue 3). The device alone
+    // decides who may act; this only tells the cloud which other accounts
+    // to route a shared device's commands, pushes and history for. One row
+    // per shared controller, so revoking one of an account's controllers
+    // keeps routing for its others.
+    Migration {
+        sqlite: r#"
+    CREATE TABLE device_members (
+        device_id     TEXT NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
+        controller_id TEXT NOT NULL,
+        account_id    TEXT NOT NULL REFERENCES accounts(id) ON DELETE CASCADE,
+        added_at      INTEGER NOT NULL,
+        PRIMARY KEY (device_id, controller_id)
+    );
+    CREATE INDEX device_members_account ON device_members(account_id);
+    "#,
+        postgres: r#"
+    CREATE TABLE device_members (
+        device_id     TEXT NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
+        controller_id TEXT NOT NULL,
+        account_id    TEXT NOT NULL REFERENCES accounts(id) ON DELETE CASCADE,
+        added_at      BIGINT NOT NULL,
+        PRIMARY KEY (device_id, controller_id)
+    );
+    CREATE INDEX device_members_account ON device_members(account_id);
+    "#,
+    },
 ];
 
 /// Most events kept per device.
@@ -229,6 +256,33 @@ pub struct DeviceRow {
     pub certificate: Vec<u8>,
     /// Its last signed state report.
     pub last_state: Option<Vec<u8>>,
+    /// Listed because another account shared it with this one (a routing
+    /// member), not because this account owns it.
+    pub shared: bool,
+}
+
+/// How an account may reach a device through the cloud. Routing only: the
+/// device checks every command against its own access list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// The account that paired it.
+    Owner,
+    /// An account one of whose controllers the owner shared it with.
+    Member,
+}
+
+/// The result of [`Store::add_member`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MemberAdded {
+    /// Routing recorded for this account.
+    Added(AccountId),
+    /// The controller belongs to the owner's own account: nothing to record.
+    Owner,
+    /// No account registered this controller.
+    UnknownController,
+    /// More than one account registered this controller key; the cloud
+    /// cannot tell whose it is, so it routes for none.
+    Ambiguous,
 }
 
 /// Where the cloud keeps its state, parsed from `--database-url`: a
@@ -771,6 +825,8 @@ impl Store {
                         // A (re)paired device starts with no history: what it sealed
                         // for a previous owner is of no use to the new one.
                         tx.execute("DELETE FROM device_events WHERE device_id = ?1", params![id.as_str()])?;
+                        // Nor is whom the previous owner shared it with.
+                        tx.execute("DELETE FROM device_members WHERE device_id = ?1", params![id.as_str()])?;
                         tx.commit()?;
                         Ok(())
                     } else {
@@ -798,6 +854,7 @@ impl Store {
                     return Err(unregistered(&id));
                 }
                 tx.execute("DELETE FROM device_events WHERE device_id = $1", &[&id.as_str()]).await?;
+                tx.execute("DELETE FROM device_members WHERE device_id = $1", &[&id.as_str()]).await?;
                 tx.commit().await?;
                 Ok(())
             }
@@ -826,17 +883,23 @@ impl Store {
         Ok(owner.flatten().map(AccountId))
     }
 
-    /// The devices of an account, by name.
+    /// The devices of an account, by name: those it owns and those shared
+    /// with it (routing members).
     pub async fn devices_of(&self, account: AccountId) -> Result<Vec<DeviceRow>, StoreError> {
-        type Raw = (String, Option<String>, String, Vec<u8>, Option<Vec<u8>>);
+        type Raw = (String, Option<String>, String, Vec<u8>, Option<Vec<u8>>, bool);
         let rows: Vec<Raw> = match &self.backend {
             Backend::Sqlite(conn) => {
                 Self::run(conn, move |c| {
                     let mut stmt = c.prepare(
-                        "SELECT id, name, kind, certificate, last_state FROM devices WHERE account_id = ?1 ORDER BY name, id",
+                        "SELECT d.id, d.name, d.kind, d.certificate, d.last_state,
+                                CASE WHEN d.account_id = ?1 THEN 0 ELSE 1 END
+                         FROM devices d
+                         WHERE d.account_id = ?1 OR EXISTS (
+                             SELECT 1 FROM device_members m WHERE m.device_id = d.id AND m.account_id = ?1)
+                         ORDER BY d.name, d.id",
                     )?;
                     let rows = stmt.query_map(params![account.as_str()], |r| {
-                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get::<_, i64>(5)? == 1))
                     })?;
                     Ok(rows.collect::<Result<Vec<Raw>, _>>()?)
                 })
@@ -848,26 +911,201 @@ impl Store {
                 .client()
                 .await?
                 .query(
-                    r#"SELECT id, name, kind, certificate, last_state FROM devices WHERE account_id = $1
-                       ORDER BY name COLLATE "C" NULLS FIRST, id COLLATE "C""#,
+                    r#"SELECT d.id, d.name, d.kind, d.certificate, d.last_state, d.account_id IS DISTINCT FROM $1
+                       FROM devices d
+                       WHERE d.account_id = $1 OR EXISTS (
+                           SELECT 1 FROM device_members m WHERE m.device_id = d.id AND m.account_id = $1)
+                       ORDER BY d.name COLLATE "C" NULLS FIRST, d.id COLLATE "C""#,
                     &[&account.as_str()],
                 )
                 .await?
                 .iter()
-                .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
+                .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5)))
                 .collect(),
         };
         let mut out = Vec::with_capacity(rows.len());
-        for (id, name, kind, certificate, last_state) in rows {
+        for (id, name, kind, certificate, last_state, shared) in rows {
             out.push(DeviceRow {
                 id: parse_device_id(&id)?,
                 name: name.unwrap_or_default(),
                 kind: parse_kind(&kind)?,
                 certificate,
                 last_state,
+                shared,
             });
         }
         Ok(out)
+    }
+
+    /// How `account` may reach device `id` through the cloud, if at all.
+    pub async fn device_access(&self, id: DeviceId, account: AccountId) -> Result<Option<Access>, StoreError> {
+        // 0 = owner, 1 = member; the owner wins if both (never recorded).
+        let found: Option<i64> = match &self.backend {
+            Backend::Sqlite(conn) => {
+                Self::run(conn, move |c| {
+                    Ok(c.query_row(
+                        "SELECT MIN(a) FROM (
+                             SELECT 0 AS a FROM devices WHERE id = ?1 AND account_id = ?2
+                             UNION ALL
+                             SELECT 1 AS a FROM device_members WHERE device_id = ?1 AND account_id = ?2)",
+                        params![id.as_str(), account.as_str()],
+                        |r| r.get::<_, Option<i64>>(0),
+                    )?)
+                })
+                .await?
+            }
+            Backend::Postgres(pool) => pool
+                .client()
+                .await?
+                .query_one(
+                    "SELECT MIN(a)::BIGINT FROM (
+                         SELECT 0 AS a FROM devices WHERE id = $1 AND account_id = $2
+                         UNION ALL
+                         SELECT 1 AS a FROM device_members WHERE device_id = $1 AND account_id = $2) AS t",
+                    &[&id.as_str(), &account.as_str()],
+                )
+                .await?
+                .get::<_, Option<i64>>(0),
+        };
+        Ok(match found {
+            Some(0) => Some(Access::Owner),
+            Some(_) => Some(Access::Member),
+            None => None,
+        })
+    }
+
+    /// Records that the owner shared device `id` with `controller`: routing
+    /// for the account that registered that controller. Call only after the
+    /// device confirmed the grant; the cloud never decides access.
+    pub async fn add_member(&self, id: DeviceId, controller: String, now: u64) -> Result<MemberAdded, StoreError> {
+        let now = sql_time(now);
+        // Everything in one transaction, so a concurrent re-pairing cannot
+        // leave a member of the previous owner behind.
+        let (accounts, owner, inserted) = match &self.backend {
+            Backend::Sqlite(conn) => {
+                Self::run(conn, move |c| {
+                    let tx = c.transaction()?;
+                    let accounts = {
+                        let mut stmt = tx.prepare("SELECT account_id FROM controllers WHERE id = ?1 LIMIT 2")?;
+                        let rows = stmt.query_map(params![controller], |r| r.get::<_, String>(0))?;
+                        rows.collect::<Result<Vec<_>, _>>()?
+                    };
+                    let owner: Option<String> = tx
+                        .query_row("SELECT account_id FROM devices WHERE id = ?1", params![id.as_str()], |r| r.get(0))
+                        .optional()?
+                        .flatten();
+                    let mut inserted = false;
+                    if let ([account], Some(owner)) = (accounts.as_slice(), owner.as_ref()) {
+                        if account != owner {
+                            tx.execute(
+                                "INSERT INTO device_members (device_id, controller_id, account_id, added_at)
+                                 VALUES (?1, ?2, ?3, ?4)
+                                 ON CONFLICT (device_id, controller_id) DO UPDATE SET account_id = excluded.account_id",
+                                params![id.as_str(), controller, account, now],
+                            )?;
+                            inserted = true;
+                        }
+                    }
+                    tx.commit()?;
+                    Ok((accounts, owner, inserted))
+                })
+                .await?
+            }
+            Backend::Postgres(pool) => {
+                let mut client = pool.client().await?;
+                let tx = client.transaction().await?;
+                let accounts: Vec<String> = tx
+                    .query("SELECT account_id FROM controllers WHERE id = $1 LIMIT 2", &[&controller])
+                    .await?
+                    .iter()
+                    .map(|r| r.get(0))
+                    .collect();
+                // FOR UPDATE: a pairing on another node waits for us (or we for it).
+                let owner: Option<String> = tx
+                    .query_opt("SELECT account_id FROM devices WHERE id = $1 FOR UPDATE", &[&id.as_str()])
+                    .await?
+                    .and_then(|r| r.get(0));
+                let mut inserted = false;
+                if let ([account], Some(owner)) = (accounts.as_slice(), owner.as_ref()) {
+                    if account != owner {
+                        tx.execute(
+                            "INSERT INTO device_members (device_id, controller_id, account_id, added_at)
+                             VALUES ($1, $2, $3, $4)
+                             ON CONFLICT (device_id, controller_id) DO UPDATE SET account_id = excluded.account_id",
+                            &[&id.as_str(), &controller, account, &now],
+                        )
+                        .await?;
+                        inserted = true;
+                    }
+                }
+                tx.commit().await?;
+                (accounts, owner, inserted)
+            }
+        };
+        Ok(match accounts.as_slice() {
+            [] => MemberAdded::UnknownController,
+            [account] if inserted => MemberAdded::Added(AccountId(account.clone())),
+            [_] if owner.is_some() => MemberAdded::Owner,
+            // The device row has no owner: nothing to share from.
+            [_] => MemberAdded::UnknownController,
+            _ => MemberAdded::Ambiguous,
+        })
+    }
+
+    /// Forgets that device `id` is shared with `controller`; returns whether
+    /// there was such a row. The account stays a member while the device is
+    /// still shared with another of its controllers.
+    pub async fn remove_member(&self, id: DeviceId, controller: String) -> Result<bool, StoreError> {
+        let n = match &self.backend {
+            Backend::Sqlite(conn) => {
+                Self::run(conn, move |c| {
+                    Ok(c.execute(
+                        "DELETE FROM device_members WHERE device_id = ?1 AND controller_id = ?2",
+                        params![id.as_str(), controller],
+                    )? as u64)
+                })
+                .await?
+            }
+            Backend::Postgres(pool) => {
+                pool.client()
+                    .await?
+                    .execute(
+                        "DELETE FROM device_members WHERE device_id = $1 AND controller_id = $2",
+                        &[&id.as_str(), &controller],
+                    )
+                    .await?
+            }
+        };
+        Ok(n > 0)
+    }
+
+    /// The member accounts of a device (each once, in no particular order),
+    /// for routing.
+    pub async fn members_of(&self, id: DeviceId) -> Result<Vec<AccountId>, StoreError> {
+        let rows: Vec<String> = match &self.backend {
+            Backend::Sqlite(conn) => {
+                Self::run(conn, move |c| {
+                    let mut stmt = c.prepare(
+                        "SELECT DISTINCT account_id FROM device_members WHERE device_id = ?1",
+                    )?;
+                    let rows = stmt.query_map(params![id.as_str()], |r| r.get(0))?;
+                    Ok(rows.collect::<Result<Vec<String>, _>>()?)
+                })
+                .await?
+            }
+            Backend::Postgres(pool) => pool
+                .client()
+                .await?
+                .query(
+                    "SELECT DISTINCT account_id FROM device_members WHERE device_id = $1",
+                    &[&id.as_str()],
+                )
+                .await?
+                .iter()
+                .map(|r| r.get(0))
+                .collect(),
+        };
+        Ok(rows.into_iter().map(AccountId).collect())
     }
 }
 
@@ -1076,7 +1314,7 @@ mod tests {
             if matches!(db.url, DatabaseUrl::Sqlite(_)) {
                 continue;
             }
-            db.execute_raw("DROP TABLE device_events, devices, controllers, sessions, accounts, schema_migrations")
+            db.execute_raw("DROP TABLE device_members, device_events, devices, controllers, sessions, accounts, schema_migrations")
                 .await;
             let opens: Vec<_> = (0..4)
                 .map(|_| {
@@ -1207,6 +1445,59 @@ mod tests {
             // A (re)pairing starts a fresh history.
             store.pair_device(id.clone(), a, "lamp".into(), t0).await.unwrap();
             assert!(store.events_of(id, 0, 10).await.unwrap().is_empty(), "{}", db.name());
+        }
+    }
+
+    #[tokio::test]
+    async fn members_are_routed_until_removed_and_cleared_on_repairing() {
+        for db in test_dbs("members_are_routed_until_removed_and_cleared_on_repairing").await {
+            let (store, n) = (&db.store, db.name());
+            let alice = store.create_account("a@example.com".into(), "h".into()).await.unwrap().unwrap();
+            let bob = store.create_account("b@example.com".into(), "h".into()).await.unwrap().unwrap();
+            let carol = store.create_account("c@example.com".into(), "h".into()).await.unwrap().unwrap();
+            store.upsert_controller(alice.clone(), "ca".into(), vec![1], "a".into()).await.unwrap();
+            store.upsert_controller(bob.clone(), "phone".into(), vec![2], "p".into()).await.unwrap();
+            store.upsert_controller(bob.clone(), "laptop".into(), vec![3], "l".into()).await.unwrap();
+            let id = DeviceId::random();
+            store.device_connected(id.clone(), DeviceKind::Plug, vec![1], 5).await.unwrap();
+            // Unpaired: nothing to share from.
+            assert_eq!(store.add_member(id.clone(), "phone".into(), 6).await.unwrap(), MemberAdded::UnknownController, "{n}");
+            store.pair_device(id.clone(), alice.clone(), "lamp".into(), 6).await.unwrap();
+            assert_eq!(store.device_access(id.clone(), alice.clone()).await.unwrap(), Some(Access::Owner), "{n}");
+            assert_eq!(store.device_access(id.clone(), bob.clone()).await.unwrap(), None, "{n}");
+            assert_eq!(store.add_member(id.clone(), "nobody".into(), 7).await.unwrap(), MemberAdded::UnknownController);
+            assert_eq!(store.add_member(id.clone(), "ca".into(), 7).await.unwrap(), MemberAdded::Owner, "{n}");
+            assert!(store.members_of(id.clone()).await.unwrap().is_empty(), "{n}");
+
+            assert_eq!(store.add_member(id.clone(), "phone".into(), 7).await.unwrap(), MemberAdded::Added(bob.clone()));
+            assert_eq!(store.add_member(id.clone(), "laptop".into(), 7).await.unwrap(), MemberAdded::Added(bob.clone()));
+            assert_eq!(store.members_of(id.clone()).await.unwrap(), vec![bob.clone()], "each account once ({n})");
+            assert_eq!(store.device_access(id.clone(), bob.clone()).await.unwrap(), Some(Access::Member), "{n}");
+            let listed = store.devices_of(bob.clone()).await.unwrap();
+            assert_eq!((listed.len(), listed[0].shared), (1, true), "{n}");
+            assert!(!store.devices_of(alice.clone()).await.unwrap()[0].shared, "{n}");
+            assert!(store.devices_of(carol.clone()).await.unwrap().is_empty(), "{n}");
+
+            // Revoking one of bob's controllers keeps routing for the other.
+            assert!(store.remove_member(id.clone(), "phone".into()).await.unwrap(), "{n}");
+            assert!(!store.remove_member(id.clone(), "phone".into()).await.unwrap(), "{n}");
+            assert_eq!(store.device_access(id.clone(), bob.clone()).await.unwrap(), Some(Access::Member), "{n}");
+            assert!(store.remove_member(id.clone(), "laptop".into()).await.unwrap(), "{n}");
+            assert_eq!(store.device_access(id.clone(), bob.clone()).await.unwrap(), None, "{n}");
+            assert!(store.devices_of(bob.clone()).await.unwrap().is_empty(), "{n}");
+
+            // A controller key registered by two accounts routes for neither.
+            store.upsert_controller(carol.clone(), "phone".into(), vec![2], "copy".into()).await.unwrap();
+            assert_eq!(store.add_member(id.clone(), "phone".into(), 8).await.unwrap(), MemberAdded::Ambiguous, "{n}");
+            assert!(store.members_of(id.clone()).await.unwrap().is_empty(), "{n}");
+
+            // A new owner starts with nobody shared.
+            store.add_member(id.clone(), "laptop".into(), 9).await.unwrap();
+            store.pair_device(id.clone(), carol.clone(), "mine".into(), 10).await.unwrap();
+            assert!(store.members_of(id.clone()).await.unwrap().is_empty(), "{n}");
+            assert_eq!(store.device_access(id.clone(), bob.clone()).await.unwrap(), None, "{n}");
+            assert_eq!(store.device_access(id.clone(), alice).await.unwrap(), None, "{n}");
+            assert_eq!(store.device_access(id, carol).await.unwrap(), Some(Access::Owner), "{n}");
         }
     }
 }

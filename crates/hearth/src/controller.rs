@@ -44,6 +44,10 @@ pub struct ListedDevice {
     /// The last signed state report, base64url.
     #[serde(default)]
     pub last_state: Option<String>,
+    /// Listed because another account shared it with ours (the cloud routes
+    /// for us; the device decides what we may do).
+    #[serde(default)]
+    pub shared: bool,
 }
 
 fn now_secs() -> u64 {
@@ -253,7 +257,7 @@ pub async fn ls(cfg: &Config) -> Result<()> {
     for d in &devices {
         println!(
             "{:<16} {:<24} {:<14} {:<8} {}",
-            d.name,
+            if d.shared { format!("{} (shared)", d.name) } else { d.name.clone() },
             d.id,
             d.kind,
             if d.online { "online" } else { "offline" },
@@ -508,10 +512,20 @@ pub async fn share(cfg: &mut Config, wanted: &str, code: &str, role: hearth_prot
         key.controller_id(),
         enc.fingerprint()
     );
+    let controller = key.controller_id();
     let (r, _) = send(cfg, &dev.id, &dev_key, Command::AddController { key, enc, role, scope }).await?;
     match r.outcome {
         Outcome::Done | Outcome::Rules { .. } => {
             println!("Shared {} (the device confirmed, signed).", dev.name);
+            // Only now, on the device's word, ask the cloud to route for the
+            // account that registered that controller (a no-op for one of
+            // our own). Routing grants nothing: the device already decided.
+            let path = format!("/api/v1/devices/{}/members", dev.id);
+            if let Err(e) = api(cfg)?.call(Method::POST, &path, Some(json!({ "controller": controller }))).await {
+                eprintln!(
+                    "warning: the device accepted the grant, but the cloud will not route for that controller's account: {e:#}"
+                );
+            }
             Ok(0)
         }
         Outcome::Refused { reason } => {
@@ -532,6 +546,14 @@ pub async fn revoke(cfg: &mut Config, wanted: &str, controller: &str) -> Result<
     match r.outcome {
         Outcome::Done | Outcome::Rules { .. } => {
             println!("Revoked {controller} on {} (the device confirmed, signed).", dev.name);
+            // The device already refuses it; now stop routing for its
+            // account too. 404: it was one of ours, or never routed.
+            let path = format!("/api/v1/devices/{}/members/{controller}", dev.id);
+            match api(cfg)?.call(Method::DELETE, &path, None).await {
+                Ok(_) => {}
+                Err(e) if e.downcast_ref::<ApiError>().is_some_and(|a| a.status == StatusCode::NOT_FOUND) => {}
+                Err(e) => eprintln!("warning: the cloud may still route this device for that controller's account: {e:#}"),
+            }
             Ok(0)
         }
         Outcome::Refused { reason } => {
@@ -800,6 +822,7 @@ mod tests {
             online: true,
             certificate: None,
             last_state: Some(b64::encode(bytes)),
+            shared: false,
         };
         let genuine = seal(&device_key);
         assert_eq!(verified_state(&cfg, &listed(&genuine)), "ON");

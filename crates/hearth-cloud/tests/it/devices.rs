@@ -476,3 +476,118 @@ async fn the_link_needs_a_valid_token_and_accepts_it_in_the_query() {
     assert_eq!(r.status, 400);
     assert!(r.error().contains("WebSocket"));
 }
+
+/// The pushes that arrive within a short quiet period (after the expected
+/// ones), to show that nothing more came.
+async fn pushes_within(ws: &mut Ws, wait: std::time::Duration) -> Vec<ControllerPush> {
+    let mut out = Vec::new();
+    while let Ok(Some(Ok(m))) = tokio::time::timeout(wait, ws.next()).await {
+        if let Message::Text(t) = m {
+            out.push(serde_json::from_str(t.as_str()).unwrap());
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_shared_device_is_routed_for_the_member_account_until_removed() {
+    let cloud = Cloud::start().await;
+    let alice = cloud.account("alice@example.com").await;
+    let bob = cloud.account("bob@example.com").await;
+    let mallory = cloud.account("mallory@example.com").await;
+    let alice_ctl = hearth_proto::keys::generate();
+    let bob_ctl = hearth_proto::keys::generate();
+    let bob_id = PublicKey::from(&bob_ctl).controller_id();
+    let dev = TestDevice::new(&cloud.manufacturer);
+    let secret = SetupSecret::random();
+    let mut conn = dev.connect(&cloud).await.unwrap();
+    conn.hello(Some(secret.lookup())).await;
+    let (mut seen, _quit, _plug) = run_plug(&dev, conn, secret.clone());
+    let (status, answer, _) = pair(&cloud, &alice, &alice_ctl, &secret, "plug").await;
+    assert_eq!(status, 200, "{answer}");
+    let (status, answer) = cloud
+        .call(
+            "POST",
+            "/api/v1/controllers",
+            Some(&bob),
+            Some(json!({"public_key": PublicKey::from(&bob_ctl), "name": "bob's phone"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{answer}");
+
+    let members = format!("/api/v1/devices/{}/members", dev.id);
+    let cmd_path = format!("/api/v1/devices/{}/command", dev.id);
+    let events_path = format!("/api/v1/devices/{}/events", dev.id);
+    let bob_command = |counter| json!({"envelope": b64::encode(command(&bob_ctl, &dev.id, counter))});
+
+    // Before sharing: bob's account cannot route, and only the owner may
+    // add members (anyone else gets the usual 404).
+    assert_eq!(cloud.call("POST", &cmd_path, Some(&bob), Some(bob_command(1))).await.0, 404);
+    for who in [&bob, &mallory] {
+        let (status, answer) = cloud.call("POST", &members, Some(who), Some(json!({"controller": bob_id}))).await;
+        assert_eq!((status, answer["error"].as_str()), (404, Some("no such device on this account")));
+    }
+    let unknown = PublicKey::from(&hearth_proto::keys::generate()).controller_id();
+    let (status, _) = cloud.call("POST", &members, Some(&alice), Some(json!({"controller": unknown}))).await;
+    assert_eq!(status, 404, "a controller no account registered");
+    // Alice's own controller is no member: her account owns the device.
+    let alice_id = PublicKey::from(&alice_ctl).controller_id();
+    cloud
+        .call("POST", "/api/v1/controllers", Some(&alice), Some(json!({"public_key": PublicKey::from(&alice_ctl), "name": "a"})))
+        .await;
+    let (status, answer) = cloud.call("POST", &members, Some(&alice), Some(json!({"controller": alice_id}))).await;
+    assert_eq!((status, answer), (200, json!({"routing": "owner"})));
+    assert!(cloud.devices(&bob).await.is_empty());
+    assert!(seen.try_recv().is_err(), "nothing reached the device");
+
+    // Shared: bob's account lists it, routes commands and gets the pushes.
+    let (status, answer) = cloud.call("POST", &members, Some(&alice), Some(json!({"controller": bob_id}))).await;
+    assert_eq!((status, answer), (201, json!({"routing": "member"})));
+    let listed = cloud.devices(&bob).await;
+    assert_eq!(listed.len(), 1);
+    assert_eq!((listed[0]["id"].clone(), listed[0]["shared"].clone()), (json!(dev.id), json!(true)));
+    assert_eq!(listed[0]["role"], "member");
+    assert_eq!(cloud.devices(&alice).await[0]["shared"], false);
+    assert!(cloud.devices(&mallory).await.is_empty());
+    let mut bob_ws = open_link(&cloud, &bob, false).await.unwrap();
+    let (status, answer) = cloud.call("POST", &cmd_path, Some(&bob), Some(bob_command(1))).await;
+    assert_eq!(status, 200, "{answer}");
+    assert!(matches!(seen.recv().await, Some(Seen::Command(_))));
+    let (mut got_result, mut got_state) = (false, false);
+    while !(got_result && got_state) {
+        match next_push(&mut bob_ws).await {
+            ControllerPush::Result { device, .. } => got_result = device == dev.id,
+            ControllerPush::State { device, .. } => got_state = device == dev.id,
+            other => panic!("unexpected push {other:?}"),
+        }
+    }
+    // The history route answers the member (this test plug seals nothing,
+    // so the history is empty; the e2e sharing test reads real entries).
+    let (status, answer) = cloud.call("GET", &events_path, Some(&bob), None).await;
+    assert_eq!((status, answer), (200, json!({"events": []})));
+    // Only the owner may remove a member.
+    let member_path = format!("{members}/{bob_id}");
+    assert_eq!(cloud.call("DELETE", &member_path, Some(&bob), None).await.0, 404);
+    assert_eq!(cloud.call("DELETE", &member_path, Some(&mallory), None).await.0, 404);
+
+    // Removed: no listing, no routing, no history, no more pushes.
+    assert_eq!(cloud.call("DELETE", &member_path, Some(&alice), None).await.0, 204);
+    assert_eq!(cloud.call("DELETE", &member_path, Some(&alice), None).await.0, 404, "already gone");
+    assert!(cloud.devices(&bob).await.is_empty());
+    let (status, answer) = cloud.call("POST", &cmd_path, Some(&bob), Some(bob_command(2))).await;
+    assert_eq!((status, answer["error"].as_str()), (404, Some("no such device on this account")));
+    assert_eq!(cloud.call("GET", &events_path, Some(&bob), None).await.0, 404);
+    let frame = ControllerFrame::Command { device: dev.id.clone(), envelope: command(&bob_ctl, &dev.id, 3) };
+    bob_ws.send(Message::text(serde_json::to_string(&frame).unwrap())).await.unwrap();
+    match next_push(&mut bob_ws).await {
+        ControllerPush::Undeliverable { device, .. } => assert_eq!(device, dev.id),
+        other => panic!("unexpected push {other:?}"),
+    }
+    assert!(seen.try_recv().is_err(), "bob's commands no longer reach the device");
+    let (status, answer) = cloud
+        .call("POST", &cmd_path, Some(&alice), Some(json!({"envelope": b64::encode(command(&alice_ctl, &dev.id, 1))})))
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    let late = pushes_within(&mut bob_ws, std::time::Duration::from_millis(300)).await;
+    assert!(late.is_empty(), "the removed member still got {late:?}");
+}

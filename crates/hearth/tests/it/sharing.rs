@@ -71,3 +71,55 @@ fn share_catch_up_and_revoke() {
     assert!(phone.ok(&["status", "lamp"]).contains("ON"));
     assert!(!phone.ok(&["access", "lamp"]).contains(&laptop_id));
 }
+
+/// Sharing with a controller of another account: the device accepts the
+/// owner's signed grant, and the cloud then routes for that account (and
+/// stops once the device confirmed the revoke).
+#[test]
+fn share_with_another_account_and_revoke() {
+    let w = World::new();
+    let plug = w.provision("plug", "plug");
+    let _dev = w.run_device(&plug);
+    let alice = w.controller("alice");
+    alice.signup("alice@example.com");
+    assert!(eventually(Duration::from_secs(10), || alice.run(&["pair", &plug.code, "--name", "lamp"]).status.success()));
+    alice.ok(&["on", "lamp"]);
+
+    let bob = w.controller("bob");
+    bob.signup("bob@example.com");
+    assert!(!bob.ok(&["ls"]).contains("lamp"), "not shared yet");
+    let out = bob.run(&["off", "lamp"]);
+    assert!(!out.status.success(), "bob's account cannot route to alice's plug yet");
+
+    let out = alice.run(&["share", "lamp", &share_code(&bob)]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("warning"), "{}", String::from_utf8_lossy(&out.stderr));
+    let ls = bob.ok(&["ls"]);
+    assert!(ls.contains("lamp (shared)"), "{ls}");
+
+    // Bob switches it and sees the pushed, decrypted, verified state.
+    let watch = bob.watch();
+    let out = bob.ok(&["off", "lamp"]);
+    assert!(out.contains("lamp is off (signed by the device"), "{out}");
+    let line = watch.wait_line(Duration::from_secs(5), |l| l.contains("\"state\"") && l.contains("\"relay\":false"));
+    assert!(line.contains("\"verified\":true"), "{line}");
+    assert_eq!(events(&bob, "lamp").last().unwrap()["state"]["relay"], false);
+
+    // Revoked on the device, then no longer routed: bob's command does not
+    // reach it, he gets no new state and no history.
+    let bob_id = bob.ok(&["key"]).lines().find_map(|l| l.strip_prefix("controller: ").map(str::to_owned)).unwrap();
+    alice.ok(&["revoke", "lamp", &bob_id]);
+    assert!(!bob.ok(&["ls"]).contains("lamp"));
+    let out = bob.run(&["on", "lamp"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no device named \"lamp\""), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!bob.run(&["events", "lamp", "--json"]).status.success());
+    alice.ok(&["on", "lamp"]);
+    assert!(alice.ok(&["status", "lamp"]).contains("ON"));
+    let deadline = std::time::Instant::now() + Duration::from_millis(1500);
+    while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+        if let Ok(l) = watch.lines.recv_timeout(left) {
+            assert!(!l.contains("\"state\""), "bob still got a state push after the revoke: {l}");
+        }
+    }
+}
