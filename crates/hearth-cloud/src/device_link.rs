@@ -117,8 +117,18 @@ pub async fn run(state: AppState, mut tls: TlsStream<TcpStream>) -> Result<(), L
     let owner = state.store.device_connected(id.clone(), kind, cert.to_vec(), unix_now()).await?;
     // Members only matter for a paired device.
     let members = if owner.is_some() { state.store.members_of(id.clone()).await? } else { Vec::new() };
+    let paired = owner.is_some();
     let handle = state.router.add_device(&id, DeviceInfo { owner, setup_lookup, members });
     let link = handle.link;
+    if paired {
+        // A share recorded between the read above and add_device updated no
+        // router entry (there was none yet); read again now that there is.
+        // Not `?`: the link is registered now and must reach its removal below.
+        match state.store.members_of(id.clone()).await {
+            Ok(members) => state.router.set_members(&id, members),
+            Err(e) => tracing::warn!(error = %e, "could not re-read the device's members"),
+        }
+    }
 
     let mut conn = Conn { state: &state, id: &id, key: &key, link, pending_state: None, last_persist: None };
     let result = conn.serve(&mut tls, handle).await;

@@ -493,4 +493,27 @@ mod tests {
         assert!(r.remove_device(&id, h.link));
         assert_eq!(w.recv().await, None);
     }
+
+    #[tokio::test]
+    async fn members_get_pushes_until_removed_or_the_device_is_repaired() {
+        let r = Router::new();
+        let (owner, member, stranger) = (account(), account(), account());
+        let id = DeviceId::random();
+        let h = r.add_device(&id, DeviceInfo { owner: Some(owner.clone()), setup_lookup: None, members: vec![member.clone()] });
+        let mut m = r.add_controller(&member);
+        let mut s = r.add_controller(&stranger);
+        r.deliver_state(&id, h.link, vec![1]);
+        assert!(m.rx.recv().await.unwrap().contains("state"));
+        r.deliver_result(&id, ControllerId::from_bytes([1; 16]), 1, vec![2]);
+        assert!(m.rx.recv().await.unwrap().contains("result"));
+        r.set_members(&id, Vec::new());
+        r.deliver_state(&id, h.link, vec![3]);
+        assert!(m.rx.try_recv().is_err(), "a removed member gets nothing");
+        r.set_members(&id, vec![member.clone()]);
+        r.set_owner(&id, stranger.clone());
+        assert!(s.rx.recv().await.unwrap().contains("presence"));
+        r.deliver_state(&id, h.link, vec![4]);
+        assert!(s.rx.recv().await.unwrap().contains("state"));
+        assert!(m.rx.try_recv().is_err(), "a new owner starts with no members");
+    }
 }
