@@ -29,7 +29,9 @@ fn io_err(path: &Path, source: std::io::Error) -> Error {
     Error::Io { path: path.display().to_string(), source }
 }
 
-/// Writes a file atomically (temp file, fsync, rename), with mode 0600 for secrets.
+/// Writes a file atomically (temp file, fsync, rename, then fsync of the
+/// directory so the rename itself survives a power loss), with mode 0600
+/// for secrets. Used for the PKI and for the controller's key and session.
 pub fn write_file(path: &Path, contents: &[u8], secret: bool) -> Result<(), Error> {
     let tmp = path.with_extension("tmp");
     let mut opts = fs::OpenOptions::new();
@@ -41,7 +43,12 @@ pub fn write_file(path: &Path, contents: &[u8], secret: bool) -> Result<(), Erro
     }
     let mut f = opts.open(&tmp).map_err(|e| io_err(&tmp, e))?;
     f.write_all(contents).and_then(|()| f.sync_all()).map_err(|e| io_err(&tmp, e))?;
-    fs::rename(&tmp, path).map_err(|e| io_err(path, e))
+    fs::rename(&tmp, path).map_err(|e| io_err(path, e))?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io_err(dir, e))
 }
 
 impl PkiDir {

@@ -30,7 +30,7 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use time::{Duration, OffsetDateTime};
 
-pub use files::{PkiDir, CLOUD_CA, CLOUD_SERVER_CERT, CLOUD_SERVER_KEY, MANUFACTURER_CA};
+pub use files::{write_file, PkiDir, CLOUD_CA, CLOUD_SERVER_CERT, CLOUD_SERVER_KEY, MANUFACTURER_CA};
 
 /// Errors from certificate handling.
 #[derive(Debug, thiserror::Error)]

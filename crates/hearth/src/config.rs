@@ -8,7 +8,6 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -87,7 +86,7 @@ impl Config {
     /// Saves the settings atomically.
     pub fn save(&self) -> Result<()> {
         let bytes = serde_json::to_vec_pretty(&self.settings)?;
-        write_private(&self.dir.join(CONFIG_FILE), &bytes)
+        Ok(hearth_pki::write_file(&self.dir.join(CONFIG_FILE), &bytes, true)?)
     }
 
     /// The controller key, generated on first use.
@@ -99,7 +98,7 @@ impl Config {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let key = hearth_proto::keys::generate();
                 let pem = key.to_pkcs8_pem(LineEnding::LF).map_err(|e| anyhow::anyhow!("encoding key: {e}"))?;
-                write_private(&path, pem.as_bytes())?;
+                hearth_pki::write_file(&path, pem.as_bytes(), true)?;
                 Ok(key)
             }
             Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
@@ -144,19 +143,4 @@ fn create_private_dir(dir: &Path) -> Result<()> {
     }
     #[cfg(not(unix))]
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))
-}
-
-/// Writes a file with mode 0600 atomically (temp file, fsync, rename).
-pub fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut opts = fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
-    }
-    let mut f = opts.open(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
-    f.write_all(bytes).and_then(|()| f.sync_all()).with_context(|| format!("writing {}", tmp.display()))?;
-    fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
 }
