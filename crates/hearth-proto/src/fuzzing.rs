@@ -21,6 +21,7 @@ use serde::Serialize;
 
 use crate::acl::{AccessList, Decision, DeviceContext, ReplayState, Role};
 use crate::capability::DeviceKind;
+use crate::e2e::{self, EncSecretKey, OpenError};
 use crate::envelope::{self, Kind};
 use crate::ids::DeviceId;
 use crate::keys::PublicKey;
@@ -60,6 +61,8 @@ pub struct Fixture {
     pub acl: AccessList,
     /// Replay state with [`LAST_COUNTER`] committed for the controller.
     pub replay: ReplayState,
+    /// The controller's HPKE key (ADR 0006), derived as the CLI derives it.
+    pub controller_enc: EncSecretKey,
 }
 
 /// A key from a repeated seed byte, as the tests and vectors use them.
@@ -89,7 +92,8 @@ pub fn fixture() -> &'static Fixture {
             command: Command::GetState,
             max_on_secs: None,
         });
-        Fixture { controller_key, device_key, device, secret, pending, acl, replay }
+        let controller_enc = EncSecretKey::for_controller(&controller_key);
+        Fixture { controller_key, device_key, device, secret, pending, acl, replay, controller_enc }
     })
 }
 
@@ -277,6 +281,36 @@ pub fn pair_response(data: &[u8]) {
     let _ = f.pending.finish(&resp, Some(&f.device));
 }
 
+/// A sealed (HPKE, ADR 0006) envelope as the cloud checks it
+/// (`verify_sealed`) and as the fixture controller opens it (`open_state`,
+/// `open_result`). Properties: nothing opens unless the outer signature
+/// verifies for the fixture device, and whatever opens names that device
+/// and agrees with its readable header.
+pub fn sealed(data: &[u8]) {
+    let f = fixture();
+    let device_key = PublicKey::from(&f.device_key);
+    let me = PublicKey::from(&f.controller_key).controller_id();
+    let _ = e2e::is_sealed(data);
+    let outer = e2e::verify_sealed(data, &f.device, &device_key);
+    if let Ok(p) = &outer {
+        assert_eq!(p.header.device, f.device, "verify_sealed accepted another device");
+    }
+    match e2e::open(data, &f.device, &device_key, &me, &f.controller_enc) {
+        Ok((header, _inner)) => assert_eq!(Some(&header), outer.as_ref().ok().map(|p| &p.header), "opened without a valid outer signature"),
+        Err(OpenError::Forged(_)) => assert!(outer.is_err(), "an outer-valid envelope was called forged by open"),
+        Err(OpenError::NotARecipient | OpenError::Undecryptable) => {}
+    }
+    if let Ok(s) = e2e::open_state(data, &f.device, &device_key, &me, &f.controller_enc) {
+        assert_eq!(s.device, f.device, "open_state accepted another device's report");
+        assert_eq!(outer.as_ref().map(|p| p.header.seq).ok(), Some(s.seq), "header and report disagree");
+    }
+    if let Ok(r) = e2e::open_result(data, &f.device, &device_key, &me, &f.controller_enc) {
+        assert_eq!(r.device, f.device, "open_result accepted another device's result");
+        let to = outer.as_ref().ok().and_then(|p| p.header.to.clone());
+        assert_eq!(to.map(|t| (t.controller, t.counter)), Some((r.controller, r.counter)), "header and result disagree");
+    }
+}
+
 /// The shape of every entry point.
 pub type EntryPoint = fn(&[u8]);
 
@@ -296,4 +330,5 @@ pub const TARGETS: &[(&str, EntryPoint)] = &[
     ("setup_label", setup_label),
     ("pair_request", pair_request),
     ("pair_response", pair_response),
+    ("sealed", sealed),
 ];

@@ -9,6 +9,7 @@
 use std::path::PathBuf;
 
 use hearth_proto::capability::DeviceKind;
+use hearth_proto::e2e::{self, Addressed, Content, SealedHeader};
 use hearth_proto::envelope::{self, Kind};
 use hearth_proto::fuzzing::{fixture, Fixture, LAST_COUNTER, NOW};
 use hearth_proto::keys::PublicKey;
@@ -165,6 +166,29 @@ fn seeds() -> Vec<Seed> {
         random("pair_response", "valid", serde_json::to_vec(&response).unwrap()),
         random("pair_response", "swapped-device-key", serde_json::to_vec(&swapped).unwrap()),
     ];
+    // Sealed envelopes (ADR 0006) carry fresh randomness (content key,
+    // nonce, HPKE ephemeral keys), so only their presence is checked.
+    let me = PublicKey::from(&f.controller_key).controller_id();
+    let for_me = [(me.clone(), f.controller_enc.public().clone())];
+    let stranger = hearth_proto::e2e::EncSecretKey::derive(b"fuzz corpus: another controller");
+    let for_stranger = [(me.clone(), stranger.public().clone())];
+    let state_header = SealedHeader { v: PROTOCOL_VERSION, device: f.device.clone(), content: Content::State, seq: state.seq, to: None, at: NOW };
+    let result_header = SealedHeader {
+        content: Content::Result,
+        seq: 0,
+        to: Some(Addressed { controller: me.clone(), counter: result.counter }),
+        ..state_header.clone()
+    };
+    let seal = |key, header: &SealedHeader, inner: &[u8], to: &[_]| e2e::seal(key, header.clone(), inner, to, &mut rand::rngs::OsRng).unwrap();
+    out.extend([
+        random("sealed", "state", seal(&f.device_key, &state_header, &signed_state, &for_me)),
+        random("sealed", "result", seal(&f.device_key, &result_header, &signed_result, &for_me)),
+        random("sealed", "no-recipients", seal(&f.device_key, &state_header, &signed_state, &[])),
+        random("sealed", "wrong-key-for-me", seal(&f.device_key, &state_header, &signed_state, &for_stranger)),
+        random("sealed", "forged-outer", seal(&f.controller_key, &state_header, &signed_state, &for_me)),
+        random("sealed", "header-disagrees", seal(&f.device_key, &SealedHeader { seq: 99, ..state_header.clone() }, &signed_state, &for_me)),
+        s("sealed", "plain-state", signed_state.clone()),
+    ]);
     for (i, frame) in device_frames.iter().enumerate() {
         const NAMES: [&str; 5] = ["hello", "result", "pair-ok", "pair-err", "setup"];
         let bytes = encode_frame(frame).unwrap();
@@ -217,4 +241,21 @@ fn every_entry_point_has_a_cargo_fuzz_target() {
             .unwrap_or_else(|e| panic!("fuzz/fuzz_targets/{name}.rs: {e}"));
         assert!(source.contains(&format!("hearth_proto::fuzzing::{name}(")), "fuzz_targets/{name}.rs calls another entry point");
     }
+}
+
+/// The sealed seeds reach past the outer signature and the HPKE open, so
+/// the fuzzer starts from inputs that exercise decryption, not only the
+/// first parse error.
+#[test]
+fn sealed_seeds_open_for_the_fixture_controller() {
+    let f = fixture();
+    let me = PublicKey::from(&f.controller_key).controller_id();
+    let key = PublicKey::from(&f.device_key);
+    let read = |name: &str| std::fs::read(corpus_dir().join("sealed").join(name)).unwrap();
+    assert!(e2e::open_state(&read("state"), &f.device, &key, &me, &f.controller_enc).is_ok());
+    assert!(e2e::open_result(&read("result"), &f.device, &key, &me, &f.controller_enc).is_ok());
+    assert_eq!(e2e::open(&read("no-recipients"), &f.device, &key, &me, &f.controller_enc).err(), Some(e2e::OpenError::NotARecipient));
+    assert_eq!(e2e::open(&read("wrong-key-for-me"), &f.device, &key, &me, &f.controller_enc).err(), Some(e2e::OpenError::Undecryptable));
+    assert!(matches!(e2e::open(&read("forged-outer"), &f.device, &key, &me, &f.controller_enc), Err(e2e::OpenError::Forged(_))));
+    assert!(matches!(e2e::open_state(&read("header-disagrees"), &f.device, &key, &me, &f.controller_enc), Err(e2e::OpenError::Forged(_))));
 }
