@@ -310,3 +310,107 @@ async fn the_cloud_cannot_pair_without_the_setup_secret() {
     }
     agent.shutdown().await.unwrap();
 }
+
+/// The rule set as the device reports it to `reader` (a sealed `GetRules`).
+async fn rules_of(link: &mut Link, dev: &Device, reader: &mut Controller) -> serde_json::Value {
+    match link.command(reader.sign(dev.id(), Command::GetRules), &dev.public_key()).await.outcome {
+        Outcome::Rules { rules } => serde_json::from_str(&rules).unwrap(),
+        other => panic!("expected the rules, got {other:?}"),
+    }
+}
+
+/// Attack: change a rule (a schedule that switches an appliance on, or an
+/// interlock weakened). Rules change only by an owner's or admin's signed
+/// `SetRules`: the cloud's forgeries, a replay of the owner's genuine edit,
+/// an edit the owner signed for another device, a downgraded one, and a
+/// member's edit relayed by the cloud are all refused, and the device keeps
+/// the owner's rule set, version and interlocks.
+#[tokio::test]
+async fn no_frame_the_cloud_can_build_changes_a_rule() {
+    let (pki, _cloud, dev, agent, mut link, mut owner) = paired(DeviceKind::Plug).await;
+    let key = dev.public_key();
+    let owners = serde_json::json!({"version": 1, "timezone": "UTC", "interlocks": {"max_toggles_per_min": 4},
+        "rules": [{"id": 1, "name": "off after 10 min", "kind": {"countdown": {"off_after_secs": 600}}}]});
+    let hostile = serde_json::json!({"version": 1, "timezone": "UTC", "interlocks": {"max_toggles_per_min": 30},
+        "rules": [{"id": 1, "name": "heater on at 3am", "kind": {"schedule": {"days": ["mon","tue","wed","thu","fri","sat","sun"], "at": {"clock": "03:00"}, "action": "on"}}}]});
+    let set = |base_version, rules: &serde_json::Value| Command::SetRules { base_version, rules: rules.to_string() };
+    // The owner's genuine edit, recorded by the cloud.
+    let genuine = owner.sign(dev.id(), set(0, &owners));
+    assert_eq!(link.command(genuine.clone(), &key).await.outcome, Outcome::Done);
+
+    // Replayed verbatim.
+    assert_eq!(link.command(genuine, &key).await.outcome, refused(Refusal::Replayed));
+    // Forged with the cloud's key under the owner's id, at the current version.
+    let claim = CommandPayload { v: 1, device: dev.id().clone(), controller: owner.id(), counter: 1 << 40, issued_at: now(), command: set(1, &hostile) };
+    let forged = hearth_proto::envelope::sign(
+        &keys::generate(),
+        hearth_proto::envelope::Kind::Command,
+        &hex::decode(owner.id().as_str()).unwrap(),
+        ciborium_bytes(&claim),
+    )
+    .unwrap();
+    assert_eq!(link.command(forged, &key).await.outcome, refused(Refusal::BadSignature));
+    // The owner's genuine edit of another device, re-targeted here.
+    let other = Device::new(&pki, DeviceKind::Plug);
+    assert_eq!(link.command(owner.sign(other.id(), set(1, &hostile)), &key).await.outcome, refused(Refusal::WrongDevice));
+    // Downgraded protocol version, validly signed.
+    let old = CommandPayload { v: 0, device: dev.id().clone(), controller: owner.id(), counter: 1 << 41, issued_at: now(), command: set(1, &hostile) };
+    assert_eq!(link.command(message::sign_command(&owner.key, &old).unwrap(), &key).await.outcome, refused(Refusal::Malformed));
+    // Delayed past the freshness window.
+    let late = CommandPayload { v: 1, issued_at: now() - 3600, ..old };
+    assert_eq!(link.command(message::sign_command(&owner.key, &late).unwrap(), &key).await.outcome, refused(Refusal::Stale));
+    // A member colluding with the cloud: may read the rules, not change them.
+    let mut member = Controller::new();
+    let share = Command::AddController { key: PublicKey::from(&member.key), enc: member.enc().public().clone(), role: Role::Member, scope: Default::default() };
+    assert_eq!(link.command(owner.sign(dev.id(), share), &key).await.outcome, Outcome::Done);
+    assert_eq!(link.command(member.sign(dev.id(), set(1, &hostile)), &key).await.outcome, refused(Refusal::NotPermitted));
+    // The cloud's own key is on no list at all.
+    let mut mallory = Controller::new();
+    assert_eq!(link.command(mallory.sign(dev.id(), set(1, &hostile)), &key).await.outcome, refused(Refusal::NotPaired));
+
+    // The device still runs the owner's set, as version 1.
+    let stored = rules_of(&mut link, &dev, &mut member).await;
+    assert_eq!(stored["version"], 1);
+    assert_eq!(stored["interlocks"]["max_toggles_per_min"], 4);
+    assert_eq!(stored["rules"][0]["name"], "off after 10 min");
+    agent.shutdown().await.unwrap();
+}
+
+/// Attack: factory-reset the device remotely (to wipe the access list and
+/// pair itself in setup mode). No cloud frame resets: the only frames the
+/// device reads are pings, commands and pairing requests, and invented ones
+/// ("reset", "factory_reset", "setup") are skipped. The access list, the
+/// rules and the closed setup mode survive; only the physical reset opens it.
+#[tokio::test]
+async fn no_frame_the_cloud_can_build_resets_the_device() {
+    let (_pki, _cloud, dev, agent, mut link, mut owner) = paired(DeviceKind::Plug).await;
+    let key = dev.public_key();
+    let rules = serde_json::json!({"version": 1, "timezone": "UTC", "interlocks": {"max_toggles_per_min": 5}});
+    let edit = Command::SetRules { base_version: 0, rules: rules.to_string() };
+    assert_eq!(link.command(owner.sign(dev.id(), edit), &key).await.outcome, Outcome::Done);
+    for invented in [
+        serde_json::json!({"type": "reset"}),
+        serde_json::json!({"type": "factory_reset"}),
+        serde_json::json!({"type": "setup", "setup_lookup": "x"}),
+        serde_json::json!({"type": "command", "envelope": [], "reset": true}),
+        serde_json::json!({"type": "pair", "req": 1, "request": {}, "reset": true}),
+    ] {
+        link.send_raw(&hearth_proto::link::encode_frame(&invented).unwrap()).await;
+    }
+    // A pairing attempt now (a reset would have reopened setup mode) fails
+    // without the secret and does not add the cloud's controller.
+    let mallory = Controller::new();
+    let outcome = link.pair(7, &crate::support::wrong_secret_attempt(&mallory)).await;
+    assert!(matches!(outcome, hearth_proto::link::PairOutcome::Err(_)), "{outcome:?}");
+    link.ping(3).await;
+    let snap = agent.snapshot().await.unwrap();
+    assert!(!snap.setup_mode, "setup mode reopened without the button");
+    assert_eq!(snap.controllers, vec![owner.id()]);
+    assert_eq!(rules_of(&mut link, &dev, &mut owner).await["interlocks"]["max_toggles_per_min"], 5);
+    // Positive control: the physical reset does what no frame could.
+    agent.press_reset().await.unwrap();
+    assert!(matches!(link.recv().await, DeviceFrame::Setup { setup_lookup: Some(_) }));
+    let snap = agent.snapshot().await.unwrap();
+    assert!(snap.setup_mode && snap.controllers.is_empty());
+    agent.shutdown().await.unwrap();
+}
