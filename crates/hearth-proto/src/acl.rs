@@ -330,7 +330,8 @@ impl AccessList {
     /// 2. find the signer (key id) on this access list;
     /// 3. verify the signature with that entry's key, and only then read the payload;
     /// 4. the payload must name this device and the same controller;
-    /// 5. `issued_at` within [`FRESHNESS_WINDOW_SECS`] of the device clock;
+    /// 5. `issued_at` within [`FRESHNESS_WINDOW_SECS`] of the device clock
+    ///    (a revoke may be older: see the step's comment);
     /// 6. `counter` strictly above the last one accepted from this controller;
     /// 7. the device has the capability and the role allows the command.
     ///
@@ -370,8 +371,15 @@ impl AccessList {
         if &cmd.device != ctx.device {
             return Err(refuse(Refusal::WrongDevice, Some(&claimed), counter));
         }
-        // Step 5.
-        if cmd.issued_at.abs_diff(ctx.now) > FRESHNESS_WINDOW_SECS {
+        // Step 5. Off-spec for revokes: a `RemoveController` signed in the
+        // past is accepted however old it is, so a revoke the cloud held for
+        // a device that was offline (issue 3: "before anything else on
+        // reconnect") still takes effect. This is safe because a revoke only
+        // takes access away, and step 6 still orders it: once the device
+        // accepted any later command of the same controller, the held revoke
+        // is refused as replayed. One from the future is refused as usual.
+        let revoke_from_the_past = matches!(cmd.command, Command::RemoveController { .. }) && cmd.issued_at <= ctx.now;
+        if cmd.issued_at.abs_diff(ctx.now) > FRESHNESS_WINDOW_SECS && !revoke_from_the_past {
             return Err(refuse(Refusal::Stale, Some(&claimed), counter));
         }
         // Step 6.

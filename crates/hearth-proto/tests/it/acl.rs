@@ -81,6 +81,10 @@ fn every_refusal_reason() {
     let device_kid = envelope::sign(&key(DEVICE_KEY), Kind::Command, &device_key_id(&device(0x11)), cbor(&ok)).unwrap();
 
     let at = |issued_at| sign(OWNER, &CommandPayload { issued_at, ..ok.clone() });
+    let revoke = Command::RemoveController { controller: controller(MEMBER) };
+    let revoke_at = |issued_at| sign(OWNER, &CommandPayload { issued_at, ..command(OWNER, 7, revoke.clone()) });
+    let share = Command::AddController { key: public(STRANGER), enc: hearth_proto::e2e::EncSecretKey::derive(b"acl test").public().clone(), role: Role::Member, scope: Default::default() };
+    let share_at = |issued_at| sign(OWNER, &CommandPayload { issued_at, ..command(OWNER, 7, share.clone()) });
     let fresh = ReplayState::default();
     let cases: Vec<(&str, DeviceKind, Vec<u8>, Expect)> = vec![
         ("accepted set_relay from owner", DeviceKind::Plug, signed_ok.clone(), Accept(7)),
@@ -101,6 +105,11 @@ fn every_refusal_reason() {
         ("issued 120 s ahead", DeviceKind::Plug, at(NOW + 120), Accept(7)),
         ("issued at 0", DeviceKind::Plug, at(0), Refuse(Refusal::Stale)),
         ("issued at u64::MAX", DeviceKind::Plug, at(u64::MAX), Refuse(Refusal::Stale)),
+        // A revoke the cloud held while the device was offline still counts
+        // (issue 3); only a revoke is exempt, and not one from the future.
+        ("revoke issued 30 days ago", DeviceKind::Plug, revoke_at(NOW - 30 * 86_400), Accept(7)),
+        ("revoke issued 121 s ahead", DeviceKind::Plug, revoke_at(NOW + 121), Refuse(Refusal::Stale)),
+        ("share issued 121 s ago", DeviceKind::Plug, share_at(NOW - 121), Refuse(Refusal::Stale)),
         ("payload controller is not the kid", DeviceKind::Plug, controller_mismatch, Refuse(Refusal::Malformed)),
         ("state report presented as a command", DeviceKind::Plug, state_report, Refuse(Refusal::Malformed)),
         ("owner-signed state report as a command", DeviceKind::Plug, state_by_owner, Refuse(Refusal::Malformed)),
@@ -206,4 +215,20 @@ fn access_list_is_bounded() {
     // Changing the role of a listed controller still works on a full list.
     assert!(acl.upsert(public(1), Role::Owner, NOW));
     assert_eq!(acl.get(&controller(1)).map(|e| e.role), Some(Role::Owner));
+}
+
+/// A revoke the cloud held back is still ordered by the counter: after any
+/// later command of the same owner reached the device, it is refused as
+/// replayed, so a cloud cannot keep it to replay at a time of its choosing.
+#[test]
+fn an_old_revoke_is_refused_once_a_later_command_was_accepted() {
+    let device = device(0x11);
+    let ctx = hearth_proto::acl::DeviceContext { device: &device, kind: DeviceKind::Plug, now: NOW };
+    let acl = access_list();
+    let held = sign(OWNER, &CommandPayload { issued_at: NOW - 86_400, ..command(OWNER, 5, Command::RemoveController { controller: controller(MEMBER) }) });
+    let mut replay = ReplayState::default();
+    let later = acl.decide(ctx, &replay, &sign(OWNER, &command(OWNER, 6, Command::GetState))).unwrap();
+    replay.commit(&later);
+    assert_eq!(acl.decide(ctx, &replay, &held).unwrap_err().reason, Refusal::Replayed);
+    assert_eq!(acl.decide(ctx, &ReplayState::default(), &held).unwrap().counter, 5);
 }
