@@ -45,7 +45,9 @@ pub const TICK: Duration = Duration::from_secs(1);
 pub struct AgentOptions {
     /// The provisioned state directory.
     pub state_dir: PathBuf,
-    /// Dial this `host:port` instead of the provisioned cloud address.
+    /// Dial this `host:port` instead of the provisioned cloud address; a
+    /// comma-separated list names several cloud nodes, tried in turn
+    /// (issue 8: the next one after a failed dial).
     pub cloud_addr_override: Option<String>,
     /// Expect this name on the cloud's certificate instead of the provisioned one.
     pub server_name_override: Option<String>,
@@ -175,7 +177,8 @@ pub fn spawn(opts: AgentOptions) -> anyhow::Result<AgentHandle> {
         store,
         events,
         dialer: Arc::new(Dialer {
-            addr: cloud_addr.clone(),
+            addrs: cloud_addrs(&cloud_addr),
+            next: std::sync::atomic::AtomicUsize::new(0),
             name: server_name,
             connector: TlsConnector::from(Arc::new(tls)),
         }),
@@ -203,8 +206,17 @@ fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
+/// The cloud addresses in a comma-separated list, in order.
+pub fn cloud_addrs(list: &str) -> Vec<String> {
+    list.split(',').map(str::trim).filter(|a| !a.is_empty()).map(str::to_owned).collect()
+}
+
 struct Dialer {
-    addr: String,
+    /// Cloud nodes (or one load balancer); never empty when dialling works.
+    addrs: Vec<String>,
+    /// Which of `addrs` to dial next: the same one after a success, the
+    /// next one after a failure, so a dead node is left for a live one.
+    next: std::sync::atomic::AtomicUsize,
     name: ServerName<'static>,
     connector: TlsConnector,
 }
@@ -214,8 +226,21 @@ impl Dialer {
     /// server's certificate chain and name were verified, and the agent
     /// writes nothing before that.
     async fn dial(&self) -> Result<(TlsStream<TcpStream>, SocketAddr), String> {
+        use std::sync::atomic::Ordering;
+        if self.addrs.is_empty() {
+            return Err("no cloud address configured".into());
+        }
+        let n = self.next.load(Ordering::Relaxed) % self.addrs.len();
+        let result = self.dial_one(&self.addrs[n]).await;
+        if result.is_err() {
+            self.next.store((n + 1) % self.addrs.len(), Ordering::Relaxed);
+        }
+        result
+    }
+
+    async fn dial_one(&self, addr: &str) -> Result<(TlsStream<TcpStream>, SocketAddr), String> {
         let attempt = async {
-            let tcp = TcpStream::connect(&self.addr).await.map_err(|e| format!("cannot reach {}: {e}", self.addr))?;
+            let tcp = TcpStream::connect(addr).await.map_err(|e| format!("cannot reach {addr}: {e}"))?;
             let peer = tcp.peer_addr().map_err(|e| e.to_string())?;
             // Frames are small and latency matters more than packet count.
             let _ = tcp.set_nodelay(true);
@@ -224,7 +249,7 @@ impl Dialer {
         };
         match timeout(CONNECT_TIMEOUT, attempt).await {
             Ok(r) => r,
-            Err(_) => Err(format!("no TLS connection to {} within {CONNECT_TIMEOUT:?}", self.addr)),
+            Err(_) => Err(format!("no TLS connection to {addr} within {CONNECT_TIMEOUT:?}")),
         }
     }
 }

@@ -31,6 +31,8 @@ enum Cmd {
         #[arg(long, env = "HEARTH_DEVICE_STATE_DIR")]
         state_dir: PathBuf,
         /// Dial this HOST:PORT instead of the provisioned cloud address.
+        /// Several cloud nodes: HOST:PORT,HOST:PORT,... (all on one port,
+        /// the one the sandbox allows), tried in turn when a dial fails.
         #[arg(long)]
         cloud: Option<String>,
         /// Expect this name on the cloud's certificate instead of the provisioned one.
@@ -146,10 +148,13 @@ fn enter_sandbox(state_dir: PathBuf, cloud: Option<&str>, user: Option<String>) 
     // The cloud's port is the one TCP destination the sandbox allows.
     let config = store::load_config(&state_dir)?;
     let addr = cloud.unwrap_or(&config.cloud_addr);
-    let cloud_port = addr
-        .rsplit_once(':')
-        .and_then(|(_, p)| p.parse().ok())
-        .with_context(|| format!("the cloud address {addr} has no port"))?;
+    let mut ports = hearth_device::agent::cloud_addrs(addr).into_iter().map(|a| {
+        a.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).with_context(|| format!("the cloud address {a} has no port"))
+    });
+    let cloud_port = ports.next().unwrap_or_else(|| Err(anyhow::anyhow!("no cloud address in {addr:?}")))?;
+    for port in ports {
+        anyhow::ensure!(port? == cloud_port, "every cloud address in {addr:?} must use the same port (the sandbox allows one)");
+    }
     let applied = sandbox::apply(&sandbox::Policy { state_dir, user, cloud_port })?;
     tracing::info!(dropped_to = ?applied.dropped_to, landlock = ?applied.landlock, "sandbox applied");
     // Hidden test hook (tests/it/sandbox.rs): report what the sandbox refuses.
