@@ -405,6 +405,10 @@ async fn command(
         return Err(ApiError::bad_request(format!("the command is for device {}, not {device}", peek.device)));
     }
     if !s.router.is_online(&device) {
+        if hearth_proto::message::peek_is_revoke(&envelope) {
+            // Issue 3: held and sent first on reconnect (202), not dropped.
+            return Err(crate::device_link::hold_revoke(&s, &device, &peek, envelope).await);
+        }
         return Err(route_error(RouteError::Offline));
     }
     let Some(mut waiter) = s.router.expect_result(&device, peek.controller, peek.counter) else {

@@ -11,7 +11,7 @@
 
 use std::time::Duration;
 
-use hearth_proto::ids::DeviceId;
+use hearth_proto::ids::{ControllerId, DeviceId};
 use hearth_proto::keys::PublicKey;
 use hearth_proto::link::{decode_body, frame_len, CloudFrame, DeviceFrame};
 use hearth_proto::message::{verify_result, verify_state};
@@ -130,8 +130,16 @@ pub async fn run(state: AppState, mut tls: TlsStream<TcpStream>) -> Result<(), L
         }
     }
 
-    let mut conn = Conn { state: &state, id: &id, key: &key, link, pending_state: None, last_persist: None };
-    let result = conn.serve(&mut tls, handle).await;
+    let mut conn = Conn { state: &state, id: &id, key: &key, link, pending_state: None, last_persist: None, revokes: Vec::new() };
+    // Revokes first (issue 3): written before `serve` starts draining the
+    // commands routed to this link, so the device applies them before any.
+    let result = match send_pending_revokes(&state, &id, paired, &mut tls).await {
+        Ok(sent) => {
+            conn.revokes = sent;
+            conn.serve(&mut tls, handle).await
+        }
+        Err(e) => Err(e),
+    };
 
     state.router.remove_device(&id, link);
     conn.flush_state(true).await;
@@ -162,6 +170,72 @@ impl Conn<'_> {
         let writer = async move {
             let mut ping = tokio::time::interval_at(Instant::now() + PING_EVERY, PING_EVERY);
             ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    /// Held revokes sent on this link and not answered yet (issue 3).
+    revokes: Vec<(ControllerId, u64)>,
+}
+
+/// Writes the revokes the cloud held for this device while it was offline
+/// (issue 3), oldest first, straight onto the link. The caller has not
+/// started the writer that drains routed commands yet, so these are the
+/// first commands the device reads on this connection. Each stays stored
+/// until the device answers it (done or refused), so a link that drops
+/// first delivers it again next time; the device's replay counter makes a
+/// second delivery harmless.
+async fn send_pending_revokes(
+    state: &AppState,
+    id: &DeviceId,
+    paired: bool,
+    tls: &mut TlsStream<TcpStream>,
+) -> Result<Vec<(ControllerId, u64)>, LinkError> {
+    if !paired {
+        return Ok(Vec::new());
+    }
+    let mut sent = Vec::new();
+    for p in state.store.pending_revokes(id.clone()).await? {
+        let bytes = hearth_proto::link::encode_frame(&CloudFrame::Command { envelope: p.envelope })?;
+        write_frame(tls, &bytes).await?;
+        tracing::info!(controller = %p.controller, counter = p.counter, "delivered a revoke held while the device was offline");
+        if let Ok(controller) = p.controller.parse() {
+            sent.push((controller, p.counter));
+        }
+    }
+    Ok(sent)
+}
+
+/// Forgets a held revoke once the device answered it.
+async fn revoke_answered(state: &AppState, id: &DeviceId, revokes: &mut Vec<(ControllerId, u64)>, controller: &ControllerId, counter: u64) {
+    let Some(i) = revokes.iter().position(|(c, n)| c == controller && *n == counter) else { return };
+    revokes.swap_remove(i);
+    if let Err(e) = state.store.revoke_delivered(id.clone(), controller.to_string(), counter).await {
+        tracing::warn!(error = %e, "could not forget a delivered revoke; it will be sent again (and refused as replayed)");
+    }
+}
+
+/// The answer to a signed revoke for a device that is offline (issue 3):
+/// the cloud keeps it and sends it before anything else when the device
+/// reconnects. 202 when kept, 503 when the device already has
+/// [`crate::store::PENDING_REVOKES_MAX`] waiting. The cloud cannot verify
+/// the signature and does not try: the device does.
+pub async fn hold_revoke(state: &AppState, device: &DeviceId, peek: &hearth_proto::message::Peek, envelope: Vec<u8>) -> crate::error::ApiError {
+    use axum::http::StatusCode;
+    use crate::error::ApiError;
+    match state.store.queue_revoke(device.clone(), peek.controller.to_string(), peek.counter, envelope.clone(), unix_now()).await {
+        Err(e) => ApiError::from(e),
+        Ok(false) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "device is offline and has too many revokes waiting already"),
+        Ok(true) => {
+            // The device may have connected after the caller saw it offline
+            // but before the revoke was stored (its link read the queue
+            // already): send it now too. A second copy is refused as replayed.
+            if state.router.is_online(device) {
+                let _ = state.router.send_to_device(device, &CloudFrame::Command { envelope });
+            }
+            tracing::info!(%device, controller = %peek.controller, "holding a revoke for an offline device");
+            ApiError::new(
+                StatusCode::ACCEPTED,
+                "device is offline: the revoke is held by the cloud and delivered before anything else when the device reconnects",
+            )
+        }
+    }
             let mut n = 0u64;
             loop {
                 tokio::select! {
@@ -216,10 +290,14 @@ impl Conn<'_> {
                 }
             }
             DeviceFrame::Result { envelope } => match verify_result(&envelope, self.id, self.key) {
-                Ok(p) => router.deliver_result(self.id, p.controller, p.counter, envelope),
+                Ok(p) => {
+                    revoke_answered(self.state, self.id, &mut self.revokes, &p.controller, p.counter).await;
+                    router.deliver_result(self.id, p.controller, p.counter, envelope)
+                }
                 // Controllers would refuse it too; forwarding it only wastes their time.
                 Err(e) => tracing::warn!(error = %e, "dropping a result that does not verify"),
             },
+                        revoke_answered(self.state, self.id, &mut self.revokes, &to.controller, to.counter).await;
             DeviceFrame::State { envelope } => {
                 let ok = if hearth_proto::e2e::is_sealed(&envelope) {
                     hearth_proto::e2e::verify_sealed(&envelope, self.id, self.key).map(|_| ())

@@ -159,7 +159,51 @@ const MIGRATIONS: &[Migration] = &[
     CREATE INDEX device_members_account ON device_members(account_id);
     "#,
     },
+    // 4: signed revokes for a device that was offline (issue 3), kept to be
+    // delivered before anything else when it reconnects. Opaque signed
+    // envelopes; the device verifies them. Removed once the device answered.
+    Migration {
+        sqlite: r#"
+    CREATE TABLE pending_revokes (
+        seq           INTEGER PRIMARY KEY AUTOINCREMENT,
+        device_id     TEXT NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
+        controller_id TEXT NOT NULL,
+        counter       INTEGER NOT NULL,
+        queued_at     INTEGER NOT NULL,
+        envelope      BLOB NOT NULL,
+        UNIQUE (device_id, controller_id, counter)
+    );
+    CREATE INDEX pending_revokes_device ON pending_revokes(device_id, seq);
+    "#,
+        postgres: r#"
+    CREATE TABLE pending_revokes (
+        seq           BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        device_id     TEXT NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
+        controller_id TEXT NOT NULL,
+        counter       BIGINT NOT NULL,
+        queued_at     BIGINT NOT NULL,
+        envelope      BYTEA NOT NULL,
+        UNIQUE (device_id, controller_id, counter)
+    );
+    CREATE INDEX pending_revokes_device ON pending_revokes(device_id, seq);
+    "#,
+    },
 ];
+
+/// Most revokes kept for one offline device; more are refused (the owner
+/// retries when it is online). Bounds what any account can make the cloud store.
+pub const PENDING_REVOKES_MAX: u64 = 32;
+
+/// A signed revoke waiting for its device to reconnect.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingRevoke {
+    /// The controller that signed it (claimed; the device verifies).
+    pub controller: String,
+    /// Its counter (claimed), to match the device's answer.
+    pub counter: u64,
+    /// The signed command envelope.
+    pub envelope: Vec<u8>,
+}
 
 /// Most events kept per device.
 pub const EVENT_HISTORY_MAX: u64 = 1_000;
@@ -879,6 +923,8 @@ impl Store {
                 .query_opt("SELECT account_id FROM devices WHERE id = $1", &[&id.as_str()])
                 .await?
                 .map(|r| r.get::<_, Option<String>>(0)),
+                        // Revokes signed for the previous owner's list mean nothing now.
+                        tx.execute("DELETE FROM pending_revokes WHERE device_id = ?1", params![id.as_str()])?;
         };
         Ok(owner.flatten().map(AccountId))
     }
@@ -907,6 +953,7 @@ impl Store {
             }
             // `COLLATE "C"` sorts bytewise like SQLite's default BINARY
             // collation, so both backends list in the same order.
+                tx.execute("DELETE FROM pending_revokes WHERE device_id = $1", &[&id.as_str()]).await?;
             Backend::Postgres(pool) => pool
                 .client()
                 .await?
@@ -1131,6 +1178,107 @@ fn current_version(conn: &Connection) -> Result<i64, StoreError> {
 fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     conn.execute_batch(
         "CREATE TABLE IF NOT EXISTS schema_migrations (
+    /// Keeps a signed revoke for an offline device (issue 3). Returns false
+    /// when the device already has [`PENDING_REVOKES_MAX`] waiting; the same
+    /// (controller, counter) twice is stored once.
+    pub async fn queue_revoke(&self, id: DeviceId, controller: String, counter: u64, envelope: Vec<u8>, now: u64) -> Result<bool, StoreError> {
+        let (counter, now, max) = (sql_time(counter), sql_time(now), PENDING_REVOKES_MAX as i64);
+        match &self.backend {
+            Backend::Sqlite(conn) => {
+                Self::run(conn, move |c| {
+                    let tx = c.transaction()?;
+                    let n: i64 = tx.query_row("SELECT COUNT(*) FROM pending_revokes WHERE device_id = ?1", params![id.as_str()], |r| r.get(0))?;
+                    if n >= max {
+                        return Ok(false);
+                    }
+                    tx.execute(
+                        "INSERT OR IGNORE INTO pending_revokes (device_id, controller_id, counter, queued_at, envelope) VALUES (?1, ?2, ?3, ?4, ?5)",
+                        params![id.as_str(), controller, counter, now, envelope],
+                    )?;
+                    tx.commit()?;
+                    Ok(true)
+                })
+                .await
+            }
+            Backend::Postgres(pool) => {
+                let mut client = pool.client().await?;
+                let tx = client.transaction().await?;
+                // Serialises queueing per device, so the count cannot be
+                // overshot by two nodes at once.
+                tx.execute("SELECT id FROM devices WHERE id = $1 FOR UPDATE", &[&id.as_str()]).await?;
+                let n: i64 = tx.query_one("SELECT COUNT(*) FROM pending_revokes WHERE device_id = $1", &[&id.as_str()]).await?.get(0);
+                if n >= max {
+                    tx.rollback().await?;
+                    return Ok(false);
+                }
+                tx.execute(
+                    "INSERT INTO pending_revokes (device_id, controller_id, counter, queued_at, envelope) VALUES ($1, $2, $3, $4, $5)
+                     ON CONFLICT (device_id, controller_id, counter) DO NOTHING",
+                    &[&id.as_str(), &controller, &counter, &now, &envelope],
+                )
+                .await?;
+                tx.commit().await?;
+                Ok(true)
+            }
+        }
+    }
+
+    /// The revokes waiting for a device, oldest first (the order the owner
+    /// signed them in, so the device's counters accept them in turn).
+    pub async fn pending_revokes(&self, id: DeviceId) -> Result<Vec<PendingRevoke>, StoreError> {
+        let rows: Vec<(String, i64, Vec<u8>)> = match &self.backend {
+            Backend::Sqlite(conn) => {
+                Self::run(conn, move |c| {
+                    let mut stmt = c.prepare(
+                        "SELECT controller_id, counter, envelope FROM pending_revokes WHERE device_id = ?1 ORDER BY seq",
+                    )?;
+                    let rows = stmt.query_map(params![id.as_str()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+                    Ok(rows.collect::<Result<Vec<_>, _>>()?)
+                })
+                .await?
+            }
+            Backend::Postgres(pool) => pool
+                .client()
+                .await?
+                .query(
+                    "SELECT controller_id, counter, envelope FROM pending_revokes WHERE device_id = $1 ORDER BY seq",
+                    &[&id.as_str()],
+                )
+                .await?
+                .iter()
+                .map(|r| (r.get(0), r.get(1), r.get(2)))
+                .collect(),
+        };
+        Ok(rows.into_iter().map(|(controller, counter, envelope)| PendingRevoke { controller, counter: counter as u64, envelope }).collect())
+    }
+
+    /// Forgets a pending revoke once the device answered it (done or refused).
+    pub async fn revoke_delivered(&self, id: DeviceId, controller: String, counter: u64) -> Result<(), StoreError> {
+        let counter = sql_time(counter);
+        match &self.backend {
+            Backend::Sqlite(conn) => {
+                Self::run(conn, move |c| {
+                    c.execute(
+                        "DELETE FROM pending_revokes WHERE device_id = ?1 AND controller_id = ?2 AND counter = ?3",
+                        params![id.as_str(), controller, counter],
+                    )?;
+                    Ok(())
+                })
+                .await
+            }
+            Backend::Postgres(pool) => {
+                pool.client()
+                    .await?
+                    .execute(
+                        "DELETE FROM pending_revokes WHERE device_id = $1 AND controller_id = $2 AND counter = $3",
+                        &[&id.as_str(), &controller, &counter],
+                    )
+                    .await?;
+                Ok(())
+            }
+        }
+    }
+
             version    INTEGER PRIMARY KEY,
             applied_at INTEGER NOT NULL
         )",
@@ -1501,3 +1649,35 @@ mod tests {
         }
     }
 }
+
+    #[tokio::test]
+    async fn pending_revokes_are_kept_in_order_bounded_and_cleared() {
+        for db in test_dbs("pending_revokes_are_kept_in_order_bounded_and_cleared").await {
+            let (store, n) = (&db.store, db.name());
+            let alice = store.create_account("a@example.com".into(), "h".into()).await.unwrap().unwrap();
+            let id = DeviceId::random();
+            store.device_connected(id.clone(), DeviceKind::Plug, vec![1], 5).await.unwrap();
+            store.pair_device(id.clone(), alice.clone(), "lamp".into(), 6).await.unwrap();
+            assert!(store.pending_revokes(id.clone()).await.unwrap().is_empty(), "{n}");
+            // Kept in the order they were queued, the same one once.
+            for counter in [7u64, 3, 9, 3] {
+                assert!(store.queue_revoke(id.clone(), "ca".into(), counter, vec![counter as u8], 10).await.unwrap(), "{n}");
+            }
+            let kept: Vec<(u64, Vec<u8>)> = store.pending_revokes(id.clone()).await.unwrap().into_iter().map(|p| (p.counter, p.envelope)).collect();
+            assert_eq!(kept, vec![(7, vec![7]), (3, vec![3]), (9, vec![9])], "{n}");
+            // Answered ones go; another device's are untouched.
+            store.revoke_delivered(id.clone(), "ca".into(), 3).await.unwrap();
+            store.revoke_delivered(id.clone(), "other".into(), 7).await.unwrap();
+            let counters: Vec<u64> = store.pending_revokes(id.clone()).await.unwrap().iter().map(|p| p.counter).collect();
+            assert_eq!(counters, vec![7, 9], "{n}");
+            // Bounded per device.
+            for counter in 100..100 + PENDING_REVOKES_MAX - 2 {
+                assert!(store.queue_revoke(id.clone(), "ca".into(), counter, vec![1], 11).await.unwrap(), "{n}");
+            }
+            assert!(!store.queue_revoke(id.clone(), "ca".into(), 1_000, vec![1], 11).await.unwrap(), "{n}");
+            assert_eq!(store.pending_revokes(id.clone()).await.unwrap().len() as u64, PENDING_REVOKES_MAX, "{n}");
+            // A re-paired device starts with none.
+            store.pair_device(id.clone(), alice.clone(), "lamp".into(), 12).await.unwrap();
+            assert!(store.pending_revokes(id.clone()).await.unwrap().is_empty(), "{n}");
+        }
+    }

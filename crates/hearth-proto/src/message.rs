@@ -344,3 +344,15 @@ pub fn peek_result(bytes: &[u8]) -> Result<Peek, Error> {
     let p: ResultPayload = from_cbor(&u.into_unverified_payload(), "result")?;
     Ok(Peek { device: p.device, controller: p.controller, counter: p.counter })
 }
+
+/// Whether a command envelope claims to be a revoke (`RemoveController`),
+/// read *without* verifying it. The cloud uses it only to decide which
+/// commands for an offline device it keeps to deliver first on reconnect
+/// (issue 3); the device verifies everything itself.
+pub fn peek_is_revoke(bytes: &[u8]) -> bool {
+    envelope::open(bytes)
+        .ok()
+        .filter(|u| u.kind() == Kind::Command)
+        .and_then(|u| from_cbor::<CommandPayload>(&u.into_unverified_payload(), "command").ok())
+        .is_some_and(|p| matches!(p.command, Command::RemoveController { .. }))
+}

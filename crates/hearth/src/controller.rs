@@ -24,6 +24,20 @@ use tokio_tungstenite::tungstenite::Message;
 use crate::client::{ApiError, Cloud};
 use crate::config::{Config, KnownDevice};
 
+/// The device is offline and the cloud holds the (revoke) command to
+/// deliver before anything else when it reconnects (issue 3). Nothing has
+/// happened on the device yet.
+#[derive(Debug)]
+pub struct HeldByCloud(pub String);
+
+impl std::fmt::Display for HeldByCloud {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for HeldByCloud {}
+
 /// Exit code for "the device refused".
 pub const EXIT_REFUSED: u8 = 3;
 
@@ -312,7 +326,15 @@ async fn send(cfg: &mut Config, device: &DeviceId, dev_key: &PublicKey, command:
         .call(Method::POST, &format!("/api/v1/devices/{device}/command"), Some(json!({ "envelope": b64::encode(&envelope) })))
         .await?;
     let rtt = started.elapsed();
-    let result = b64::decode(answer.get("result").and_then(Value::as_str).context("no result in the answer")?)?;
+    let Some(result) = answer.get("result").and_then(Value::as_str) else {
+        // 202 without a result: the cloud holds the command for an offline
+        // device (a revoke, issue 3) and says so.
+        if let Some(message) = answer.get("error").and_then(Value::as_str) {
+            return Err(HeldByCloud(message.to_owned()).into());
+        }
+        bail!("no result in the answer");
+    };
+    let result = b64::decode(result)?;
     let r = open_result(cfg, device, dev_key, &result).context("the answer is not a valid sealed result from the device")?;
     if r.controller != controller || r.counter != counter {
         bail!("the device's answer is for another command (possible replay by the cloud)");
@@ -542,7 +564,21 @@ pub async fn revoke(cfg: &mut Config, wanted: &str, controller: &str) -> Result<
     let devices = list(cfg).await?;
     let dev = resolve(&devices, wanted)?.clone();
     let (dev_key, _) = device_key(cfg, &dev).ok_or_else(|| anyhow!("cannot check {}'s answer: device key unknown", dev.name))?;
-    let (r, _) = send(cfg, &dev.id, &dev_key, Command::RemoveController { controller: controller.clone() }).await?;
+    let (r, _) = match send(cfg, &dev.id, &dev_key, Command::RemoveController { controller: controller.clone() }).await {
+        Ok(answer) => answer,
+        Err(e) => {
+            let Some(held) = e.downcast_ref::<HeldByCloud>() else { return Err(e) };
+            println!(
+                "{} is offline: {held}.\nUntil then the device still accepts {controller}; confirm with `hearth access {}` once it is online.",
+                dev.name, dev.name
+            );
+            // Stop routing for its account now; routing grants nothing, but
+            // there is no reason to keep forwarding its commands.
+            let path = format!("/api/v1/devices/{}/members/{controller}", dev.id);
+            let _ = api(cfg)?.call(Method::DELETE, &path, None).await;
+            return Ok(0);
+        }
+    };
     match r.outcome {
         Outcome::Done | Outcome::Rules { .. } => {
             println!("Revoked {controller} on {} (the device confirmed, signed).", dev.name);

@@ -123,3 +123,51 @@ fn share_with_another_account_and_revoke() {
         }
     }
 }
+
+/// A revoke issued while the device is offline (issue 3): the cloud holds
+/// it and sends it before anything else when the device reconnects, so the
+/// revoked controller's first command that reaches the device — sent as
+/// soon as it is back — is already refused.
+#[test]
+fn a_revoke_issued_while_the_device_is_offline_goes_first_on_reconnect() {
+    let w = World::new();
+    let plug = w.provision("plug", "plug");
+    let mut dev = w.run_device(&plug);
+    let phone = w.controller("phone");
+    phone.signup("erin@example.com");
+    assert!(eventually(Duration::from_secs(10), || phone.run(&["pair", &plug.code, "--name", "lamp"]).status.success()));
+    let laptop = w.controller("laptop");
+    laptop.login("erin@example.com");
+    phone.ok(&["share", "lamp", &share_code(&laptop)]);
+    laptop.ok(&["on", "lamp"]);
+    let laptop_id = laptop.ok(&["key"]).lines().find_map(|l| l.strip_prefix("controller: ").map(str::to_owned)).unwrap();
+
+    // The device goes away; the owner revokes the laptop meanwhile.
+    dev.terminate();
+    assert!(eventually(Duration::from_secs(10), || phone.ok(&["ls"]).contains("offline")));
+    let held = phone.ok(&["revoke", "lamp", &laptop_id]);
+    assert!(held.contains("offline") && held.contains("before anything else"), "{held}");
+    // A switch by the laptop is not held: it fails as offline.
+    let out = laptop.run(&["off", "lamp"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("offline"), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // The device comes back; the laptop fires as soon as it can. Its first
+    // command that reaches the device is refused: the revoke went first.
+    let _dev = w.run_device(&plug);
+    let mut answer = None;
+    assert!(eventually(Duration::from_secs(20), || {
+        let out = laptop.run(&["off", "lamp"]);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        if stderr.contains("offline") {
+            return false;
+        }
+        answer = Some((out.status.code(), stderr));
+        true
+    }));
+    let (code, stderr) = answer.unwrap();
+    assert_eq!(code, Some(3), "{stderr}");
+    assert!(stderr.contains(Refusal::NotPaired.explain()), "{stderr}");
+    // The device's own list confirms it, and the relay kept the laptop's "on".
+    assert!(!phone.ok(&["access", "lamp"]).contains(&laptop_id));
+    assert!(phone.ok(&["status", "lamp"]).contains("ON"));
+}
