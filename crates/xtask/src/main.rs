@@ -16,12 +16,14 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 
+mod bench;
+
 /// The sancov instrumentation cargo-fuzz uses, on stable (fuzz/README.md).
 const SANCOV_RUSTFLAGS: &str = "-Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 \
      -Cllvm-args=-sanitizer-coverage-inline-8bit-counters -Cllvm-args=-sanitizer-coverage-pc-table \
      -Cllvm-args=-sanitizer-coverage-trace-compares --cfg fuzzing -Cdebug-assertions -Coverflow-checks";
 
-const USAGE: &str = "usage: cargo xtask fuzz [--seconds N] [--only TARGET]";
+const USAGE: &str = "usage: cargo xtask fuzz [--seconds N] [--only TARGET] | cargo xtask bench [hearth-bench run options]";
 
 fn main() -> ExitCode {
     match real_main() {
@@ -51,6 +53,8 @@ fn real_main() -> anyhow::Result<()> {
             }
             fuzz(seconds, only.as_deref())
         }
+        // Load generator and benchmarks (issue 8): see crates/xtask/src/bench.rs.
+        Some("bench") => bench::bench(args.collect()),
         _ => bail!("{USAGE}"),
     }
 }

@@ -1,0 +1,438 @@
+//! The orchestrator: generates the run's material, starts the server under
+//! test (the Hearth cloud, then Mosquitto), starts the worker processes,
+//! drives the phases and measures.
+//!
+//! Phases per target: server up and idle (RSS before) → every device links
+//! (handshakes/s) → idle settle (RSS after, per link) → load from the
+//! controllers (round trips) → the server is killed and restarted (time
+//! until every device is linked again).
+
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+use tokio::time::Instant;
+
+use crate::controller::{self, Load, Server};
+use crate::device::{Status, Target};
+use crate::plan::Material;
+use crate::worker::{Command as WorkerCommand, Reply};
+
+/// Devices per worker process by default: well below the 20,000 open files
+/// a process may hold here.
+pub const DEVICES_PER_WORKER: usize = 5_000;
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Simulated devices.
+    pub devices: usize,
+    /// Simulated controllers (accounts); devices are dealt round-robin.
+    pub controllers: usize,
+    /// Worker processes (0: one per [`DEVICES_PER_WORKER`] devices).
+    pub workers: usize,
+    /// Commands per second, all controllers together (0: no load phase).
+    pub rate: f64,
+    /// Length of the load phase, seconds.
+    pub seconds: f64,
+    /// Concurrent first connections per worker.
+    pub ramp: usize,
+    /// Idle time before RSS is read, seconds.
+    pub settle: f64,
+    /// Kill and restart the server, and time the reconnection.
+    pub restart: bool,
+    /// Which servers, in order.
+    pub targets: Vec<Target>,
+    /// The command that runs the cloud, without its own arguments, e.g.
+    /// `target/release/hearth cloud serve`.
+    pub cloud_cmd: Vec<OsString>,
+    /// This program (for the workers).
+    pub bench_exe: PathBuf,
+    /// The Mosquitto binary.
+    pub mosquitto: PathBuf,
+    /// Longest wait for every device to link.
+    pub link_timeout: Duration,
+}
+
+/// Figures for one target.
+#[derive(Debug)]
+pub struct TargetReport {
+    /// Which server.
+    pub target: Target,
+    /// Devices linked.
+    pub linked: usize,
+    /// Seconds until every device was linked.
+    pub connect_secs: f64,
+    /// Completed handshakes per second during the ramp.
+    pub handshakes_per_sec: f64,
+    /// Failed connection attempts during the ramp.
+    pub ramp_failures: u64,
+    /// Server RSS before any device linked, KiB.
+    pub rss_before_kib: u64,
+    /// Server RSS with every device linked and idle, KiB.
+    pub rss_after_kib: u64,
+    /// The load phase, if any.
+    pub load: Option<Load>,
+    /// Commands the devices answered (worker count).
+    pub device_commands: u64,
+    /// Device-side protocol errors.
+    pub device_errors: u64,
+    /// Seconds from the restarted server accepting to every device linked.
+    pub reconnect_secs: Option<f64>,
+    /// Failed attempts while reconnecting (server down or refusing).
+    pub reconnect_failures: u64,
+}
+
+impl TargetReport {
+    /// Server RSS per idle link, bytes.
+    pub fn rss_per_link(&self) -> f64 {
+        if self.linked == 0 {
+            return 0.0;
+        }
+        (self.rss_after_kib.saturating_sub(self.rss_before_kib) as f64 * 1024.0) / self.linked as f64
+    }
+}
+
+/// One worker process.
+struct Worker {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: Lines<BufReader<ChildStdout>>,
+}
+
+impl Worker {
+    async fn spawn(exe: &Path, plan: &Path, from: usize, to: usize) -> anyhow::Result<Self> {
+        let mut child = Command::new(exe)
+            .arg("worker")
+            .arg("--plan")
+            .arg(plan)
+            .arg("--from")
+            .arg(from.to_string())
+            .arg("--to")
+            .arg(to.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting the worker {}", exe.display()))?;
+        let stdin = child.stdin.take().context("worker stdin")?;
+        let stdout = BufReader::new(child.stdout.take().context("worker stdout")?).lines();
+        Ok(Self { child, stdin, stdout })
+    }
+
+    async fn send(&mut self, cmd: &WorkerCommand) -> anyhow::Result<()> {
+        let mut line = serde_json::to_string(cmd)?;
+        line.push('\n');
+        self.stdin.write_all(line.as_bytes()).await.context("writing to a worker")?;
+        self.stdin.flush().await?;
+        Ok(())
+    }
+
+    async fn recv(&mut self, wait: Duration) -> anyhow::Result<Reply> {
+        let line = tokio::time::timeout(wait, self.stdout.next_line())
+            .await
+            .context("a worker did not answer in time")??
+            .context("a worker exited")?;
+        let reply: Reply = serde_json::from_str(&line).with_context(|| format!("bad worker reply {line:?}"))?;
+        if let Reply::Error { message } = &reply {
+            bail!("worker: {message}");
+        }
+        Ok(reply)
+    }
+}
+
+struct Workers(Vec<Worker>);
+
+impl Workers {
+    async fn all(&mut self, cmd: WorkerCommand, wait: Duration) -> anyhow::Result<Vec<Reply>> {
+        for w in &mut self.0 {
+            w.send(&cmd).await?;
+        }
+        let mut out = Vec::new();
+        for w in &mut self.0 {
+            out.push(w.recv(wait).await?);
+        }
+        Ok(out)
+    }
+
+    async fn status(&mut self) -> anyhow::Result<Status> {
+        let mut sum = Status::default();
+        for r in self.all(WorkerCommand::Status, Duration::from_secs(30)).await? {
+            if let Reply::Status(s) = r {
+                sum.up += s.up;
+                sum.handshakes += s.handshakes;
+                sum.connect_failures += s.connect_failures;
+                sum.drops += s.drops;
+                sum.commands += s.commands;
+                sum.errors += s.errors;
+            }
+        }
+        Ok(sum)
+    }
+
+    /// Polls until `n` links are up; returns the time it took and the last status.
+    async fn wait_up(&mut self, n: usize, since: Instant, limit: Duration) -> anyhow::Result<(f64, Status)> {
+        loop {
+            let s = self.status().await?;
+            if s.up >= n {
+                return Ok((since.elapsed().as_secs_f64(), s));
+            }
+            if since.elapsed() > limit {
+                bail!("only {} of {n} devices linked after {limit:?} ({} failed attempts)", s.up, s.connect_failures);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn shutdown(mut self) {
+        let _ = self.all(WorkerCommand::Stop, Duration::from_secs(30)).await;
+        for w in &mut self.0 {
+            let _ = w.child.kill().await;
+        }
+    }
+}
+
+/// The server under test.
+struct ServerProc {
+    child: Child,
+    /// Where devices connect.
+    devices: SocketAddr,
+    /// Where controllers connect.
+    controllers: SocketAddr,
+}
+
+/// A port nobody listens on right now.
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Resident set size of a process, KiB (`VmRSS` in /proc/PID/status).
+pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = text.lines().find(|l| l.starts_with("VmRSS:")).context("no VmRSS")?;
+    line.split_whitespace().nth(1).context("no VmRSS value")?.parse().context("VmRSS is not a number")
+}
+
+async fn wait_port(addr: SocketAddr, child: &mut Child, limit: Duration) -> anyhow::Result<()> {
+    let since = Instant::now();
+    loop {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return Ok(());
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!("the server exited ({status}) before listening on {addr}");
+        }
+        if since.elapsed() > limit {
+            bail!("nothing listens on {addr} after {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+struct Setup<'a> {
+    cfg: &'a Config,
+    dir: &'a Path,
+    material: &'a Material,
+    api_port: u16,
+    device_port: u16,
+    mqtt_port: u16,
+}
+
+impl Setup<'_> {
+    async fn start(&self, target: Target) -> anyhow::Result<ServerProc> {
+        match target {
+            Target::Hearth => {
+                let api: SocketAddr = ([127, 0, 0, 1], self.api_port).into();
+                let devices: SocketAddr = ([127, 0, 0, 1], self.device_port).into();
+                let (program, prefix) = self.cfg.cloud_cmd.split_first().context("empty cloud command")?;
+                let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("cloud.log"))?;
+                let mut child = Command::new(program)
+                    .args(prefix)
+                    .arg("--pki")
+                    .arg(&self.material.pki_dir)
+                    .arg("--data-dir")
+                    .arg(self.dir.join("data"))
+                    .arg("--api-listen")
+                    .arg(api.to_string())
+                    .arg("--device-listen")
+                    .arg(devices.to_string())
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(log)
+                    .kill_on_drop(true)
+                    .spawn()
+                    .with_context(|| format!("starting the cloud {}", program.to_string_lossy()))?;
+                wait_port(devices, &mut child, Duration::from_secs(30)).await?;
+                wait_port(api, &mut child, Duration::from_secs(5)).await?;
+                Ok(ServerProc { child, devices, controllers: api })
+            }
+            Target::Mqtt => {
+                let addr: SocketAddr = ([127, 0, 0, 1], self.mqtt_port).into();
+                let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("mosquitto.log"))?;
+                let mut child = Command::new(&self.cfg.mosquitto)
+                    .arg("-c")
+                    .arg(self.dir.join("mosquitto.conf"))
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(log)
+                    .kill_on_drop(true)
+                    .spawn()
+                    .with_context(|| format!("starting {}", self.cfg.mosquitto.display()))?;
+                wait_port(addr, &mut child, Duration::from_secs(10)).await?;
+                Ok(ServerProc { child, devices: addr, controllers: addr })
+            }
+        }
+    }
+}
+
+/// Writes Mosquitto's configuration: its own port on 127.0.0.1, mutual TLS
+/// 1.3 with the same server certificate as the cloud, the device's
+/// certificate CN as its user name, and a per-device ACL keyed on it.
+fn write_mosquitto_conf(dir: &Path, material: &Material, port: u16) -> anyhow::Result<()> {
+    let pki = &material.pki_dir;
+    let cafile = dir.join("mqtt-client-cas.pem");
+    std::fs::write(&cafile, format!("{}{}", material.manufacturer_ca_pem, material.controller_ca_pem))?;
+    let mut acl = String::from(
+        "# Each device may read only its command topic and write only its answer topic.\n\
+         pattern read hearth/%u/cmd\n\
+         pattern write hearth/%u/out\n\n",
+    );
+    for c in &material.plan.controllers {
+        acl.push_str(&format!("# controller {}\nuser {}\ntopic write hearth/+/cmd\ntopic read hearth/+/out\n\n", c.name, c.mqtt_cn));
+    }
+    std::fs::write(dir.join("mosquitto.acl"), acl)?;
+    let conf = format!(
+        "# Generated by hearth-bench for the baseline run.\n\
+         per_listener_settings false\n\
+         user root\n\
+         listener {port} 127.0.0.1\n\
+         cafile {cafile}\n\
+         certfile {cert}\n\
+         keyfile {key}\n\
+         tls_version tlsv1.3\n\
+         require_certificate true\n\
+         use_identity_as_username true\n\
+         allow_anonymous false\n\
+         acl_file {acl}\n\
+         persistence false\n\
+         max_connections -1\n\
+         log_dest stderr\n\
+         log_type error\n\
+         log_type warning\n",
+        cafile = cafile.display(),
+        cert = pki.join(hearth_pki::CLOUD_SERVER_CERT).display(),
+        key = pki.join(hearth_pki::CLOUD_SERVER_KEY).display(),
+        acl = dir.join("mosquitto.acl").display(),
+    );
+    std::fs::write(dir.join("mosquitto.conf"), conf)?;
+    Ok(())
+}
+
+/// Runs the benchmark; every figure comes back in the report.
+pub async fn run(cfg: &Config) -> anyhow::Result<Vec<TargetReport>> {
+    let tmp = tempfile::Builder::new().prefix("hearth-bench-").tempdir()?;
+    let dir = tmp.path();
+    let t = Instant::now();
+    let material = Material::generate(dir, cfg.devices, cfg.controllers.max(1))?;
+    let plan_path = dir.join("plan.json");
+    material.write_plan(&plan_path)?;
+    eprintln!("hearth-bench: {} device identities in {:.1} s", cfg.devices, t.elapsed().as_secs_f64());
+    let setup = Setup { cfg, dir, material: &material, api_port: free_port()?, device_port: free_port()?, mqtt_port: free_port()? };
+    write_mosquitto_conf(dir, &material, setup.mqtt_port)?;
+
+    let mut reports = Vec::new();
+    for &target in &cfg.targets {
+        if target == Target::Hearth {
+            let t = Instant::now();
+            std::fs::create_dir_all(dir.join("data"))?;
+            let db = hearth_cloud::DatabaseUrl::Sqlite(dir.join("data").join("hearth.sqlite3"));
+            material.seed(&db).await?;
+            eprintln!("hearth-bench: seeded the cloud database in {:.1} s", t.elapsed().as_secs_f64());
+        }
+        reports.push(run_target(&setup, &plan_path, target).await.with_context(|| format!("{target:?} run"))?);
+    }
+    Ok(reports)
+}
+
+async fn run_target(setup: &Setup<'_>, plan_path: &Path, target: Target) -> anyhow::Result<TargetReport> {
+    let cfg = setup.cfg;
+    let n = cfg.devices;
+    eprintln!("hearth-bench: {target:?}: starting the server");
+    let mut server = setup.start(target).await?;
+    let pid = server.child.id().context("server pid")?;
+    tokio::time::sleep(Duration::from_secs_f64(cfg.settle.min(1.0))).await;
+    let rss_before_kib = rss_kib(pid)?;
+
+    let nworkers = if cfg.workers == 0 { n.div_ceil(DEVICES_PER_WORKER).max(1) } else { cfg.workers };
+    let per = n.div_ceil(nworkers);
+    let mut workers = Vec::new();
+    for w in 0..nworkers {
+        let (from, to) = ((w * per).min(n), ((w + 1) * per).min(n));
+        workers.push(Worker::spawn(&cfg.bench_exe, plan_path, from, to).await?);
+    }
+    let mut workers = Workers(workers);
+    workers.all(WorkerCommand::Prepare, Duration::from_secs(600)).await?;
+
+    let since = Instant::now();
+    workers.all(WorkerCommand::Go { target, server: server.devices, ramp: cfg.ramp }, Duration::from_secs(30)).await?;
+    let (connect_secs, ramp_status) = workers.wait_up(n, since, cfg.link_timeout).await?;
+    eprintln!(
+        "hearth-bench: {target:?}: {n} devices linked in {connect_secs:.1} s ({} failed attempts)",
+        ramp_status.connect_failures
+    );
+    tokio::time::sleep(Duration::from_secs_f64(cfg.settle)).await;
+    let rss_after_kib = rss_kib(pid)?;
+
+    let load = if cfg.rate > 0.0 && cfg.seconds > 0.0 {
+        let plan = crate::plan::Plan::load(plan_path)?;
+        let l = controller::run_load(&plan, Server { target, addr: server.controllers }, cfg.rate, cfg.seconds).await?;
+        eprintln!(
+            "hearth-bench: {target:?}: {} sent, {} answered, p99 {} µs",
+            l.sent,
+            l.answered,
+            l.hist.value_at_quantile(0.99)
+        );
+        Some(l)
+    } else {
+        None
+    };
+    let after_load = workers.status().await?;
+
+    let (reconnect_secs, reconnect_failures) = if cfg.restart {
+        server.child.kill().await.context("killing the server")?;
+        let before = workers.status().await?;
+        let since_kill = Instant::now();
+        server = setup.start(target).await?;
+        let since = Instant::now();
+        let (secs, s) = workers.wait_up(n, since, cfg.link_timeout).await?;
+        eprintln!(
+            "hearth-bench: {target:?}: restarted after {:.2} s down; every device linked again {secs:.1} s later",
+            since.duration_since(since_kill).as_secs_f64()
+        );
+        (Some(secs), s.connect_failures.saturating_sub(before.connect_failures))
+    } else {
+        (None, 0)
+    };
+    workers.shutdown().await;
+    let _ = server.child.kill().await;
+    Ok(TargetReport {
+        target,
+        linked: n,
+        connect_secs,
+        handshakes_per_sec: ramp_status.handshakes as f64 / connect_secs.max(1e-3),
+        ramp_failures: ramp_status.connect_failures,
+        rss_before_kib,
+        rss_after_kib,
+        load,
+        device_commands: after_load.commands,
+        device_errors: after_load.errors,
+        reconnect_secs,
+        reconnect_failures,
+    })
+}
