@@ -21,10 +21,6 @@
 //!   | `DELETE /devices/{id}/members/{controller}` | bearer (owner) | → 204; 404 |
 //!   | `GET /link` | bearer, or `?token=` for browsers | WebSocket: `ControllerPush` down, `ControllerFrame` up |
 //!
-//!   With `tuf` configured, also `GET /tuf/metadata/{file}` and `GET
-//!   /tuf/targets/{path}`: the firmware repository as static files (no auth;
-//!   devices verify them with TUF, see `tuf_serve.rs`).
-//!
 //!   Bodies are `application/json` (else 415), at most 64 KiB (else 413),
 //!   with unknown fields refused (400). Every error is `{"error": "..."}`.
 //! * the **device port** (default 8444): mutual TLS with certificates from
@@ -41,19 +37,13 @@
 
 mod api;
 mod auth;
-mod cluster;
 mod controller_link;
 mod device_link;
 mod error;
-mod headers;
-mod metrics;
-mod openapi;
 mod ratelimit;
 mod router;
 mod server;
 mod store;
-mod tuf_serve;
-mod web;
 
 /// Fuzzing entry points (issue 7); not part of the API.
 #[doc(hidden)]
@@ -75,12 +65,8 @@ pub mod seed {
     pub use crate::store::{AccountId, Store, StoreError};
 }
 
-/// Cluster mode: routing between nodes over NATS (see `cluster.rs`, ADR 0008).
-pub use cluster::{ClusterConfig, NodeId, SubjectPrefix};
 /// Where the cloud keeps its state (see `store.rs`).
 pub use store::{DatabaseUrl, DatabaseUrlError};
-/// The firmware update repository the API port serves (see `tuf_serve.rs`).
-pub use tuf_serve::{OnlineKeys, TufConfig};
 /// The connection limits and deadlines of both ports (see `server.rs`).
 pub use server::{HANDSHAKE_TIMEOUT, HEADER_TIMEOUT, MAX_CONNECTIONS, MAX_CONNECTIONS_PER_ADDRESS};
 
@@ -108,9 +94,6 @@ pub struct CloudConfig {
     pub manufacturer_ca_pem: String,
     /// How long a login session lasts (e.g. [`DEFAULT_SESSION_TTL`]).
     pub session_ttl: Duration,
-    /// The firmware update repository to serve under `/tuf/` (ADR 0004),
-    /// with the online keys that renew its timestamp; `None` serves none.
-    pub tuf: Option<TufConfig>,
 }
 
 /// The bound sockets to serve on. Binding is the caller's job, so it can
@@ -132,23 +115,6 @@ pub(crate) struct Shared {
     pub(crate) session_ttl: Duration,
     /// Becomes true when the server shuts down.
     pub(crate) stop: watch::Receiver<bool>,
-    /// This node's part of a cluster (ADR 0008); `None` on a single node.
-    pub(crate) cluster: Option<Arc<cluster::Cluster>>,
-    /// Counters for `/metrics`.
-    pub(crate) metrics: Arc<metrics::Metrics>,
-}
-
-/// Optional parts of a cloud node, for [`serve_with`].
-#[derive(Debug, Default)]
-pub struct ServeOptions {
-    /// The web app's plain-HTTP loopback listener (ADR 0007).
-    pub web: Option<tokio::net::TcpListener>,
-    /// Join a cluster of nodes over NATS (ADR 0008). Needs a PostgreSQL
-    /// database: nodes share everything but their links.
-    pub cluster: Option<ClusterConfig>,
-    /// Serve Prometheus metrics (`GET /metrics`, plain HTTP, no auth) on
-    /// this listener; bind it where only the scraper can reach it.
-    pub metrics: Option<tokio::net::TcpListener>,
 }
 
 pub(crate) type AppState = Arc<Shared>;
@@ -164,43 +130,6 @@ pub async fn serve(
     listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    serve_with_web(config, listeners, None, shutdown).await
-}
-
-/// [`serve`], plus the web app and the same API on a plain-HTTP listener
-/// bound to a loopback address (ADR 0007). Refuses any other address: plain
-/// HTTP is only for a browser on the same machine.
-pub async fn serve_with_web(
-    config: CloudConfig,
-    listeners: Listeners,
-    web: Option<tokio::net::TcpListener>,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
-    serve_with(config, listeners, ServeOptions { web, ..ServeOptions::default() }, shutdown).await
-}
-
-/// [`serve`] with the optional parts: the web listener, cluster mode over
-/// NATS (ADR 0008) and the metrics listener.
-pub async fn serve_with(
-    config: CloudConfig,
-    listeners: Listeners,
-    options: ServeOptions,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
-    let ServeOptions { web, cluster: cluster_config, metrics: metrics_listener } = options;
-    // Cluster mode shares all state through the database; SQLite is a
-    // file on one machine, so nodes on it would each see their own.
-    if cluster_config.is_some() {
-        anyhow::ensure!(
-            matches!(config.database, DatabaseUrl::Postgres(_)),
-            "cluster mode (--nats-url) needs a PostgreSQL database shared by every node (--database-url postgres://...); \
-             SQLite keeps its state on this machine only"
-        );
-    }
-    if let Some(l) = &web {
-        let addr = l.local_addr().context("reading the web listener's address")?;
-        anyhow::ensure!(addr.ip().is_loopback(), "the plain-HTTP web listener must be on a loopback address, not {addr}");
-    }
     let store = store::Store::connect(&config.database)
         .await
         .with_context(|| format!("opening the database {}", config.database))?;
@@ -211,21 +140,9 @@ pub async fn serve_with(
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
-    let metrics = metrics::Metrics::new();
-    let cluster = match &cluster_config {
-        Some(c) => Some(
-            cluster::Cluster::start(c, store.clone(), metrics.clone(), stop_rx.clone())
-                .await
-                .context("joining the cluster")?,
-        ),
-        None => None,
-    };
-    let router = cluster.as_ref().map_or_else(router::Router::new, |c| c.router());
     let state: AppState = Arc::new(Shared {
-        cluster: cluster.clone(),
-        metrics: metrics.clone(),
         store: store.clone(),
-        router: router.clone(),
+        router: router::Router::new(),
         limiter: ratelimit::RateLimiter::new(RATE_LIMIT_BURST, RATE_LIMIT_REFILL),
         hash_slots: Semaphore::new(auth::HASH_SLOTS),
         session_ttl: config.session_ttl,
@@ -237,34 +154,13 @@ pub async fn serve_with(
         limit: Arc::new(Semaphore::new(server::MAX_CONNECTIONS)),
         done: done_tx.clone(),
         stop: stop_rx.clone(),
-        metrics: metrics.clone(),
     };
-    let metrics_task = metrics_listener.map(|listener| {
-        let (router, metrics, cluster) = (router.clone(), metrics.clone(), cluster.clone());
-        let render = Arc::new(move || metrics.render(&router, cluster.as_ref().map(|c| c.connected())));
-        tokio::spawn(metrics::serve(listener, render, stop_rx.clone()))
-    });
     tracing::info!(
         api = ?listeners.api.local_addr().ok(),
         devices = ?listeners.devices.local_addr().ok(),
         "cloud serving"
     );
-    let mut app = api::app(state.clone());
-    let mut renewal = None;
-    if let Some(tuf) = config.tuf.clone() {
-        app = app.merge(tuf_serve::routes(tuf.clone()));
-        renewal = Some(tokio::spawn(tuf_serve::renewal_task(tuf, stop_rx.clone())));
-    }
-    // The web app (ADR 0007) on the API port, and with the same API on
-    // the loopback plain-HTTP listener if there is one.
-    let web_task = web.map(|listener| {
-        let plain = app.clone().merge(web::routes(false, config.manufacturer_ca_pem.clone()));
-        let limit = Arc::new(Semaphore::new(server::MAX_CONNECTIONS));
-        tokio::spawn(server::serve_loopback_http(listener, limit, done_tx.clone(), stop_rx.clone(), headers::secure(plain, false)))
-    });
-    app = app.merge(web::routes(true, config.manufacturer_ca_pem.clone()));
-    // Security headers on every answer of each listener (issue 7, `headers.rs`).
-    let api_task = tokio::spawn(server::serve_api(listeners.api, acceptor(api_tls), headers::secure(app, true)));
+    let api_task = tokio::spawn(server::serve_api(listeners.api, acceptor(api_tls), api::app(state.clone())));
     let device_task = tokio::spawn(server::serve_devices(listeners.devices, acceptor(device_tls), state.clone()));
     let sweeper = tokio::spawn(sweep_sessions(store, stop_rx.clone()));
     drop(done_tx);
@@ -275,7 +171,7 @@ pub async fn serve_with(
     // Every receiver has been handed out above, so sending cannot fail
     // while they live; if they are gone, there is nothing left to stop.
     let _ = stop_tx.send(true);
-    for task in [api_task, device_task, sweeper].into_iter().chain(renewal).chain(web_task).chain(metrics_task) {
+    for task in [api_task, device_task, sweeper] {
         if let Err(e) = task.await {
             tracing::error!(error = %e, "a server task failed");
         }
@@ -284,9 +180,6 @@ pub async fn serve_with(
     // the last one is dropped.
     if tokio::time::timeout(SHUTDOWN_GRACE, done_rx.recv()).await.is_err() {
         tracing::warn!("some connections did not close in time");
-    }
-    if let Some(c) = cluster {
-        c.finish().await;
     }
     tracing::info!("stopped");
     Ok(())
