@@ -267,6 +267,74 @@ impl History {
     }
 }
 
+/// The bucket size of a history query: each ring answers for the span it
+/// covers (minutes for 24 h, hours for 90 days, local days for 2 years).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Resolution {
+    /// Per minute; bucket = unix minute.
+    Minute,
+    /// Per hour; bucket = unix hour.
+    Hour,
+    /// Per local day; bucket = days since 1970-01-01 of the local date.
+    Day,
+}
+
+impl Resolution {
+    /// The finest resolution whose ring still covers `secs_back` seconds
+    /// before now.
+    pub fn for_span(secs_back: i64) -> Self {
+        if secs_back <= MINUTE_SLOTS as i64 * 60 {
+            Resolution::Minute
+        } else if secs_back <= HOUR_SLOTS as i64 * 3600 {
+            Resolution::Hour
+        } else {
+            Resolution::Day
+        }
+    }
+
+    /// The bucket holding `now` (`local_day` for [`Resolution::Day`]).
+    pub fn bucket(self, now: Timestamp, local_day: i64) -> i64 {
+        match self {
+            Resolution::Minute => now.as_second().div_euclid(60),
+            Resolution::Hour => now.as_second().div_euclid(3600),
+            Resolution::Day => local_day,
+        }
+    }
+}
+
+/// A contiguous run of buckets from a history query, oldest first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Series {
+    /// The bucket size.
+    pub resolution: Resolution,
+    /// Bucket number of `slots[0]` (see [`Resolution`]).
+    pub first: i64,
+    /// One slot per bucket; buckets with nothing recorded are zero.
+    pub slots: Vec<Slot>,
+}
+
+impl History {
+    fn ring(&self, res: Resolution) -> &Ring {
+        match res {
+            Resolution::Minute => &self.minutes,
+            Resolution::Hour => &self.hours,
+            Resolution::Day => &self.days,
+        }
+    }
+
+    /// The buckets `from ..= to` at `res`, clamped to what the ring covers
+    /// (never more than its capacity, never after `to`). Bounded by
+    /// construction: at most [`HOUR_SLOTS`] slots, whatever is asked.
+    pub fn series(&self, res: Resolution, from: i64, to: i64) -> Series {
+        let ring = self.ring(res);
+        let cap = ring.capacity() as i64;
+        let first = from.max(to.saturating_sub(cap - 1));
+        let slots = if first > to { Vec::new() } else { (first..=to).map(|b| ring.get(b).unwrap_or_default()).collect() };
+        Series { resolution: res, first, slots }
+    }
+}
+
 /// The day-bucket number for `now` in the device's zone: days since
 /// 1970-01-01 of the local date (what [`History::add`] and [`Meter::sample`]
 /// take as `local_day`).

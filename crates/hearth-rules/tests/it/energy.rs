@@ -174,3 +174,46 @@ fn energy_config_validation() {
     check(EnergyConfig { price: Some(Price { per_kwh_milli: 300, currency: "eur".into() }), ..Default::default() }, false);
     check(EnergyConfig { price: Some(Price { per_kwh_milli: 300, currency: "EURO".into() }), ..Default::default() }, false);
 }
+
+/// History queries (issue 5: "per-minute for the last 24 h, hourly for 90
+/// days, daily for 2 years"), with injected time: each resolution answers
+/// from its own ring, clamped to what it covers, oldest first, gaps zero.
+#[test]
+fn series_answer_each_span_from_its_ring_and_stay_bounded() {
+    use hearth_rules::energy::Resolution;
+    assert_eq!(Resolution::for_span(3600), Resolution::Minute);
+    assert_eq!(Resolution::for_span(24 * 3600), Resolution::Minute);
+    assert_eq!(Resolution::for_span(24 * 3600 + 1), Resolution::Hour);
+    assert_eq!(Resolution::for_span(90 * 86_400), Resolution::Hour);
+    assert_eq!(Resolution::for_span(91 * 86_400), Resolution::Day);
+
+    let mut h = History::default();
+    // 1 Wh in each of three minutes, a silent minute, then 2 Wh.
+    for (s, mwh) in [(0, 1000), (60, 1000), (120, 1000), (240, 2000)] {
+        h.add(t(s), day(s), mwh, 30);
+    }
+    let now = t(240);
+    let minute = Resolution::Minute.bucket(now, day(240));
+    let s = h.series(Resolution::Minute, minute - 4, minute);
+    assert_eq!(s.first, minute - 4);
+    assert_eq!(s.slots.iter().map(|x| x.energy_mwh).collect::<Vec<_>>(), vec![1000, 1000, 1000, 0, 2000]);
+    // Asking for more than 24 h of minutes gets exactly the ring's 1440.
+    let s = h.series(Resolution::Minute, minute - 100_000, minute);
+    assert_eq!((s.slots.len(), s.first), (MINUTE_SLOTS, minute - MINUTE_SLOTS as i64 + 1));
+    assert_eq!(s.slots.iter().map(|x| u64::from(x.energy_mwh)).sum::<u64>(), 5000);
+    // Hours and days see the same energy in one bucket.
+    let hour = Resolution::Hour.bucket(now, day(240));
+    let s = h.series(Resolution::Hour, hour - 1, hour);
+    assert_eq!(s.slots.iter().map(|x| x.energy_mwh).sum::<u32>(), 5000);
+    let s = h.series(Resolution::Day, day(240) - 729, day(240));
+    assert_eq!((s.slots.len(), s.slots.last().map(|x| x.energy_mwh)), (DAY_SLOTS, Some(5000)));
+    // A range after the newest bucket, or reversed, is empty or zero, never a panic.
+    assert!(h.series(Resolution::Hour, hour + 5, hour + 1).slots.is_empty());
+    assert_eq!(h.series(Resolution::Hour, hour + 1, hour + 2).slots, vec![Default::default(); 2]);
+    // Two days later the minute ring has rolled over completely.
+    h.add(t(2 * 86_400), day(2 * 86_400), 7, 1);
+    let m2 = Resolution::Minute.bucket(t(2 * 86_400), 0);
+    let s = h.series(Resolution::Minute, m2 - 3000, m2);
+    assert_eq!(s.slots.iter().map(|x| u64::from(x.energy_mwh)).sum::<u64>(), 7);
+    assert_eq!(h.series(Resolution::Day, day(0), day(2 * 86_400)).slots.iter().map(|x| x.energy_mwh).collect::<Vec<_>>(), vec![5000, 0, 7]);
+}
