@@ -27,8 +27,10 @@ use hearth_proto::link::{CloudFrame, PairOutcome};
 use hearth_proto::pairing::{verify_confirmation, PairRequest};
 use hearth_proto::MAX_FRAME_LEN;
 use serde::de::DeserializeOwned;
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use crate::openapi::ErrorBody;
 
 use crate::auth;
 use crate::error::ApiError;
@@ -69,6 +71,8 @@ pub fn app(state: AppState) -> axum::Router {
         .route("/api/v1/devices/{id}/members/{controller}", delete(remove_member))
         .route("/api/v1/pair", post(pair))
         .route("/api/v1/link", get(link))
+        .route("/api/v1/password", post(change_password))
+        .route("/openapi.json", get(crate::openapi::serve))
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
         // Extractors other than JsonBody (none today) get the same limit.
@@ -93,8 +97,18 @@ async fn wrong_method() -> ApiError {
     ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "this method is not allowed on this route")
 }
 
-async fn health() -> Json<Value> {
-    Json(json!({ "status": "ok" }))
+/// Answer of `GET /api/v1/health`.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct Health {
+    /// Always `ok` while the process serves requests.
+    #[schema(example = "ok")]
+    status: &'static str,
+}
+
+#[utoipa::path(get, path = "/api/v1/health", tag = "service",
+    responses((status = 200, description = "The cloud is serving", body = Health)))]
+pub(crate) async fn health() -> Json<Health> {
+    Json(Health { status: "ok" })
 }
 
 // ---- extractors ----
@@ -106,7 +120,7 @@ pub struct ClientAddr(pub SocketAddr);
 
 /// The client's address for rate limiting. IPv6 clients are keyed by their
 /// /64, since one host usually controls a whole /64.
-struct ClientIp(IpAddr);
+pub(crate) struct ClientIp(IpAddr);
 
 impl<S: Send + Sync> FromRequestParts<S> for ClientIp {
     type Rejection = std::convert::Infallible;
@@ -232,15 +246,38 @@ fn check_name(raw: &str) -> Result<String, ApiError> {
 
 // ---- accounts ----
 
-#[derive(Deserialize)]
+/// Body of `POST /signup` and `POST /login`.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct Credentials {
+pub(crate) struct Credentials {
+    /// Compared after trimming and lowercasing.
+    #[schema(max_length = 254, example = "alice@example.com")]
     email: String,
+    /// 8 to 1,024 characters.
+    #[schema(min_length = 8, max_length = 1024, example = "correct horse battery")]
     password: String,
 }
 
-fn rate_limit(state: &AppState, action: &str, ip: IpAddr, email: &str) -> Result<(), ApiError> {
-    let keys = [format!("{action} ip {ip}"), format!("{action} email {email}")];
+/// Answer of `POST /signup`.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct SignupAnswer {
+    /// The new account's id.
+    account: String,
+}
+
+/// Answer of `POST /login`.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct LoginAnswer {
+    /// The bearer token (43 characters of base64url); only its SHA-256 is stored.
+    token: String,
+    /// When the session ends, in Unix seconds.
+    expires_at: u64,
+}
+
+/// Takes one attempt from the buckets of `ip` and of `who` (an email or an
+/// account) for `action`, or answers 429 with the wait.
+fn rate_limit(state: &AppState, action: &str, ip: IpAddr, who: &str) -> Result<(), ApiError> {
+    let keys = [format!("{action} ip {ip}"), format!("{action} who {who}")];
     state.limiter.check(&keys, Instant::now()).map_err(|wait| {
         // Round up: a client that waits the advertised time must succeed.
         let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
@@ -254,7 +291,13 @@ async fn run_hash<T: Send + 'static>(state: &AppState, f: impl FnOnce() -> T + S
     tokio::task::spawn_blocking(f).await.map_err(ApiError::internal)
 }
 
-async fn signup(
+#[utoipa::path(post, path = "/api/v1/signup", tag = "accounts", request_body = Credentials,
+    responses(
+        (status = 201, description = "Account created", body = SignupAnswer),
+        (status = 409, description = "An account with this email exists", body = ErrorBody),
+        (status = 429, description = "Too many attempts from this address or for this email", body = ErrorBody),
+    ))]
+pub(crate) async fn signup(
     State(s): State<AppState>,
     ClientIp(ip): ClientIp,
     JsonBody(c): JsonBody<Credentials>,
@@ -266,28 +309,34 @@ async fn signup(
     match s.store.create_account(email, hash).await? {
         Some(account) => {
             tracing::info!(%account, "account created");
-            Ok((StatusCode::CREATED, Json(json!({ "account": account.as_str() }))).into_response())
+            Ok((StatusCode::CREATED, Json(SignupAnswer { account: account.as_str().to_owned() })).into_response())
         }
         None => Err(ApiError::new(StatusCode::CONFLICT, "an account with this email already exists")),
     }
 }
 
-async fn login(
+#[utoipa::path(post, path = "/api/v1/login", tag = "accounts", request_body = Credentials,
+    responses(
+        (status = 200, description = "A new session", body = LoginAnswer),
+        (status = 401, description = "Wrong email or password (the same answer for an unknown email)", body = ErrorBody),
+        (status = 429, description = "Too many attempts from this address or for this email", body = ErrorBody),
+    ))]
+pub(crate) async fn login(
     State(s): State<AppState>,
     ClientIp(ip): ClientIp,
     JsonBody(c): JsonBody<Credentials>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<LoginAnswer>, ApiError> {
     let email = auth::normalize_email(&c.email)?;
     rate_limit(&s, "login", ip, &email)?;
     let wrong = || ApiError::new(StatusCode::UNAUTHORIZED, "wrong email or password");
-    if !auth::password_len_ok(&c.password) {
-        return Err(wrong());
-    }
     let found = s.store.account_by_email(email).await?;
+    // No account enumeration (issue 7): an unknown email, a password of the
+    // wrong length and a wrong password all get the same answer after the
+    // same Argon2id work, checked against a dummy hash when there is no
+    // account (`auth::dummy_hash`, counted by `auth::dummy_verifications`).
     let (account, phc) = match found {
-        Some((account, phc)) => (Some(account), phc),
-        // Same work for an unknown email as for a wrong password.
-        None => (None, auth::dummy_hash().to_owned()),
+        Some((account, phc)) if auth::password_len_ok(&c.password) => (Some(account), phc),
+        _ => (None, auth::dummy_hash().to_owned()),
     };
     let ok = run_hash(&s, move || auth::verify_password(&phc, &c.password)).await?;
     let account = match account {
@@ -298,22 +347,87 @@ async fn login(
     let expires_at = unix_now().saturating_add(s.session_ttl.as_secs().max(1));
     s.store.create_session(token_hash, account.clone(), expires_at).await?;
     tracing::info!(%account, "logged in");
-    Ok(Json(json!({ "token": token, "expires_at": expires_at })))
+    Ok(Json(LoginAnswer { token, expires_at }))
 }
 
-async fn logout(State(s): State<AppState>, session: Session) -> Result<StatusCode, ApiError> {
+/// `POST /logout`: ends this session (its token is deleted, so it fails
+/// from the next request on, and live links close at their next check).
+#[utoipa::path(post, path = "/api/v1/logout", tag = "accounts", security(("bearer" = [])),
+    responses((status = 204, description = "The session ended")))]
+pub(crate) async fn logout(State(s): State<AppState>, session: Session) -> Result<StatusCode, ApiError> {
     s.store.delete_session(session.token_hash).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Deserialize)]
+/// Body of `POST /password`.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct ControllerBody {
+pub(crate) struct PasswordChange {
+    /// The current password: a stolen session token alone cannot take the account over.
+    #[schema(min_length = 8, max_length = 1024)]
+    old_password: String,
+    /// 8 to 1,024 characters.
+    #[schema(min_length = 8, max_length = 1024)]
+    new_password: String,
+}
+
+/// `POST /password`: changes the account's password and ends every session
+/// of the account, this one included (issue 7, "logout and password change
+/// revoke them"). Attempts are rate-limited per account and per address
+/// like logins, so a stolen token cannot be used to guess the password.
+#[utoipa::path(post, path = "/api/v1/password", tag = "accounts", security(("bearer" = [])), request_body = PasswordChange,
+    responses(
+        (status = 204, description = "Password changed; every session of the account ended, log in again"),
+        (status = 403, description = "The current password is wrong", body = ErrorBody),
+        (status = 429, description = "Too many attempts for this account or from this address", body = ErrorBody),
+    ))]
+pub(crate) async fn change_password(
+    State(s): State<AppState>,
+    ClientIp(ip): ClientIp,
+    session: Session,
+    JsonBody(body): JsonBody<PasswordChange>,
+) -> Result<StatusCode, ApiError> {
+    auth::check_new_password(&body.new_password)?;
+    rate_limit(&s, "password", ip, session.account.as_str())?;
+    let Some(phc) = s.store.password_hash_of(session.account.clone()).await? else {
+        // The session outlived its account; nothing to change.
+        return Err(ApiError::unauthorized());
+    };
+    let old = body.old_password;
+    let ok = auth::password_len_ok(&old) && run_hash(&s, move || auth::verify_password(&phc, &old)).await?;
+    if !ok {
+        return Err(ApiError::new(StatusCode::FORBIDDEN, "the current password is wrong"));
+    }
+    let new = body.new_password;
+    let hash = run_hash(&s, move || auth::hash_password(&new)).await??;
+    let ended = s.store.change_password(session.account.clone(), hash).await?;
+    tracing::info!(account = %session.account, sessions_ended = ended, "password changed");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Body of `POST /controllers`.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ControllerBody {
+    /// The controller's P-256 signing key: SEC1 uncompressed, base64url without padding.
+    #[schema(value_type = String, pattern = "^[A-Za-z0-9_-]{87}$")]
     public_key: PublicKey,
+    /// 1 to 64 characters after trimming, no control characters.
+    #[schema(min_length = 1, max_length = 64)]
     name: String,
 }
 
-async fn register_controller(
+/// Answer of `POST /controllers`.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct ControllerAnswer {
+    /// The controller id (hash of the key).
+    #[schema(value_type = String)]
+    controller: ControllerId,
+}
+
+#[utoipa::path(post, path = "/api/v1/controllers", tag = "accounts", security(("bearer" = [])), request_body = ControllerBody,
+    responses((status = 201, description = "Registered (or renamed: idempotent)", body = ControllerAnswer)))]
+pub(crate) async fn register_controller(
     State(s): State<AppState>,
     session: Session,
     JsonBody(body): JsonBody<ControllerBody>,
@@ -321,32 +435,61 @@ async fn register_controller(
     let name = check_name(&body.name)?;
     let id = body.public_key.controller_id();
     s.store.upsert_controller(session.account, id.to_string(), body.public_key.to_sec1(), name).await?;
-    Ok((StatusCode::CREATED, Json(json!({ "controller": id }))).into_response())
+    Ok((StatusCode::CREATED, Json(ControllerAnswer { controller: id })).into_response())
 }
 
 // ---- devices ----
 
-async fn list_devices(State(s): State<AppState>, session: Session) -> Result<Json<Value>, ApiError> {
+/// One device in `GET /devices`.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct DeviceInfo {
+    #[schema(value_type = String)]
+    id: DeviceId,
+    name: String,
+    /// `plug`, `energy_plug`, `motion_sensor`, …
+    #[schema(value_type = String)]
+    kind: hearth_proto::capability::DeviceKind,
+    online: bool,
+    /// The device's manufacturer certificate, DER in base64url.
+    certificate: String,
+    /// The last signed state report, base64url (sealed for the controllers).
+    last_state: Option<String>,
+    /// Whether the device was shared with this account rather than owned.
+    shared: bool,
+    /// `owner` or `member`.
+    #[schema(example = "owner")]
+    role: &'static str,
+}
+
+/// Answer of `GET /devices`.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct DeviceList {
+    devices: Vec<DeviceInfo>,
+}
+
+#[utoipa::path(get, path = "/api/v1/devices", tag = "devices", security(("bearer" = [])),
+    responses((status = 200, description = "Devices owned by or shared with this account", body = DeviceList)))]
+pub(crate) async fn list_devices(State(s): State<AppState>, session: Session) -> Result<Json<DeviceList>, ApiError> {
     let rows = s.store.devices_of(session.account).await?;
-    let devices: Vec<Value> = rows
+    let devices = rows
         .into_iter()
         .map(|d| {
             // The link's copy is newer than the database's while the device
             // is online (the database write may still be in flight).
             let last_state = s.router.last_state(&d.id).or(d.last_state);
-            json!({
-                "id": d.id,
-                "name": d.name,
-                "kind": d.kind,
-                "online": s.router.is_online(&d.id),
-                "certificate": b64::encode(&d.certificate),
-                "last_state": last_state.map(b64::encode),
-                "shared": d.shared,
-                "role": if d.shared { "member" } else { "owner" },
-            })
+            DeviceInfo {
+                online: s.router.is_online(&d.id),
+                certificate: b64::encode(&d.certificate),
+                last_state: last_state.map(b64::encode),
+                role: if d.shared { "member" } else { "owner" },
+                shared: d.shared,
+                id: d.id,
+                name: d.name,
+                kind: d.kind,
+            }
         })
         .collect();
-    Ok(Json(json!({ "devices": devices })))
+    Ok(Json(DeviceList { devices }))
 }
 
 /// The device `raw` names, if it exists and belongs to `account`. Every
@@ -382,18 +525,38 @@ fn route_error(e: RouteError) -> ApiError {
     }
 }
 
-#[derive(Deserialize)]
+/// Body of `POST /devices/{id}/command`.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct CommandBody {
+pub(crate) struct CommandBody {
+    /// A command signed by a controller (COSE_Sign1), base64url.
     envelope: String,
 }
 
-async fn command(
+/// Answer of `POST /devices/{id}/command`.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct CommandAnswer {
+    /// The device's signed (and sealed) result, base64url.
+    result: String,
+}
+
+#[utoipa::path(post, path = "/api/v1/devices/{id}/command", tag = "devices", security(("bearer" = [])),
+    params(("id" = String, Path, description = "Device id (24 lowercase hex digits)")),
+    request_body = CommandBody,
+    responses(
+        (status = 200, description = "The device's answer", body = CommandAnswer),
+        (status = 404, description = "No such device on this account", body = ErrorBody),
+        (status = 409, description = "A command with this counter is already waiting", body = ErrorBody),
+        (status = 503, description = "The device is offline or its queue is full", body = ErrorBody),
+        (status = 504, description = "The device did not answer in time", body = ErrorBody),
+    ))]
+pub(crate) async fn command(
     State(s): State<AppState>,
     session: Session,
     path: Result<Path<String>, PathRejection>,
     JsonBody(body): JsonBody<CommandBody>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<CommandAnswer>, ApiError> {
+
     let Ok(Path(raw)) = path else { return Err(ApiError::not_found(NO_SUCH_DEVICE)) };
     // The device decides whether the signer may act; the cloud only routes
     // for the accounts the owner shared it with.
@@ -421,14 +584,15 @@ async fn command(
     match tokio::time::timeout(COMMAND_TIMEOUT, waiter.recv()).await {
         Err(_) => Err(ApiError::new(StatusCode::GATEWAY_TIMEOUT, "the device did not answer")),
         Ok(None) => Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the device went offline before answering")),
-        Ok(Some(result)) => Ok(Json(json!({ "result": b64::encode(result) }))),
+        Ok(Some(result)) => Ok(Json(CommandAnswer { result: b64::encode(result) })),
     }
 }
 
 /// Query of `GET /devices/{id}/events`.
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
-struct EventsQuery {
+#[into_params(parameter_in = Query)]
+pub(crate) struct EventsQuery {
     /// Only events with a larger `seq` (what the client already has).
     #[serde(default)]
     after: u64,
@@ -437,34 +601,79 @@ struct EventsQuery {
 /// Most events in one answer; a client pages with `after`.
 const EVENTS_PAGE: u64 = 200;
 
+/// One stored report in `GET /devices/{id}/events`.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct Event {
+    /// The cloud's sequence number for this device's history.
+    seq: u64,
+    /// When it arrived, Unix seconds.
+    at: u64,
+    /// The device's signed, sealed report, base64url.
+    envelope: String,
+}
+
+/// Answer of `GET /devices/{id}/events`.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct EventList {
+    /// At most 200, oldest first; ask again with `after` = the last `seq`.
+    events: Vec<Event>,
+}
+
 /// `GET /devices/{id}/events?after=N`: the device's stored sealed reports,
 /// oldest first. The cloud cannot read them; controllers decrypt.
-async fn events(
+#[utoipa::path(get, path = "/api/v1/devices/{id}/events", tag = "devices", security(("bearer" = [])),
+    params(("id" = String, Path, description = "Device id (24 lowercase hex digits)"), EventsQuery),
+    responses(
+        (status = 200, description = "Stored sealed reports", body = EventList),
+        (status = 404, description = "No such device on this account", body = ErrorBody),
+    ))]
+pub(crate) async fn events(
     State(s): State<AppState>,
     session: Session,
     path: Result<Path<String>, PathRejection>,
     query: Result<axum::extract::Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<EventList>, ApiError> {
+
     let Ok(Path(raw)) = path else { return Err(ApiError::not_found(NO_SUCH_DEVICE)) };
     let device = reachable_device(&s, &session.account, &raw).await?;
     let after = query.map(|q| q.0.after).map_err(|_| ApiError::bad_request("query must be ?after=<number>"))?;
     let rows = s.store.events_of(device, after, EVENTS_PAGE).await?;
-    let events: Vec<Value> =
-        rows.into_iter().map(|e| json!({ "seq": e.seq, "at": e.at, "envelope": b64::encode(&e.envelope) })).collect();
-    Ok(Json(json!({ "events": events })))
+    let events = rows.into_iter().map(|e| Event { seq: e.seq, at: e.at, envelope: b64::encode(&e.envelope) }).collect();
+    Ok(Json(EventList { events }))
 }
 
-#[derive(Deserialize)]
+/// Body of `POST /devices/{id}/members`.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct MemberBody {
+pub(crate) struct MemberBody {
+    /// The controller the device now lists (32 lowercase hex digits).
+    #[schema(value_type = String, pattern = "^[0-9a-f]{32}$")]
     controller: ControllerId,
+}
+
+/// Answer of `POST /devices/{id}/members`.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct MemberAnswer {
+    /// `member` (another account now routes to the device) or `owner` (the
+    /// controller is the owner's own: nothing changes).
+    #[schema(example = "member")]
+    routing: &'static str,
 }
 
 /// `POST /devices/{id}/members`: the owner tells the cloud it shared the
 /// device with `controller` (after the device confirmed the signed grant),
 /// so the account that registered that controller can route to it. This
 /// grants nothing on the device: its access list is the only authority.
-async fn add_member(
+#[utoipa::path(post, path = "/api/v1/devices/{id}/members", tag = "devices", security(("bearer" = [])),
+    params(("id" = String, Path, description = "Device id (24 lowercase hex digits)")),
+    request_body = MemberBody,
+    responses(
+        (status = 201, description = "Shared: the controller's account now routes to the device", body = MemberAnswer),
+        (status = 200, description = "The controller is the owner account's own", body = MemberAnswer),
+        (status = 404, description = "No such device owned by this account, or no account registered the controller", body = ErrorBody),
+        (status = 409, description = "Several accounts registered this controller key", body = ErrorBody),
+    ))]
+pub(crate) async fn add_member(
     State(s): State<AppState>,
     session: Session,
     path: Result<Path<String>, PathRejection>,
@@ -476,9 +685,9 @@ async fn add_member(
         MemberAdded::Added(account) => {
             s.router.set_members(&device, s.store.members_of(device.clone()).await?);
             tracing::info!(%device, member = %account, "device shared with another account");
-            Ok((StatusCode::CREATED, Json(json!({ "routing": "member" }))).into_response())
+            Ok((StatusCode::CREATED, Json(MemberAnswer { routing: "member" })).into_response())
         }
-        MemberAdded::Owner => Ok((StatusCode::OK, Json(json!({ "routing": "owner" }))).into_response()),
+        MemberAdded::Owner => Ok((StatusCode::OK, Json(MemberAnswer { routing: "owner" })).into_response()),
         MemberAdded::UnknownController => Err(ApiError::not_found("no account registered this controller")),
         MemberAdded::Ambiguous => Err(ApiError::new(
             StatusCode::CONFLICT,
@@ -490,7 +699,16 @@ async fn add_member(
 /// `DELETE /devices/{id}/members/{controller}`: the owner revoked
 /// `controller` on the device; stop routing for its account unless the
 /// device is still shared with another of that account's controllers.
-async fn remove_member(
+#[utoipa::path(delete, path = "/api/v1/devices/{id}/members/{controller}", tag = "devices", security(("bearer" = [])),
+    params(
+        ("id" = String, Path, description = "Device id (24 lowercase hex digits)"),
+        ("controller" = String, Path, description = "Controller id (32 lowercase hex digits)"),
+    ),
+    responses(
+        (status = 204, description = "The controller's account no longer routes to the device"),
+        (status = 404, description = "No such device owned by this account, or not shared with this controller", body = ErrorBody),
+    ))]
+pub(crate) async fn remove_member(
     State(s): State<AppState>,
     session: Session,
     path: Result<Path<(String, String)>, PathRejection>,
@@ -507,18 +725,37 @@ async fn remove_member(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Deserialize)]
+/// Body of `POST /pair`.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct PairBody {
+pub(crate) struct PairBody {
+    /// The lookup value derived from the setup code.
     code_lookup: String,
     /// The device id from a QR label. When present the request is routed by
     /// id, so a wrong secret still reaches the device and is counted there
     /// (its 20-attempt budget is the only authority); a typed code has only
     /// the lookup value.
     #[serde(default)]
+    #[schema(value_type = Option<String>, pattern = "^[0-9a-f]{24}$")]
     device: Option<DeviceId>,
+    /// 1 to 64 characters after trimming, no control characters.
+    #[schema(min_length = 1, max_length = 64)]
     name: String,
+    /// The controller's pairing request (`hearth_proto::pairing::PairRequest`:
+    /// `controller_key`, `nonce`, `mac`, all base64url).
+    #[schema(value_type = Object)]
     request: PairRequest,
+}
+
+/// Answer of `POST /pair`.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct PairAnswer {
+    #[schema(value_type = String)]
+    device: DeviceId,
+    /// The device's answer (`hearth_proto::pairing::PairResponse`), for the
+    /// controller to verify with the setup secret.
+    #[schema(value_type = Object)]
+    response: hearth_proto::pairing::PairResponse,
 }
 
 fn bad_device_answer(why: &str) -> ApiError {
@@ -526,11 +763,20 @@ fn bad_device_answer(why: &str) -> ApiError {
     ApiError::new(StatusCode::BAD_GATEWAY, format!("the device's pairing answer is invalid: {why}"))
 }
 
-async fn pair(
+#[utoipa::path(post, path = "/api/v1/pair", tag = "devices", security(("bearer" = [])), request_body = PairBody,
+    responses(
+        (status = 200, description = "Paired: the device is now this account's", body = PairAnswer),
+        (status = 404, description = "No device in setup mode with this code is online", body = ErrorBody),
+        (status = 409, description = "The device refused (`pair_error` says why)", body = ErrorBody),
+        (status = 502, description = "The device's answer is invalid", body = ErrorBody),
+        (status = 503, description = "The device went offline during pairing", body = ErrorBody),
+        (status = 504, description = "The device did not answer in time", body = ErrorBody),
+    ))]
+pub(crate) async fn pair(
     State(s): State<AppState>,
     session: Session,
     JsonBody(body): JsonBody<PairBody>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<PairAnswer>, ApiError> {
     let name = check_name(&body.name)?;
     let found = match &body.device {
         Some(id) if s.router.is_online(id) => Some(id.clone()),
@@ -577,20 +823,28 @@ async fn pair(
     s.store.pair_device(device.clone(), session.account.clone(), name, unix_now()).await?;
     s.router.set_owner(&device, session.account.clone());
     tracing::info!(%device, account = %session.account, "device paired");
-    Ok(Json(json!({ "device": device, "response": resp })))
+    Ok(Json(PairAnswer { device, response: resp }))
 }
 
 // ---- controller link ----
 
-#[derive(Deserialize)]
-struct LinkQuery {
+/// Query of `GET /link`.
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct LinkQuery {
+    /// The session token, for browsers (whose WebSocket API cannot set headers).
     token: Option<String>,
 }
 
 /// `GET /api/v1/link`: the controller WebSocket. The token comes from the
 /// `Authorization: Bearer` header or, for browsers (whose WebSocket API
 /// cannot set headers), from the `token` query parameter.
-async fn link(
+#[utoipa::path(get, path = "/api/v1/link", tag = "devices", security(("bearer" = [])), params(LinkQuery),
+    responses(
+        (status = 101, description = "WebSocket: `ControllerPush` JSON down, `ControllerFrame` JSON up"),
+        (status = 400, description = "Not a WebSocket upgrade request", body = ErrorBody),
+    ))]
+pub(crate) async fn link(
     State(s): State<AppState>,
     headers: HeaderMap,
     query: Result<Query<LinkQuery>, QueryRejection>,

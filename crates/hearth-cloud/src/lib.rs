@@ -40,6 +40,8 @@ mod auth;
 mod controller_link;
 mod device_link;
 mod error;
+mod headers;
+mod openapi;
 mod ratelimit;
 mod router;
 mod server;
@@ -160,7 +162,9 @@ pub async fn serve(
         devices = ?listeners.devices.local_addr().ok(),
         "cloud serving"
     );
-    let api_task = tokio::spawn(server::serve_api(listeners.api, acceptor(api_tls), api::app(state.clone())));
+    // Security headers on every answer (issue 7, `headers.rs`).
+    let api_task =
+        tokio::spawn(server::serve_api(listeners.api, acceptor(api_tls), headers::secure(api::app(state.clone()), true)));
     let device_task = tokio::spawn(server::serve_devices(listeners.devices, acceptor(device_tls), state.clone()));
     let sweeper = tokio::spawn(sweep_sessions(store, stop_rx.clone()));
     drop(done_tx);

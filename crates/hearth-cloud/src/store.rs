@@ -627,6 +627,58 @@ impl Store {
         }
     }
 
+    /// The password hash of an account, if it exists.
+    pub async fn password_hash_of(&self, account: AccountId) -> Result<Option<String>, StoreError> {
+        match &self.backend {
+            Backend::Sqlite(conn) => {
+                Self::run(conn, move |c| {
+                    Ok(c.query_row("SELECT password_hash FROM accounts WHERE id = ?1", params![account.as_str()], |r| {
+                        r.get(0)
+                    })
+                    .optional()?)
+                })
+                .await
+            }
+            Backend::Postgres(pool) => Ok(pool
+                .client()
+                .await?
+                .query_opt("SELECT password_hash FROM accounts WHERE id = $1", &[&account.as_str()])
+                .await?
+                .map(|r| r.get(0))),
+        }
+    }
+
+    /// Replaces an account's password hash and ends every session of the
+    /// account, in one transaction: no token issued under the old password
+    /// outlives the change. Returns how many sessions were ended.
+    pub async fn change_password(&self, account: AccountId, password_hash: String) -> Result<usize, StoreError> {
+        match &self.backend {
+            Backend::Sqlite(conn) => {
+                Self::run(conn, move |c| {
+                    let tx = c.transaction()?;
+                    tx.execute(
+                        "UPDATE accounts SET password_hash = ?2 WHERE id = ?1",
+                        params![account.as_str(), password_hash],
+                    )?;
+                    let n = tx.execute("DELETE FROM sessions WHERE account_id = ?1", params![account.as_str()])?;
+                    tx.commit()?;
+                    Ok(n)
+                })
+                .await
+            }
+            Backend::Postgres(pool) => {
+                let mut client = pool.client().await?;
+                let tx = client.transaction().await?;
+                tx.execute("UPDATE accounts SET password_hash = $2 WHERE id = $1", &[&account.as_str(), &password_hash])
+                    .await?;
+                let n = tx.execute("DELETE FROM sessions WHERE account_id = $1", &[&account.as_str()]).await?;
+                tx.commit().await?;
+                // A count of rows deleted in one statement fits in memory.
+                Ok(usize::try_from(n).unwrap_or(usize::MAX))
+            }
+        }
+    }
+
     /// Forgets expired sessions; returns how many.
     pub async fn delete_expired_sessions(&self, now: u64) -> Result<usize, StoreError> {
         let now = sql_time(now);

@@ -6,6 +6,8 @@
 mod api;
 mod devices;
 mod fuzz_bodies;
+mod headers;
 mod limits;
 mod pg;
+mod tokens;
 mod support;
