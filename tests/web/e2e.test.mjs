@@ -1,0 +1,199 @@
+// The phone web app end to end, in headless Chromium at 375×812, against a
+// real cloud and simulated devices on 127.0.0.1: sign up, pair, switch,
+// another controller (the CLI) sees it, pushed motion events, energy,
+// schedules visible from the CLI, and a member who may switch but not share.
+
+import { test, before, after } from "node:test";
+import assert from "node:assert/strict";
+import { world, browser, phone, cli, screenshot } from "./harness.mjs";
+
+let w, b, owner, laptop;
+const T = 20000;
+
+before(async () => {
+  w = await world([
+    ["plug", "plug"],
+    ["heater", "energy-plug"],
+    ["hall", "motion-sensor"],
+  ]);
+  b = await browser();
+  owner = await phone(b);
+  laptop = cli(w, "laptop", "laptop@example.com");
+});
+
+after(async () => {
+  if (b) await b.close();
+  if (w) w.cleanup();
+});
+
+const tileState = (page, id) => page.locator(`[data-state="${id}"]`).first();
+
+async function signup(page, email) {
+  await page.goto(w.web);
+  await page.getByLabel("Email").fill(email);
+  await page.getByLabel("Password").fill("correct horse battery staple");
+  await page.getByRole("button", { name: "Sign up" }).click();
+  await page.getByRole("heading", { name: "Home" }).waitFor({ timeout: T });
+}
+
+async function pair(page, code, name, room) {
+  await page.getByRole("link", { name: "Add device" }).click();
+  await page.getByLabel("Setup code or label payload").fill(code);
+  await page.getByLabel("Name").fill(name);
+  await page.getByLabel("Room").fill(room);
+  await page.getByRole("button", { name: "Pair" }).click();
+  await page.getByRole("heading", { name }).waitFor({ timeout: T });
+}
+
+// Waits for the message line to say something matching `re`; on timeout
+// the assertion shows what it said instead.
+async function expectFlash(page, re) {
+  try {
+    await page.locator("[data-flash]", { hasText: re }).waitFor({ timeout: T });
+  } catch {
+    assert.match(await page.locator("#flash").innerText(), re);
+  }
+}
+
+test("sign up and pair a plug, an energy plug (QR payload) and a motion sensor", async () => {
+  await owner.goto(w.web);
+  await owner.getByRole("heading", { name: "Sign in to Hearth" }).waitFor();
+  await screenshot(owner, "01-login");
+  await signup(owner, "owner@example.com");
+  await pair(owner, w.devices.plug.code, "Lamp", "Living room");
+  await pair(owner, w.devices.heater.qr, "Heater", "Office");
+  await pair(owner, w.devices.hall.code, "Hall sensor", "Hall");
+  await owner.getByRole("link", { name: "Home" }).click();
+  for (const name of ["Lamp", "Heater", "Hall sensor"]) await owner.getByRole("link", { name }).waitFor({ timeout: T });
+  for (const room of ["Living room", "Office", "Hall"]) await owner.getByRole("heading", { name: room, exact: true }).waitFor();
+  assert.equal(await owner.locator("article.tile").count(), 3);
+  assert.equal(await tileState(owner, w.devices.plug.id).innerText(), "Off");
+  await screenshot(owner, "02-home");
+});
+
+test("the CLI, shared in from the web app, sees the state the web app switched", async () => {
+  const code = /share code: (\S+)/.exec(laptop.run(["key"]))[1];
+  await owner.getByRole("link", { name: "Lamp" }).click();
+  await owner.getByLabel("The other person's share code").fill(code);
+  await owner.getByLabel("Role").selectOption("member");
+  await owner.getByRole("button", { name: "Share", exact: true }).click();
+  await expectFlash(owner, /Shared Lamp as member \(the device confirmed, signed\)/);
+  const laptopId = /controller: ([0-9a-f]{32})/.exec(laptop.run(["key"]))[1];
+  await owner.locator(`[data-access] li[data-controller="${laptopId}"]`).waitFor({ timeout: T });
+  assert.match(await owner.locator(`[data-access] li[data-controller="${laptopId}"]`).innerText(), /member/);
+
+  await owner.getByRole("link", { name: "Home" }).click();
+  const sw = owner.getByRole("button", { name: "Lamp power" });
+  assert.equal(await sw.getAttribute("aria-pressed"), "false");
+  await sw.click();
+  await owner.waitForFunction((id) => document.querySelector(`[data-state="${id}"]`)?.textContent === "On", w.devices.plug.id, { timeout: T });
+  assert.equal(await owner.getByRole("button", { name: "Lamp power" }).getAttribute("aria-pressed"), "true");
+  // The CLI decrypts and verifies the device's own report.
+  const status = laptop.run(["status", w.devices.plug.id]);
+  assert.match(status, /: ON \(online\)/, status);
+});
+
+test("state changed elsewhere is pushed to the web app over the live link", async () => {
+  const out = laptop.run(["off", w.devices.plug.id]);
+  assert.match(out, /is off \(signed by the device/);
+  await owner.waitForFunction((id) => document.querySelector(`[data-state="${id}"]`)?.textContent === "Off", w.devices.plug.id, { timeout: T });
+});
+
+test("a motion event appears in the sensor's timeline as it happens", async () => {
+  await owner.getByRole("link", { name: "Hall sensor" }).click();
+  await owner.getByRole("heading", { name: "Motion timeline" }).waitFor({ timeout: T });
+  const before = await owner.locator("[data-timeline] li").count();
+  w.devices.hall.proc.kill("SIGUSR2");
+  await owner.waitForFunction((n) => document.querySelectorAll("[data-timeline] li").length > n, before, { timeout: T });
+  assert.match(await owner.locator("[data-timeline] li").first().innerText(), /Motion/);
+  await screenshot(owner, "03-motion");
+});
+
+test("the energy plug shows power now, today's energy and a chart", async () => {
+  await owner.getByRole("link", { name: "Home" }).click();
+  await owner.getByRole("link", { name: "Heater" }).click();
+  await owner.getByRole("heading", { name: "Energy" }).waitFor({ timeout: T });
+  await owner.getByRole("button", { name: "Heater power" }).click();
+  await owner.waitForFunction((id) => /^[1-9][0-9.]* W$/.test(document.querySelector(`[data-power="${id}"]`)?.textContent || ""), w.devices.heater.id, { timeout: T });
+  // Reload: the chart and today's energy come from the decrypted history.
+  await owner.reload();
+  await owner.locator('svg[data-chart="power"]').waitFor({ timeout: T });
+  // A step line through at least the off and the on reading.
+  const d = await owner.locator('svg[data-chart="power"] path.line').getAttribute("d");
+  assert.ok((d.match(/V/g) || []).length >= 2, d);
+  const kwh = await owner.locator(`[data-kwh="${w.devices.heater.id}"]`).innerText();
+  assert.match(kwh, /^\d+\.\d{3} kWh$/);
+  assert.match(await owner.locator(`[data-power="${w.devices.heater.id}"]`).innerText(), /^[1-9][0-9.]* W$/);
+  await screenshot(owner, "04-energy");
+});
+
+test("a schedule created in the web app is on the device, as the CLI reads it", async () => {
+  await owner.getByRole("link", { name: "Home" }).click();
+  await owner.getByRole("link", { name: "Lamp" }).click();
+  await owner.getByRole("button", { name: "Load schedules" }).click();
+  await owner.getByText(/Rule set version \d+/).waitFor({ timeout: T });
+  await owner.getByLabel("Name", { exact: true }).fill("wake up");
+  await owner.getByLabel("Time", { exact: true }).fill("06:30");
+  await owner.getByLabel("Action", { exact: true }).selectOption("on");
+  await owner.getByRole("button", { name: "Add schedule" }).click();
+  await expectFlash(owner, /Added schedule wake up/);
+  await owner.locator("[data-rules] li", { hasText: "wake up" }).waitFor({ timeout: T });
+  await screenshot(owner, "05-schedules");
+  const rules = JSON.parse(laptop.run(["rules", w.devices.plug.id]));
+  const rule = rules.rules.find((r) => r.name === "wake up");
+  assert.ok(rule, JSON.stringify(rules));
+  assert.deepEqual(rule.kind.schedule.at, { clock: "06:30" });
+  assert.equal(rule.kind.schedule.action, "on");
+  assert.equal(rule.kind.schedule.days.length, 7);
+});
+
+test("a member invited from the web app can switch but not share", async () => {
+  const member = await phone(b);
+  await signup(member, "member@example.com");
+  await member.getByRole("link", { name: "Settings" }).click();
+  const code = (await member.locator("[data-share-code]").inputValue()).trim();
+  assert.match(code, /^hearth-controller:1:/);
+
+  await owner.getByLabel("The other person's share code").fill(code);
+  await owner.getByLabel("Role").selectOption("member");
+  await owner.getByRole("button", { name: "Share", exact: true }).click();
+  await expectFlash(owner, /Shared Lamp as member/);
+
+  await member.getByRole("link", { name: "Home" }).click();
+  await member.getByRole("link", { name: "Lamp" }).waitFor({ timeout: T });
+  assert.match(await member.locator("article.tile").innerText(), /shared with you/);
+  await member.getByRole("button", { name: "Lamp power" }).click();
+  await member.waitForFunction((id) => document.querySelector(`[data-state="${id}"]`)?.textContent === "On", w.devices.plug.id, { timeout: T });
+  // The owner's screen follows, pushed.
+  await owner.waitForFunction((id) => document.querySelector(`[data-state="${id}"]`)?.textContent === "On", w.devices.plug.id, { timeout: T });
+  await screenshot(member, "06-member-home");
+
+  await member.getByRole("link", { name: "Lamp" }).click();
+  const laptopCode = /share code: (\S+)/.exec(laptop.run(["key"]))[1];
+  await member.getByLabel("The other person's share code").fill(laptopCode);
+  await member.getByRole("button", { name: "Share", exact: true }).click();
+  await expectFlash(member, /Lamp refused: not allowed/);
+  await screenshot(member, "07-member-refused");
+  assert.deepEqual(member.problems.filter(csp), []);
+});
+
+test("an offline device is shown offline and cannot be switched", async () => {
+  await owner.getByRole("link", { name: "Home" }).click();
+  await owner.getByRole("button", { name: "Lamp power" }).waitFor();
+  w.devices.plug.proc.kill("SIGTERM");
+  await owner.waitForFunction((id) => document.querySelector(`[data-online="${id}"]`)?.textContent === "offline", w.devices.plug.id, { timeout: T });
+  assert.equal(await owner.getByRole("button", { name: "Lamp power" }).isDisabled(), true);
+  await screenshot(owner, "08-offline");
+});
+
+test("log out", async () => {
+  await owner.getByRole("link", { name: "Settings" }).click();
+  await owner.getByRole("button", { name: "Log out" }).click();
+  await owner.getByRole("heading", { name: "Sign in to Hearth" }).waitFor({ timeout: T });
+});
+
+const csp = (m) => /Content Security Policy|Refused to|Uncaught|TypeError|ReferenceError/.test(m);
+
+test("no CSP violations or script errors on the owner's pages", () => {
+  assert.deepEqual(owner.problems.filter(csp), []);
+});
