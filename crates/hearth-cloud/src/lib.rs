@@ -46,6 +46,7 @@ mod ratelimit;
 mod router;
 mod server;
 mod store;
+mod web;
 
 /// Fuzzing entry points (issue 7); not part of the API.
 #[doc(hidden)]
@@ -132,6 +133,22 @@ pub async fn serve(
     listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    serve_with_web(config, listeners, None, shutdown).await
+}
+
+/// [`serve`], plus the web app and the same API on a plain-HTTP listener
+/// bound to a loopback address (ADR 0007). Refuses any other address: plain
+/// HTTP is only for a browser on the same machine.
+pub async fn serve_with_web(
+    config: CloudConfig,
+    listeners: Listeners,
+    web: Option<tokio::net::TcpListener>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    if let Some(l) = &web {
+        let addr = l.local_addr().context("reading the web listener's address")?;
+        anyhow::ensure!(addr.ip().is_loopback(), "the plain-HTTP web listener must be on a loopback address, not {addr}");
+    }
     let store = store::Store::connect(&config.database)
         .await
         .with_context(|| format!("opening the database {}", config.database))?;
@@ -162,9 +179,17 @@ pub async fn serve(
         devices = ?listeners.devices.local_addr().ok(),
         "cloud serving"
     );
-    // Security headers on every answer (issue 7, `headers.rs`).
-    let api_task =
-        tokio::spawn(server::serve_api(listeners.api, acceptor(api_tls), headers::secure(api::app(state.clone()), true)));
+    let mut app = api::app(state.clone());
+    // The web app (ADR 0007) on the API port, and with the same API on
+    // the loopback plain-HTTP listener if there is one.
+    let web_task = web.map(|listener| {
+        let plain = app.clone().merge(web::routes(false, config.manufacturer_ca_pem.clone()));
+        let limit = Arc::new(Semaphore::new(server::MAX_CONNECTIONS));
+        tokio::spawn(server::serve_loopback_http(listener, limit, done_tx.clone(), stop_rx.clone(), headers::secure(plain, false)))
+    });
+    app = app.merge(web::routes(true, config.manufacturer_ca_pem.clone()));
+    // Security headers on every answer of each listener (issue 7, `headers.rs`).
+    let api_task = tokio::spawn(server::serve_api(listeners.api, acceptor(api_tls), headers::secure(app, true)));
     let device_task = tokio::spawn(server::serve_devices(listeners.devices, acceptor(device_tls), state.clone()));
     let sweeper = tokio::spawn(sweep_sessions(store, stop_rx.clone()));
     drop(done_tx);
@@ -175,7 +200,7 @@ pub async fn serve(
     // Every receiver has been handed out above, so sending cannot fail
     // while they live; if they are gone, there is nothing left to stop.
     let _ = stop_tx.send(true);
-    for task in [api_task, device_task, sweeper] {
+    for task in [api_task, device_task, sweeper].into_iter().chain(web_task) {
         if let Err(e) = task.await {
             tracing::error!(error = %e, "a server task failed");
         }

@@ -229,3 +229,70 @@ pub async fn serve_devices(listener: TcpListener, acc: Acceptor, state: AppState
     })
     .await;
 }
+
+/// Serves `app` over plain HTTP/1.1 on a loopback listener (the web app's
+/// `--web-listen`, ADR 0007): browsers treat `http://127.0.0.1` as a secure
+/// context, so WebCrypto works without trusting the deployment's private
+/// CA. The same limits and deadlines as the TLS port apply; the caller has
+/// checked the address is loopback, and this refuses any peer that is not.
+pub async fn serve_loopback_http(listener: TcpListener, limit: Arc<Semaphore>, done: mpsc::Sender<()>, stop: watch::Receiver<bool>, app: axum::Router) {
+    let per_address = Arc::new(PerAddress::default());
+    let mut accept_stop = stop.clone();
+    loop {
+        let permit = tokio::select! {
+            p = limit.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+            () = crate::stopped(&mut accept_stop) => return,
+        };
+        let (tcp, addr) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, kind = "web", "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = crate::stopped(&mut accept_stop) => return,
+        };
+        if !addr.ip().is_loopback() {
+            tracing::warn!(peer = %addr, "plain-HTTP web listener refused a non-loopback peer");
+            continue;
+        }
+        let Some(slot) = per_address.take(addr.ip()) else { continue };
+        let _ = tcp.set_nodelay(true);
+        let guard = ConnGuard(Arc::new((permit, done.clone(), slot)));
+        let app = app.clone();
+        let mut stop = stop.clone();
+        let span = tracing::info_span!("conn", kind = "web", peer = %addr);
+        tokio::spawn(
+            async move {
+                let guard_ext = guard.clone();
+                let svc = app.map_request(move |mut req: hyper::Request<Incoming>| {
+                    req.extensions_mut().insert(ClientAddr(addr));
+                    req.extensions_mut().insert(guard_ext.clone());
+                    req
+                });
+                let mut builder = hyper::server::conn::http1::Builder::new();
+                builder.timer(TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT);
+                let conn = builder.serve_connection(TokioIo::new(tcp), TowerToHyperService::new(svc)).with_upgrades();
+                tokio::pin!(conn);
+                tokio::select! {
+                    r = conn.as_mut() => {
+                        if let Err(e) = r {
+                            tracing::debug!(error = %e, "HTTP connection ended with an error");
+                        }
+                    }
+                    () = crate::stopped(&mut stop) => {
+                        conn.as_mut().graceful_shutdown();
+                        let _ = tokio::time::timeout(DRAIN_TIMEOUT, conn).await;
+                    }
+                }
+                drop(guard);
+            }
+            .instrument(span),
+        );
+    }
+}

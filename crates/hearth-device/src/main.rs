@@ -25,7 +25,8 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Run the agent: dial the cloud and serve commands until Ctrl-C or
-    /// SIGTERM. SIGUSR1 = physical reset, SIGUSR2 = local button.
+    /// SIGTERM. SIGUSR1 = physical reset, SIGUSR2 = local button
+    /// (on a motion sensor: someone walks past).
     Run {
         /// The provisioned state directory.
         #[arg(long, env = "HEARTH_DEVICE_STATE_DIR")]
@@ -131,7 +132,13 @@ async fn run(opts: AgentOptions) -> anyhow::Result<()> {
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
             _ = usr1.recv() => handle.press_reset().await?,
-            _ = usr2.recv() => {
+            // A motion sensor has no button: SIGUSR2 is a person walking
+            // past it (how the simulator is driven from outside, e.g. by
+            // the web app's tests).
+            _ = usr2.recv() => if handle.kind().has(hearth_proto::capability::Capability::Motion) {
+                handle.walk_past().await?;
+                tracing::info!("motion (SIGUSR2)");
+            } else {
                 let state = handle.press_button().await?;
                 tracing::info!(?state, "button pressed (SIGUSR2)");
             }

@@ -23,6 +23,9 @@ pub struct DemoArgs {
     /// Device link address (falls back to a free port when taken).
     #[arg(long, default_value = "127.0.0.1:8444")]
     device_listen: SocketAddr,
+    /// The web app over plain HTTP, loopback only (falls back to a free port when taken).
+    #[arg(long, default_value = "127.0.0.1:8080", value_parser = crate::server::parse_loopback)]
+    web_listen: SocketAddr,
 }
 
 async fn bind_or_any(addr: SocketAddr) -> Result<TcpListener> {
@@ -55,6 +58,8 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     };
     let api = bind_or_any(args.api_listen).await?;
     let device_listener = bind_or_any(args.device_listen).await?;
+    let web = bind_or_any(args.web_listen).await?;
+    let web_addr = web.local_addr()?;
     let api_addr = api.local_addr()?;
     let device_addr = device_listener.local_addr()?;
     let config = cloud_config(&pki, &dir.join("cloud"), None, Duration::from_secs(7 * 24 * 3600))?;
@@ -64,9 +69,10 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         // Either a send of `true` or the sender going away means stop.
         let _ = rx.wait_for(|v| *v).await;
     };
-    let cloud = tokio::spawn(hearth_cloud::serve(
+    let cloud = tokio::spawn(hearth_cloud::serve_with_web(
         config,
         hearth_cloud::Listeners { api, devices: device_listener },
+        Some(web),
         stopped(stop_rx.clone()),
     ));
 
@@ -119,6 +125,8 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     }
     println!("  {exe} on plug");
     println!("  {exe} watch");
+    println!();
+    println!("Or use the phone web app: open http://{web_addr}/ in a browser on this machine.");
     println!();
     println!("Press Ctrl-C to stop.");
 

@@ -8,3 +8,5 @@ pub mod config;
 pub mod controller;
 pub mod demo;
 pub mod server;
+#[doc(hidden)]
+pub mod webvectors;

@@ -151,6 +151,9 @@ enum Cmd {
     Fw(fw::FwCmd),
     /// Run a cloud and three simulated devices on this machine, with no set-up.
     Demo(demo::DemoArgs),
+    /// Crypto interop vectors for the web app's tests (ADR 0007).
+    #[command(subcommand, hide = true)]
+    WebVectors(hearth::webvectors::Cmd),
 }
 
 #[derive(clap::Args)]
@@ -289,6 +292,7 @@ async fn run(cli: Cli) -> Result<u8> {
         }
         Cmd::Cloud(CloudCmd::Serve(args)) => server::serve(args).await?,
         Cmd::Demo(args) => demo::run(args).await?,
+        Cmd::WebVectors(cmd) => hearth::webvectors::run(cmd)?,
         Cmd::Fw(cmd) => fw::run(cmd)?,
     }
     Ok(0)

@@ -29,6 +29,22 @@ pub struct ServeArgs {
     /// How long a login session lasts, in hours.
     #[arg(long, default_value_t = 24 * 7)]
     pub session_hours: u64,
+    /// Also serve the web app and the API over plain HTTP on this loopback
+    /// address (e.g. 127.0.0.1:8080), for a browser on this machine: it
+    /// treats http://127.0.0.1 as secure but would not trust the private CA.
+    #[arg(long, value_parser = parse_loopback)]
+    pub web_listen: Option<SocketAddr>,
+}
+
+/// `--web-listen` takes only a loopback address: plain HTTP must never
+/// leave the machine (ADR 0007).
+pub fn parse_loopback(text: &str) -> Result<SocketAddr, String> {
+    let addr: SocketAddr = text.parse().map_err(|e| format!("{text:?} is not an address like 127.0.0.1:8080: {e}"))?;
+    if addr.ip().is_loopback() {
+        Ok(addr)
+    } else {
+        Err(format!("{addr} is not a loopback address; plain HTTP is only served to this machine (use 127.0.0.1 or [::1])"))
+    }
 }
 
 /// Builds the cloud configuration from a PKI directory and a data directory.
@@ -83,7 +99,15 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     let api = bind(args.api_listen, "api").await?;
     let devices = bind(args.device_listen, "device").await?;
     println!("hearth cloud: api https://{} devices {}", api.local_addr()?, devices.local_addr()?);
-    hearth_cloud::serve(config, hearth_cloud::Listeners { api, devices }, shutdown_signal()).await?;
+    let web = match args.web_listen {
+        Some(addr) => {
+            let l = bind(addr, "web").await?;
+            println!("hearth cloud: web app http://{}/ (loopback only)", l.local_addr()?);
+            Some(l)
+        }
+        None => None,
+    };
+    hearth_cloud::serve_with_web(config, hearth_cloud::Listeners { api, devices }, web, shutdown_signal()).await?;
     println!("hearth cloud: stopped");
     Ok(())
 }
