@@ -10,6 +10,7 @@
 //!   reconnect with [`backoff`], move frames, serve local events ([`spawn`],
 //!   [`run`]).
 //! * [`store`] — the state directory and atomic writes.
+//! * [`energy`] — an energy plug's history (A/B images) and reports.
 //! * [`rules`] — the persisted rules and safety-interlock state that
 //!   [`DeviceCore`] drives every second.
 //!
@@ -24,6 +25,7 @@ pub mod backoff;
 pub mod protocol;
 pub mod rules;
 mod error;
+pub mod energy;
 mod provision;
 pub mod store;
 

@@ -47,6 +47,8 @@ pub struct DeviceCore {
     load_mw: u64,
     /// Safety events since the last [`DeviceCore::take_safety_events`].
     safety_events: Vec<SafetyEvent>,
+    /// An energy meter's history (issue 5); `None` on other kinds.
+    energy: Option<crate::energy::DeviceEnergy>,
     /// When the scheduler's bookkeeping was last saved (see [`DeviceCore::tick`]).
     last_tick_save: u64,
 }
@@ -105,7 +107,7 @@ impl DeviceCore {
             // only when the two disagree.
             let _ = state.rules.interlock.request(state.relay, Source::Local, jiff::Timestamp::UNIX_EPOCH);
         }
-        Self { device, kind, key, secret, state, motion: false, load_mw: SIMULATED_LOAD_MW, safety_events: Vec::new(), last_tick_save: 0 }
+        Self { device, kind, key, secret, state, motion: false, load_mw: SIMULATED_LOAD_MW, safety_events: Vec::new(), last_tick_save: 0, energy: kind.has(Capability::EnergyMeter).then(|| crate::energy::DeviceEnergy::new(None)) }
     }
 
     /// Sets the simulated load an energy plug draws while on (the
@@ -148,6 +150,10 @@ impl DeviceCore {
     /// schedule missed while the power was out) sets the relay, through the
     /// interlock like every other change.
     pub fn boot(&mut self, store: &mut dyn StateStore, now: u64) -> Result<(), Error> {
+        if let Some(energy) = self.energy.as_mut() {
+            // ADR 0005: the newer valid one of the two images, or a fresh history.
+            *energy = crate::energy::DeviceEnergy::new(store.load_energy());
+        }
         let mut next = self.state.clone();
         let ts = timestamp(now);
         let tz = zone(&next.rules.set);
@@ -292,6 +298,17 @@ impl DeviceCore {
             Command::GetRules => {
                 outcome = Outcome::Rules { rules: String::from_utf8_lossy(&next.rules.set.to_json()).into_owned() };
             }
+            Command::GetEnergy { since, resolution } => {
+                outcome = match &self.energy {
+                    Some(energy) => {
+                        let set = &next.rules.set;
+                        let power_mw = observable(self.kind, &next, self.motion, self.load_mw).power_mw.unwrap_or(0);
+                        Outcome::Energy { report: energy.report(since, resolution, now, &zone(set), &set.energy, power_mw) }
+                    }
+                    // `decide` checked the capability, and every meter has a history.
+                    None => Outcome::Refused { reason: Refusal::Unsupported },
+                };
+            }
             Command::GetState => {}
             Command::GetAccess => access_report = Some(next.access.entries().to_vec()),
             Command::RegisterKey { ref key } => {
@@ -366,7 +383,7 @@ impl DeviceCore {
         let access_report = if readable { access_report } else { None };
         // The rule set is sealed or not sent at all.
         let outcome = match outcome {
-            Outcome::Rules { .. } if !readable => Outcome::Refused { reason: Refusal::NotPermitted },
+            Outcome::Rules { .. } | Outcome::Energy { .. } if !readable => Outcome::Refused { reason: Refusal::NotPermitted },
             other => other,
         };
         let to = Addressed { controller: controller.clone(), counter };
@@ -440,6 +457,11 @@ impl DeviceCore {
         next.rules.runtime.observed(next.relay);
         next.gate.reset();
         self.save(store, next)?;
+        if let Some(energy) = self.energy.as_mut() {
+            // The next owner does not see the previous one's consumption; the
+            // wiped image is written on the next tick.
+            energy.wipe();
+        }
         tracing::info!("physical reset: access list cleared, setup mode open");
         Ok(vec![DeviceFrame::Setup { setup_lookup: self.setup_lookup() }])
     }
@@ -520,6 +542,22 @@ impl DeviceCore {
         for e in &obs.events {
             tracing::warn!(event = %describe(e), "safety interlock");
             reports.push(Cause::Interlock { event: describe(e) });
+        }
+        // Energy meters (issue 5): book the reading, raise "on for more than
+        // N hours" and "entered standby", write the history image once a minute.
+        let metered_w = if next.relay { self.load_mw as f32 / 1000.0 } else { 0.0 };
+        if let Some(energy) = self.energy.as_mut() {
+            for event in energy.sample(&next.rules.set.energy, now, &tz, metered_w, next.relay) {
+                tracing::info!(%event, "energy event");
+                reports.push(Cause::Energy { event });
+            }
+            if let Some((image, generation)) = energy.image_due(now) {
+                if let Err(e) = store.save_energy(&image, generation) {
+                    // The rules must keep running; the history is retried next minute.
+                    tracing::warn!(error = %e, "could not save the energy history");
+                }
+                energy.saved(generation, now);
+            }
         }
         if reports.is_empty() && next.off_at == self.state.off_at && now < self.last_tick_save.saturating_add(TICK_SAVE_SECS) {
             // Only bookkeeping moved (the scheduler's last evaluation, the

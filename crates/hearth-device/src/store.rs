@@ -10,6 +10,7 @@
 //! | `config.json` | 0644 | factory; id, kind, cloud address, TLS server name |
 //! | `label.svg`, `label.txt` | 0600 | factory; the printed label (carries the secret) |
 //! | `state.json` | 0600 | agent; relay, access list, replay counters, pairing gate |
+//! | `energy-a.bin`, `energy-b.bin` | 0600 | agent (energy plugs); the energy history, two alternating checksummed images |
 //! | `agent.lock` | 0600 | agent; held while an agent uses the directory |
 
 use std::fs::{self, File, OpenOptions};
@@ -113,6 +114,21 @@ pub trait StateStore {
 /// `state.json` in a state directory.
 #[derive(Debug, Clone)]
 pub struct StateFile {
+
+    /// The newest valid energy-history image and its generation (energy
+    /// meters, issue 5); `None` when there is none. A store without energy
+    /// files has none.
+    fn load_energy(&self) -> Option<(hearth_rules::energy::History, u64)> {
+        None
+    }
+
+    /// Durably writes energy-history image `generation` (the A/B copy
+    /// [`crate::energy::image_file`] names). A store without energy files
+    /// keeps nothing.
+    fn save_energy(&mut self, image: &[u8], generation: u64) -> Result<(), Error> {
+        let _ = (image, generation);
+        Ok(())
+    }
     path: PathBuf,
 }
 
@@ -145,6 +161,31 @@ impl StateStore for StateFile {
 fn open_mode(opts: &mut OpenOptions, mode: u32) {
     #[cfg(unix)]
     {
+
+    fn load_energy(&self) -> Option<(hearth_rules::energy::History, u64)> {
+        let dir = parent(&self.path);
+        // Read at most one image's worth: a planted huge file is not loaded.
+        let read = |name: &str| -> Option<Vec<u8>> {
+            use std::io::Read;
+            let mut bytes = Vec::new();
+            let f = File::open(dir.join(name)).ok()?;
+            f.take(hearth_rules::energy::HISTORY_BYTES as u64 + 1).read_to_end(&mut bytes).ok()?;
+            Some(bytes)
+        };
+        let [a, b] = crate::energy::IMAGE_FILES.map(read);
+        crate::energy::pick_latest(a.as_deref(), b.as_deref())
+    }
+
+    fn save_energy(&mut self, image: &[u8], generation: u64) -> Result<(), Error> {
+        // Overwritten in place, not renamed: the other copy is the fallback
+        // if this write is torn (ADR 0005, "Energy").
+        let path = parent(&self.path).join(crate::energy::image_file(generation));
+        let mut opts = OpenOptions::new();
+        opts.write(true).create(true).truncate(true);
+        open_mode(&mut opts, 0o600);
+        let mut f = opts.open(&path).map_err(|e| io_err(&path, e))?;
+        f.write_all(image).and_then(|()| f.sync_all()).map_err(|e| io_err(&path, e))
+    }
         use std::os::unix::fs::OpenOptionsExt;
         opts.mode(mode);
     }

@@ -26,6 +26,17 @@ pub enum Command {
     Toggle,
     /// Report the current state (read-only).
     GetState,
+    /// Report the energy history since `since` (unix seconds), energy
+    /// meters only. Answered as [`Outcome::Energy`], only ever sealed, so
+    /// the cloud never sees a reading (issue 5).
+    GetEnergy {
+        /// The oldest time wanted, unix seconds.
+        since: u64,
+        /// The bucket size; by default the finest whose history still
+        /// reaches back to `since`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        resolution: Option<EnergyResolution>,
+    },
     /// Register (or replace) the sender's own HPKE encryption key, so the
     /// device seals its reports for it (ADR 0006). Signed by the controller
     /// like any command, so nobody else — the cloud included — can set it.
@@ -75,6 +86,7 @@ impl Command {
     pub fn needs(&self) -> Option<Capability> {
         match self {
             Command::SetRelay { .. } | Command::Toggle => Some(Capability::Switch),
+            Command::GetEnergy { .. } => Some(Capability::EnergyMeter),
             Command::GetState
             | Command::GetAccess
             | Command::SetRules { .. }
@@ -92,7 +104,7 @@ impl Command {
 
     /// Whether the command changes anything on the device.
     pub fn is_write(&self) -> bool {
-        !matches!(self, Command::GetState | Command::GetAccess | Command::GetRules)
+        !matches!(self, Command::GetState | Command::GetAccess | Command::GetRules | Command::GetEnergy { .. })
     }
 
     /// Whether the command changes the device's configuration (rules and
@@ -152,6 +164,63 @@ pub enum Outcome {
         /// The rule set (hearth-rules `RuleSet` JSON), with its version.
         rules: String,
     },
+    /// The answer to [`Command::GetEnergy`]. Only ever sent sealed.
+    Energy {
+        /// The history and totals.
+        report: EnergyReport,
+    },
+}
+
+/// The bucket size of an energy history (hearth-rules `energy::Resolution`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EnergyResolution {
+    /// Per minute (the last 24 h); bucket = unix minute.
+    Minute,
+    /// Per hour (the last 90 days); bucket = unix hour.
+    Hour,
+    /// Per local day (the last 2 years); bucket = days since 1970-01-01 of
+    /// the local date in `timezone`.
+    Day,
+}
+
+/// Most buckets one [`EnergyReport`] carries (90 days of hours), so an
+/// answer always fits a frame.
+pub const MAX_ENERGY_BUCKETS: usize = 2160;
+
+/// An energy meter's history and totals, as the device keeps them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnergyReport {
+    /// The bucket size (absent only in an empty report).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolution: Option<EnergyResolution>,
+    /// Bucket number of the first entry.
+    pub first: i64,
+    /// Energy per bucket, milliwatt-hours, oldest first.
+    pub energy_mwh: Vec<u32>,
+    /// Seconds the relay was on per bucket.
+    pub on_secs: Vec<u32>,
+    /// Energy today (local day), mWh.
+    pub today_mwh: u64,
+    /// On-time today, seconds.
+    pub today_on_secs: u64,
+    /// Lifetime energy, mWh.
+    pub total_mwh: u64,
+    /// Lifetime on-time, seconds.
+    pub total_on_secs: u64,
+    /// Power now, milliwatts.
+    pub power_mw: u64,
+    /// Relay on with the load below the owner's standby threshold.
+    pub standby: bool,
+    /// The device's zone (day buckets are its local days).
+    pub timezone: String,
+    /// Price per kWh in thousandths of `currency`, if the owner set one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub price_per_kwh_milli: Option<u32>,
+    /// ISO 4217 currency of the price.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub currency: Option<String>,
 }
 
 /// Device → controller: the answer to one command. Signed by the device.
@@ -202,6 +271,12 @@ pub enum Cause {
     },
     /// A periodic or on-connect report with no change.
     Report,
+    /// The energy meter noticed something ("on for more than N hours",
+    /// "entered standby"); over-power is an [`Cause::Interlock`] event.
+    Energy {
+        /// What happened, for people.
+        event: String,
+    },
 }
 
 /// Device → all controllers: the current state. Signed by the device.

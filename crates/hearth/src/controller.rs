@@ -178,7 +178,7 @@ pub async fn pair(cfg: &mut Config, label: &str, name: Option<String>) -> Result
     let (r, _) = send(cfg, &paired.device, &paired.device_key, Command::RegisterKey { key: enc.public().clone() }).await
         .context("registering this controller's encryption key with the device")?;
     match r.outcome {
-        Outcome::Done | Outcome::Rules { .. } => println!("Registered encryption key {} with the device.", enc.public().fingerprint()),
+        Outcome::Done | Outcome::Rules { .. } | Outcome::Energy { .. } => println!("Registered encryption key {} with the device.", enc.public().fingerprint()),
         Outcome::Refused { reason } => bail!("the device refused this controller's encryption key: {}", reason.explain()),
     }
     Ok(())
@@ -354,7 +354,7 @@ pub async fn switch(cfg: &mut Config, wanted: &str, command: Command) -> Result<
         _ => e,
     })?;
     match r.outcome {
-        Outcome::Done | Outcome::Rules { .. } => {
+        Outcome::Done | Outcome::Rules { .. } | Outcome::Energy { .. } => {
             println!("{} is {} (signed by the device, {} ms)", dev.name, describe_state(&r.state), rtt.as_millis());
             Ok(0)
         }
@@ -469,6 +469,7 @@ pub async fn watch(cfg: &Config, json_lines: bool, count: Option<usize>, duratio
                         Cause::Rule { rule: Some(id) } => format!("by rule {id} on the device"),
                         Cause::Rule { rule: None } => "by a rule on the device".into(),
                         Cause::Interlock { event } => format!("safety interlock: {event}"),
+                        Cause::Energy { event } => format!("energy: {event}"),
                     };
                     println!("{}: {} ({why})", dev.name, describe_state(&s.state));
                 }
@@ -537,7 +538,7 @@ pub async fn share(cfg: &mut Config, wanted: &str, code: &str, role: hearth_prot
     let controller = key.controller_id();
     let (r, _) = send(cfg, &dev.id, &dev_key, Command::AddController { key, enc, role, scope }).await?;
     match r.outcome {
-        Outcome::Done | Outcome::Rules { .. } => {
+        Outcome::Done | Outcome::Rules { .. } | Outcome::Energy { .. } => {
             println!("Shared {} (the device confirmed, signed).", dev.name);
             // Only now, on the device's word, ask the cloud to route for the
             // account that registered that controller (a no-op for one of
@@ -580,7 +581,7 @@ pub async fn revoke(cfg: &mut Config, wanted: &str, controller: &str) -> Result<
         }
     };
     match r.outcome {
-        Outcome::Done | Outcome::Rules { .. } => {
+        Outcome::Done | Outcome::Rules { .. } | Outcome::Energy { .. } => {
             println!("Revoked {controller} on {} (the device confirmed, signed).", dev.name);
             // The device already refuses it; now stop routing for its
             // account too. 404: it was one of ours, or never routed.
@@ -607,7 +608,7 @@ async fn read_rules(cfg: &mut Config, dev: &ListedDevice, dev_key: &PublicKey) -
             Ok(Ok(RuleSet::from_json(rules.as_bytes()).map_err(|e| anyhow!("the device sent a rule set this controller cannot read: {e}"))?))
         }
         Outcome::Refused { reason } => Ok(Err(reason)),
-        Outcome::Done => bail!("the device answered without its rules"),
+        Outcome::Done | Outcome::Energy { .. } => bail!("the device answered without its rules"),
     }
 }
 
@@ -616,7 +617,7 @@ async fn write_rules(cfg: &mut Config, dev: &ListedDevice, dev_key: &PublicKey, 
     let rules = String::from_utf8(set.to_json()).context("rule set is not UTF-8")?;
     let (r, _) = send(cfg, &dev.id, dev_key, Command::SetRules { base_version, rules }).await?;
     match r.outcome {
-        Outcome::Done | Outcome::Rules { .. } => {
+        Outcome::Done | Outcome::Rules { .. } | Outcome::Energy { .. } => {
             println!("Stored rules version {} on {} (the device confirmed, signed).", base_version + 1, dev.name);
             Ok(0)
         }

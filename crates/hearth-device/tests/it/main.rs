@@ -6,6 +6,7 @@
 mod adversary;
 mod binary;
 mod commands;
+mod energy;
 mod link;
 mod pairing;
 mod provisioning;
