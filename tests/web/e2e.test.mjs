@@ -69,6 +69,9 @@ test("sign up and pair a plug, an energy plug (QR payload) and a motion sensor",
   assert.equal(await owner.locator("article.tile").count(), 3);
   assert.equal(await tileState(owner, w.devices.plug.id).innerText(), "Off");
   await screenshot(owner, "02-home");
+  await owner.setViewportSize({ width: 1280, height: 800 });
+  await screenshot(owner, "02-home-desktop");
+  await owner.setViewportSize({ width: 375, height: 812 });
 });
 
 test("the CLI, shared in from the web app, sees the state the web app switched", async () => {
@@ -99,6 +102,21 @@ test("state changed elsewhere is pushed to the web app over the live link", asyn
   await owner.waitForFunction((id) => document.querySelector(`[data-state="${id}"]`)?.textContent === "Off", w.devices.plug.id, { timeout: T });
 });
 
+test("the switch works from the keyboard alone", async () => {
+  await owner.locator("body").click({ position: { x: 5, y: 400 } });
+  let reached = false;
+  for (let i = 0; i < 40 && !reached; i++) {
+    await owner.keyboard.press("Tab");
+    reached = await owner.evaluate(() => document.activeElement?.getAttribute("aria-label") === "Lamp power");
+  }
+  assert.ok(reached, "Tab never reached the Lamp's switch");
+  await owner.keyboard.press("Space");
+  await owner.waitForFunction((id) => document.querySelector(`[data-state="${id}"]`)?.textContent === "On", w.devices.plug.id, { timeout: T });
+  await owner.getByRole("button", { name: "Lamp power" }).focus();
+  await owner.keyboard.press("Enter");
+  await owner.waitForFunction((id) => document.querySelector(`[data-state="${id}"]`)?.textContent === "Off", w.devices.plug.id, { timeout: T });
+});
+
 test("a motion event appears in the sensor's timeline as it happens", async () => {
   await owner.getByRole("link", { name: "Hall sensor" }).click();
   await owner.getByRole("heading", { name: "Motion timeline" }).waitFor({ timeout: T });
@@ -113,18 +131,38 @@ test("the energy plug shows power now, today's energy and a chart", async () => 
   await owner.getByRole("link", { name: "Home" }).click();
   await owner.getByRole("link", { name: "Heater" }).click();
   await owner.getByRole("heading", { name: "Energy" }).waitFor({ timeout: T });
-  await owner.getByRole("button", { name: "Heater power" }).click();
-  await owner.waitForFunction((id) => /^[1-9][0-9.]* W$/.test(document.querySelector(`[data-power="${id}"]`)?.textContent || ""), w.devices.heater.id, { timeout: T });
-  // Reload: the chart and today's energy come from the decrypted history.
+  const power = (re) =>
+    owner.waitForFunction(([id, src]) => new RegExp(src).test(document.querySelector(`[data-power="${id}"]`)?.textContent || ""), [w.devices.heater.id, re.source], { timeout: T });
+  // On, off and on again: three signed power readings in the history.
+  for (const want of [/^[1-9][0-9.]* W$/, /^0\.0 W$/, /^[1-9][0-9.]* W$/]) {
+    await owner.getByRole("button", { name: "Heater power" }).click();
+    await power(want);
+  }
+  // Reload: the chart and today's energy come from the decrypted history
+  // (and the device's own meter, where it reports one).
   await owner.reload();
   await owner.locator('svg[data-chart="power"]').waitFor({ timeout: T });
-  // A step line through at least the off and the on reading.
   const d = await owner.locator('svg[data-chart="power"] path.line').getAttribute("d");
-  assert.ok((d.match(/V/g) || []).length >= 2, d);
-  const kwh = await owner.locator(`[data-kwh="${w.devices.heater.id}"]`).innerText();
-  assert.match(kwh, /^\d+\.\d{3} kWh$/);
+  assert.ok((d.match(/V/g) || []).length >= 3, `a step line through the readings: ${d}`);
+  assert.match(await owner.locator(`[data-kwh="${w.devices.heater.id}"]`).innerText(), /^\d+\.\d{3} kWh$/);
   assert.match(await owner.locator(`[data-power="${w.devices.heater.id}"]`).innerText(), /^[1-9][0-9.]* W$/);
+  if (await owner.getByText("From the device's own energy meter").count()) {
+    await owner.locator('svg[data-chart="days"] rect.bar').first().waitFor({ state: "attached", timeout: T });
+  }
   await screenshot(owner, "04-energy");
+});
+
+test("a switch the safety interlock refuses says so", async () => {
+  // Six switches a minute by default (hearth-rules safety.rs); the heater was switched three times above.
+  const sw = owner.getByRole("button", { name: "Heater power" });
+  let refused = false;
+  for (let i = 0; i < 10 && !refused; i++) {
+    await sw.click();
+    await owner.waitForFunction(() => !document.querySelector("[aria-busy]"), null, { timeout: T });
+    refused = (await owner.locator("#flash").innerText()).includes("refused");
+  }
+  await expectFlash(owner, /Heater refused: safety interlock: too many switches, try again in \d+ s/);
+  await screenshot(owner, "04b-interlock");
 });
 
 test("a schedule created in the web app is on the device, as the CLI reads it", async () => {

@@ -315,6 +315,28 @@ export async function setRules(dev, baseVersion, rules) {
   return {};
 }
 
+// ---- energy and firmware ----
+
+// The device's own energy history (GetEnergy, answered sealed), or
+// {refused} / {unavailable} when the device does not offer it.
+export async function energy(dev, since, resolution) {
+  let r;
+  try {
+    r = await send(dev, { op: "get_energy", since, resolution });
+  } catch (e) {
+    return { unavailable: e.message };
+  }
+  if (r.outcome.outcome === "refused") return { refused: explain(r.outcome.reason) };
+  if (r.outcome.outcome !== "energy") return { unavailable: "no energy report in the answer" };
+  return { report: r.outcome.report };
+}
+
+export async function firmwareCommand(dev, command) {
+  const r = await send(dev, command);
+  if (r.outcome.outcome === "refused") return { refused: explain(r.outcome.reason) };
+  return { state: r.state };
+}
+
 // ---- history ----
 
 // The device's stored sealed reports, decrypted and verified here, oldest first.

@@ -273,6 +273,22 @@ function powerChart(reports, now) {
   );
 }
 
+// kWh per local day for the last 30 days, as bars, from the device's own meter.
+function dayChart(rep) {
+  const vals = rep.energy_mwh.map((x) => x / 1e6);
+  if (vals.length === 0) return null;
+  const W = 300;
+  const H = 120;
+  const max = Math.max(0.001, ...vals);
+  const bw = W / Math.max(vals.length, 1);
+  return s(
+    "svg",
+    { class: "chart", viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": `Energy per day for the last ${vals.length} days, up to ${max.toFixed(2)} kWh`, "data-chart": "days" },
+    s("text", { x: 4, y: 12 }, `${max.toFixed(2)} kWh/day`),
+    vals.map((v, i) => s("rect", { class: "bar", x: (i * bw + 1).toFixed(1), y: (H - 4 - (v / max) * (H - 24)).toFixed(1), width: Math.max(bw - 2, 1).toFixed(1), height: ((v / max) * (H - 24)).toFixed(1) })),
+  );
+}
+
 const DAYS = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
 
 function describeRule(r) {
@@ -297,6 +313,7 @@ async function deviceScreen(id) {
     return;
   }
   let history = [];
+  let deviceEnergy = null;
   const head = h("div", {});
   const renderHead = () => {
     const d = describe(dev);
@@ -338,16 +355,22 @@ async function deviceScreen(id) {
     if (dev.kind === "energy_plug") {
       const now = Math.floor(Date.now() / 1000);
       const st = dev.state || {};
+      const rep = deviceEnergy && deviceEnergy.today;
+      const todayKwh = rep ? rep.today_mwh / 1e6 : energyToday(all, now);
+      const cost = rep && rep.price_per_kwh_milli !== undefined ? `${((todayKwh * rep.price_per_kwh_milli) / 1000).toFixed(2)} ${rep.currency || ""}` : null;
       energy.replaceChildren(
         h("h2", { id: "en-title" }, "Energy"),
         h(
           "div",
           { class: "kpi" },
           h("div", {}, "Power now", h("strong", { "data-power": dev.id }, st.power_mw !== undefined ? `${(st.power_mw / 1000).toFixed(1)} W` : "–")),
-          h("div", {}, "Today", h("strong", { "data-kwh": dev.id }, `${energyToday(all, now).toFixed(3)} kWh`)),
+          h("div", {}, "Today", h("strong", { "data-kwh": dev.id }, `${todayKwh.toFixed(3)} kWh`)),
+          cost ? h("div", {}, "Cost today", h("strong", { "data-cost": dev.id }, cost)) : null,
+          rep ? h("div", {}, "Total", h("strong", {}, `${(rep.total_mwh / 1e6).toFixed(2)} kWh`)) : null,
         ),
-        h("p", { class: "muted" }, "Today's energy is computed here from the device's signed power reports (the device's own energy history is not yet readable from the app)."),
+        h("p", { class: "muted" }, rep ? "From the device's own energy meter (signed and encrypted to you)." : "Computed here from the device's signed power reports (this device does not report an energy history)."),
         powerChart(all, now),
+        deviceEnergy && deviceEnergy.days ? dayChart(deviceEnergy.days) : null,
       );
     }
   };
@@ -356,13 +379,50 @@ async function deviceScreen(id) {
 
   if (hasRelay(dev)) sections.push(rulesSection(dev));
   sections.push(sharingSection(dev));
-  sections.push(h("section", { "aria-labelledby": "fw-title" }, h("h2", { id: "fw-title" }, "Firmware"), h("p", { class: "muted" }, "Firmware status and approval in the app: not yet. Use `hearth fw` on the command line.")));
+  const fw = h("section", { "aria-labelledby": "fw-title" });
+  const renderFirmware = () => {
+    const f = dev.state && dev.state.firmware;
+    if (!f) {
+      fw.replaceChildren(h("h2", { id: "fw-title" }, "Firmware"), h("p", { class: "muted" }, "This device does not report its firmware status."));
+      return;
+    }
+    const approve = f.phase === "awaiting_approval" && f.offered ? h("button", { type: "button" }, `Approve ${f.offered}`) : null;
+    if (approve) approve.addEventListener("click", () => busy(approve, () => firmwareAction({ op: "approve_update", version: f.offered }, `Approved ${f.offered}; the device verifies and installs it.`)));
+    const check = h("button", { type: "button", class: "secondary" }, "Check for updates");
+    check.addEventListener("click", () => busy(check, () => firmwareAction({ op: "check_update" }, "The device is checking for updates.")));
+    const progress = f.progress ? `${Math.floor((100 * f.progress.done) / Math.max(f.progress.total, 1))} %` : null;
+    fw.replaceChildren(
+      h("h2", { id: "fw-title" }, "Firmware"),
+      h(
+        "ul",
+        { class: "list", "data-firmware": dev.id },
+        h("li", {}, "Version", h("strong", {}, f.version)),
+        h("li", {}, "Updates", h("span", {}, f.policy && f.policy.mode === "approval" ? "after my approval" : "automatic")),
+        h("li", {}, "Status", h("span", {}, f.phase.replace(/_/g, " "), f.offered ? ` (${f.offered})` : "", progress ? ` ${progress}` : "")),
+        f.last_result ? h("li", {}, "Last install", h("span", {}, f.last_result)) : null,
+        f.last_check ? h("li", {}, "Last check", h("span", {}, f.last_check)) : null,
+      ),
+      h("div", { class: "row" }, approve, check),
+    );
+  };
+  const firmwareAction = async (command, message) => {
+    const r = await ctl.firmwareCommand(dev, command);
+    if (r.refused) flash(`${dev.name} refused: ${r.refused}`, "error");
+    else {
+      dev.state = r.state;
+      flash(message);
+      renderFirmware();
+    }
+  };
+  renderFirmware();
+  sections.push(fw);
 
   mount(...sections);
   screenUpdate = (d) => {
     if (d.id !== dev.id) return;
     renderHead();
     renderHistory();
+    renderFirmware();
   };
   if (dev.kind === "motion_sensor" || dev.kind === "energy_plug") {
     if (dev.verifyKey) {
@@ -370,6 +430,12 @@ async function deviceScreen(id) {
         history = (await ctl.events(dev)).filter((e) => !e.unreadable);
       } catch (e) {
         flash(`Could not load the history: ${e.message}`, "error");
+      }
+      if (dev.kind === "energy_plug" && dev.online) {
+        const now = Math.floor(Date.now() / 1000);
+        const today = await ctl.energy(dev, now - 24 * 3600, "minute");
+        const days = await ctl.energy(dev, now - 30 * 86400, "day");
+        if (today.report) deviceEnergy = { today: today.report, days: days.report || null };
       }
     }
     renderHistory();
