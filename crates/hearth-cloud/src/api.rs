@@ -23,7 +23,7 @@ use hearth_proto::acl::Role;
 use hearth_proto::b64;
 use hearth_proto::ids::{ControllerId, DeviceId};
 use hearth_proto::keys::PublicKey;
-use hearth_proto::link::{CloudFrame, PairOutcome};
+use hearth_proto::link::PairOutcome;
 use hearth_proto::pairing::{verify_confirmation, PairRequest};
 use hearth_proto::MAX_FRAME_LEN;
 use serde::de::DeserializeOwned;
@@ -471,14 +471,18 @@ pub(crate) struct DeviceList {
     responses((status = 200, description = "Devices owned by or shared with this account", body = DeviceList)))]
 pub(crate) async fn list_devices(State(s): State<AppState>, session: Session) -> Result<Json<DeviceList>, ApiError> {
     let rows = s.store.devices_of(session.account).await?;
+    // Where each device's link is: this node, or another one (cluster mode).
+    let ids: Vec<DeviceId> = rows.iter().map(|d| d.id.clone()).collect();
+    let mut presence = s.device_presence(&ids).await.into_iter();
     let devices = rows
         .into_iter()
         .map(|d| {
             // The link's copy is newer than the database's while the device
             // is online (the database write may still be in flight).
-            let last_state = s.router.last_state(&d.id).or(d.last_state);
+            let (online, link_state) = presence.next().unwrap_or((false, None));
+            let last_state = link_state.or(d.last_state);
             DeviceInfo {
-                online: s.router.is_online(&d.id),
+                online,
                 certificate: b64::encode(&d.certificate),
                 last_state: last_state.map(b64::encode),
                 role: if d.shared { "member" } else { "owner" },
@@ -521,7 +525,11 @@ fn route_error(e: RouteError) -> ApiError {
             StatusCode::PAYLOAD_TOO_LARGE,
             format!("the envelope does not fit a {MAX_FRAME_LEN}-byte device frame"),
         ),
-        RouteError::Overflow => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        RouteError::Overflow | RouteError::WentAway | RouteError::Unavailable => {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+        }
+        RouteError::Conflict => ApiError::new(StatusCode::CONFLICT, e.to_string()),
+        RouteError::Timeout => ApiError::new(StatusCode::GATEWAY_TIMEOUT, e.to_string()),
     }
 }
 
@@ -556,7 +564,6 @@ pub(crate) async fn command(
     path: Result<Path<String>, PathRejection>,
     JsonBody(body): JsonBody<CommandBody>,
 ) -> Result<Json<CommandAnswer>, ApiError> {
-
     let Ok(Path(raw)) = path else { return Err(ApiError::not_found(NO_SUCH_DEVICE)) };
     // The device decides whether the signer may act; the cloud only routes
     // for the accounts the owner shared it with.
@@ -567,25 +574,16 @@ pub(crate) async fn command(
     if peek.device != device {
         return Err(ApiError::bad_request(format!("the command is for device {}, not {device}", peek.device)));
     }
-    if !s.router.is_online(&device) {
-        if hearth_proto::message::peek_is_revoke(&envelope) {
-            // Issue 3: held and sent first on reconnect (202), not dropped.
-            return Err(crate::device_link::hold_revoke(&s, &device, &peek, envelope).await);
+    // Issue 3: a revoke for an offline device is held and sent first on reconnect.
+    let revoke = hearth_proto::message::peek_is_revoke(&envelope).then(|| envelope.clone());
+    // The device's link may be on this node or (cluster mode) another.
+    let result = match s.route_command(&device, envelope, peek.controller.clone(), peek.counter).await {
+        Err(RouteError::Offline) if revoke.is_some() => {
+            return Err(crate::device_link::hold_revoke(&s, &device, &peek, revoke.unwrap_or_default()).await)
         }
-        return Err(route_error(RouteError::Offline));
-    }
-    let Some(mut waiter) = s.router.expect_result(&device, peek.controller, peek.counter) else {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "a command with this counter is already waiting for an answer",
-        ));
+        other => other.map_err(route_error)?,
     };
-    s.router.send_to_device(&device, &CloudFrame::Command { envelope }).map_err(route_error)?;
-    match tokio::time::timeout(COMMAND_TIMEOUT, waiter.recv()).await {
-        Err(_) => Err(ApiError::new(StatusCode::GATEWAY_TIMEOUT, "the device did not answer")),
-        Ok(None) => Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the device went offline before answering")),
-        Ok(Some(result)) => Ok(Json(CommandAnswer { result: b64::encode(result) })),
-    }
+    Ok(Json(CommandAnswer { result: b64::encode(result) }))
 }
 
 /// Query of `GET /devices/{id}/events`.
@@ -633,7 +631,6 @@ pub(crate) async fn events(
     path: Result<Path<String>, PathRejection>,
     query: Result<axum::extract::Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<EventList>, ApiError> {
-
     let Ok(Path(raw)) = path else { return Err(ApiError::not_found(NO_SUCH_DEVICE)) };
     let device = reachable_device(&s, &session.account, &raw).await?;
     let after = query.map(|q| q.0.after).map_err(|_| ApiError::bad_request("query must be ?after=<number>"))?;
@@ -683,7 +680,7 @@ pub(crate) async fn add_member(
     let device = owned_device(&s, &session.account, &raw).await?;
     match s.store.add_member(device.clone(), body.controller.to_string(), unix_now()).await? {
         MemberAdded::Added(account) => {
-            s.router.set_members(&device, s.store.members_of(device.clone()).await?);
+            s.device_members_set(&device, s.store.members_of(device.clone()).await?).await;
             tracing::info!(%device, member = %account, "device shared with another account");
             Ok((StatusCode::CREATED, Json(MemberAnswer { routing: "member" })).into_response())
         }
@@ -720,7 +717,7 @@ pub(crate) async fn remove_member(
     if !s.store.remove_member(device.clone(), controller.to_string()).await? {
         return Err(ApiError::not_found("this device is not shared with this controller"));
     }
-    s.router.set_members(&device, s.store.members_of(device.clone()).await?);
+    s.device_members_set(&device, s.store.members_of(device.clone()).await?).await;
     tracing::info!(%device, %controller, "device no longer shared with a controller");
     Ok(StatusCode::NO_CONTENT)
 }
@@ -779,28 +776,23 @@ pub(crate) async fn pair(
 ) -> Result<Json<PairAnswer>, ApiError> {
     let name = check_name(&body.name)?;
     let found = match &body.device {
-        Some(id) if s.router.is_online(id) => Some(id.clone()),
+        Some(id) if s.device_online(id).await => Some(id.clone()),
         Some(_) => None,
-        None => s.router.find_setup(&body.code_lookup),
+        None => s.find_setup_device(&body.code_lookup).await,
     };
     let Some(device) = found else {
         return Err(ApiError::not_found(NO_SETUP_DEVICE));
     };
-    let (req, mut waiter) = s.router.expect_pairing(&device);
-    let frame = CloudFrame::Pair { req, request: body.request.clone() };
-    match s.router.send_to_device(&device, &frame) {
-        Ok(()) => {}
+    let (outcome, cert_key) = match s.route_pairing(&device, body.request.clone()).await {
+        Ok(answer) => answer,
         Err(RouteError::Offline) => return Err(ApiError::not_found(NO_SETUP_DEVICE)),
-        Err(e) => return Err(route_error(e)),
-    }
-    let (outcome, cert_key) = match tokio::time::timeout(PAIR_TIMEOUT, waiter.recv()).await {
-        Err(_) => {
+        Err(RouteError::Timeout) => {
             return Err(ApiError::new(StatusCode::GATEWAY_TIMEOUT, "the device did not answer the pairing request"))
         }
-        Ok(None) => {
+        Err(RouteError::WentAway) => {
             return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the device went offline during pairing"))
         }
-        Ok(Some(answer)) => answer,
+        Err(e) => return Err(route_error(e)),
     };
     let resp = match outcome {
         PairOutcome::Ok(resp) => resp,
@@ -821,7 +813,7 @@ pub(crate) async fn pair(
         return Err(bad_device_answer("the confirmation does not name this controller as owner"));
     }
     s.store.pair_device(device.clone(), session.account.clone(), name, unix_now()).await?;
-    s.router.set_owner(&device, session.account.clone());
+    s.device_owner_set(&device, session.account.clone()).await;
     tracing::info!(%device, account = %session.account, "device paired");
     Ok(Json(PairAnswer { device, response: resp }))
 }

@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
-use hearth_proto::link::{CloudFrame, ControllerFrame, ControllerPush};
+use hearth_proto::link::{ControllerFrame, ControllerPush};
 use tokio::time::{timeout, Instant, MissedTickBehavior};
 use tracing::Instrument;
 
@@ -60,6 +60,8 @@ pub async fn run(state: AppState, socket: WebSocket, session: Session, guard: Op
 async fn serve(state: AppState, mut socket: WebSocket, session: Session, _guard: Option<ConnGuard>) {
     let account = session.account.clone();
     let mut handle = state.router.add_controller(&account);
+    // Cluster mode: receive the account's pushes from every node.
+    let _account_sub = state.cluster.as_ref().map(|c| c.account_up(&account));
     let mut stop = state.stop.clone();
     let mut ping = tokio::time::interval_at(Instant::now() + PING_EVERY, PING_EVERY);
     ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -155,9 +157,7 @@ async fn handle_frame(state: &AppState, session: &Session, socket: &mut WebSocke
             Ok(peek) if peek.device != device => {
                 Some(format!("the command is for device {}, not {device}", peek.device))
             }
-            Ok(_) => {
-                state.router.send_to_device(&device, &CloudFrame::Command { envelope }).err().map(|e| e.to_string())
-            }
+            Ok(_) => state.route_send(&device, envelope).await.err().map(|e| e.to_string()),
         },
     };
     match problem {

@@ -8,6 +8,14 @@
 //! is dropped (the cloud pings every [`PING_EVERY`] so a live device always
 //! has something to answer). A malformed frame ends the link, never the
 //! process.
+//!
+//! An idle link is cheap (issue 8): one task, a parked read of a 4-byte
+//! header (a frame body is allocated only once its header arrived and is
+//! freed after decoding), an empty bounded queue, one timer, and the last
+//! state report for device listings. What is left is rustls's: its 4 KiB
+//! record buffer, which it shrinks back after a large record. In cluster
+//! mode the link also has a NATS subscription on its device's subject
+//! (`cluster.rs`).
 
 use std::time::Duration;
 
@@ -120,6 +128,9 @@ pub async fn run(state: AppState, mut tls: TlsStream<TcpStream>) -> Result<(), L
     let paired = owner.is_some();
     let handle = state.router.add_device(&id, DeviceInfo { owner, setup_lookup, members });
     let link = handle.link;
+    // Cluster mode: answer for this device on NATS while the link lives,
+    // and make an older link of it on another node give way.
+    let _cluster_sub = state.cluster.as_ref().map(|c| c.device_up(&id, link));
     if paired {
         // A share recorded between the read above and add_device updated no
         // router entry (there was none yet); read again now that there is.
@@ -159,17 +170,6 @@ struct Conn<'a> {
     /// A state report not yet written to the database.
     pending_state: Option<Vec<u8>>,
     last_persist: Option<Instant>,
-}
-
-impl Conn<'_> {
-    async fn serve(&mut self, tls: &mut TlsStream<TcpStream>, handle: LinkHandle<Vec<u8>>) -> Result<(), LinkError> {
-        let LinkHandle { mut rx, close, .. } = handle;
-        let mut stop = self.state.stop.clone();
-        let (mut rd, mut wr) = tokio::io::split(tls);
-
-        let writer = async move {
-            let mut ping = tokio::time::interval_at(Instant::now() + PING_EVERY, PING_EVERY);
-            ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
     /// Held revokes sent on this link and not answered yet (issue 3).
     revokes: Vec<(ControllerId, u64)>,
 }
@@ -236,6 +236,17 @@ pub async fn hold_revoke(state: &AppState, device: &DeviceId, peek: &hearth_prot
             )
         }
     }
+}
+
+impl Conn<'_> {
+    async fn serve(&mut self, tls: &mut TlsStream<TcpStream>, handle: LinkHandle<Vec<u8>>) -> Result<(), LinkError> {
+        let LinkHandle { mut rx, close, .. } = handle;
+        let mut stop = self.state.stop.clone();
+        let (mut rd, mut wr) = tokio::io::split(tls);
+
+        let writer = async move {
+            let mut ping = tokio::time::interval_at(Instant::now() + PING_EVERY, PING_EVERY);
+            ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
             let mut n = 0u64;
             loop {
                 tokio::select! {
@@ -283,6 +294,7 @@ pub async fn hold_revoke(state: &AppState, device: &DeviceId, peek: &hearth_prot
             DeviceFrame::Result { envelope } if hearth_proto::e2e::is_sealed(&envelope) => {
                 match hearth_proto::e2e::verify_sealed(&envelope, self.id, self.key) {
                     Ok(hearth_proto::e2e::SealedPayload { header: hearth_proto::e2e::SealedHeader { to: Some(to), .. }, .. }) => {
+                        revoke_answered(self.state, self.id, &mut self.revokes, &to.controller, to.counter).await;
                         router.deliver_result(self.id, to.controller, to.counter, envelope)
                     }
                     Ok(_) => tracing::warn!("dropping a sealed result without an addressee"),
@@ -297,7 +309,6 @@ pub async fn hold_revoke(state: &AppState, device: &DeviceId, peek: &hearth_prot
                 // Controllers would refuse it too; forwarding it only wastes their time.
                 Err(e) => tracing::warn!(error = %e, "dropping a result that does not verify"),
             },
-                        revoke_answered(self.state, self.id, &mut self.revokes, &to.controller, to.counter).await;
             DeviceFrame::State { envelope } => {
                 let ok = if hearth_proto::e2e::is_sealed(&envelope) {
                     hearth_proto::e2e::verify_sealed(&envelope, self.id, self.key).map(|_| ())

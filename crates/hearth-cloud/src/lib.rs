@@ -37,9 +37,11 @@
 
 mod api;
 mod auth;
+mod cluster;
 mod controller_link;
 mod device_link;
 mod error;
+mod metrics;
 mod headers;
 mod openapi;
 mod ratelimit;
@@ -68,6 +70,8 @@ pub mod seed {
     pub use crate::store::{AccountId, Store, StoreError};
 }
 
+/// Cluster mode: routing between nodes over NATS (see `cluster.rs`, ADR 0008).
+pub use cluster::{ClusterConfig, NodeId, SubjectPrefix};
 /// Where the cloud keeps its state (see `store.rs`).
 pub use store::{DatabaseUrl, DatabaseUrlError};
 /// The connection limits and deadlines of both ports (see `server.rs`).
@@ -118,6 +122,23 @@ pub(crate) struct Shared {
     pub(crate) session_ttl: Duration,
     /// Becomes true when the server shuts down.
     pub(crate) stop: watch::Receiver<bool>,
+    /// This node's part of a cluster (ADR 0008); `None` on a single node.
+    pub(crate) cluster: Option<Arc<cluster::Cluster>>,
+    /// Counters for `/metrics`.
+    pub(crate) metrics: Arc<metrics::Metrics>,
+}
+
+/// Optional parts of a cloud node, for [`serve_with`].
+#[derive(Debug, Default)]
+pub struct ServeOptions {
+    /// The web app's plain-HTTP loopback listener (ADR 0007).
+    pub web: Option<tokio::net::TcpListener>,
+    /// Join a cluster of nodes over NATS (ADR 0008). Needs a PostgreSQL
+    /// database: nodes share everything but their links.
+    pub cluster: Option<ClusterConfig>,
+    /// Serve Prometheus metrics (`GET /metrics`, plain HTTP, no auth) on
+    /// this listener; bind it where only the scraper can reach it.
+    pub metrics: Option<tokio::net::TcpListener>,
 }
 
 pub(crate) type AppState = Arc<Shared>;
@@ -145,6 +166,27 @@ pub async fn serve_with_web(
     web: Option<tokio::net::TcpListener>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    serve_with(config, listeners, ServeOptions { web, ..ServeOptions::default() }, shutdown).await
+}
+
+/// [`serve`] with the optional parts: the web listener, cluster mode over
+/// NATS (ADR 0008) and the metrics listener.
+pub async fn serve_with(
+    config: CloudConfig,
+    listeners: Listeners,
+    options: ServeOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let ServeOptions { web, cluster: cluster_config, metrics: metrics_listener } = options;
+    // Cluster mode shares all state through the database; SQLite is a
+    // file on one machine, so nodes on it would each see their own.
+    if cluster_config.is_some() {
+        anyhow::ensure!(
+            matches!(config.database, DatabaseUrl::Postgres(_)),
+            "cluster mode (--nats-url) needs a PostgreSQL database shared by every node (--database-url postgres://...); \
+             SQLite keeps its state on this machine only"
+        );
+    }
     if let Some(l) = &web {
         let addr = l.local_addr().context("reading the web listener's address")?;
         anyhow::ensure!(addr.ip().is_loopback(), "the plain-HTTP web listener must be on a loopback address, not {addr}");
@@ -159,9 +201,21 @@ pub async fn serve_with_web(
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
+    let metrics = metrics::Metrics::new();
+    let cluster = match &cluster_config {
+        Some(c) => Some(
+            cluster::Cluster::start(c, store.clone(), metrics.clone(), stop_rx.clone())
+                .await
+                .context("joining the cluster")?,
+        ),
+        None => None,
+    };
+    let router = cluster.as_ref().map_or_else(router::Router::new, |c| c.router());
     let state: AppState = Arc::new(Shared {
+        cluster: cluster.clone(),
+        metrics: metrics.clone(),
         store: store.clone(),
-        router: router::Router::new(),
+        router: router.clone(),
         limiter: ratelimit::RateLimiter::new(RATE_LIMIT_BURST, RATE_LIMIT_REFILL),
         hash_slots: Semaphore::new(auth::HASH_SLOTS),
         session_ttl: config.session_ttl,
@@ -173,7 +227,13 @@ pub async fn serve_with_web(
         limit: Arc::new(Semaphore::new(server::MAX_CONNECTIONS)),
         done: done_tx.clone(),
         stop: stop_rx.clone(),
+        metrics: metrics.clone(),
     };
+    let metrics_task = metrics_listener.map(|listener| {
+        let (router, metrics, cluster) = (router.clone(), metrics.clone(), cluster.clone());
+        let render = Arc::new(move || metrics.render(&router, cluster.as_ref().map(|c| c.connected())));
+        tokio::spawn(metrics::serve(listener, render, stop_rx.clone()))
+    });
     tracing::info!(
         api = ?listeners.api.local_addr().ok(),
         devices = ?listeners.devices.local_addr().ok(),
@@ -200,7 +260,7 @@ pub async fn serve_with_web(
     // Every receiver has been handed out above, so sending cannot fail
     // while they live; if they are gone, there is nothing left to stop.
     let _ = stop_tx.send(true);
-    for task in [api_task, device_task, sweeper].into_iter().chain(web_task) {
+    for task in [api_task, device_task, sweeper].into_iter().chain(web_task).chain(metrics_task) {
         if let Err(e) = task.await {
             tracing::error!(error = %e, "a server task failed");
         }
@@ -209,6 +269,9 @@ pub async fn serve_with_web(
     // the last one is dropped.
     if tokio::time::timeout(SHUTDOWN_GRACE, done_rx.recv()).await.is_err() {
         tracing::warn!("some connections did not close in time");
+    }
+    if let Some(c) = cluster {
+        c.finish().await;
     }
     tracing::info!("stopped");
     Ok(())

@@ -2,9 +2,13 @@
 //! are on this node, and who is waiting for which answer.
 //!
 //! Everything here is memory only and forgotten on restart; devices redial
-//! and controllers reconnect. A multi-node deployment replaces this type
-//! with one backed by NATS, so it knows nothing about HTTP or TLS: device
+//! and controllers reconnect. It knows nothing about HTTP or TLS: device
 //! links take encoded frames, controller links take JSON text.
+//!
+//! In cluster mode (`cluster.rs`, ADR 0008) this table still holds only the
+//! links of this node; a [`PushSink`] then carries every push a device
+//! causes to NATS, and pushes arriving from NATS reach the local controller
+//! links through [`Router::push_local`].
 //!
 //! Queues are bounded. A peer that does not keep up is disconnected rather
 //! than buffered for, so one slow phone cannot grow the cloud's memory.
@@ -37,6 +41,28 @@ pub enum RouteError {
     /// The device was not reading its queue; its link is being dropped.
     #[error("the device is not keeping up; its link was dropped")]
     Overflow,
+    /// A command with this controller and counter is already waiting.
+    #[error("a command with this counter is already waiting for an answer")]
+    Conflict,
+    /// The device did not answer in time.
+    #[error("the device did not answer")]
+    Timeout,
+    /// The device's link ended before it answered.
+    #[error("the device went offline before answering")]
+    WentAway,
+    /// Routing between cloud nodes failed (NATS unreachable or an answer
+    /// that makes no sense); cluster mode only.
+    #[error("routing between cloud nodes is unavailable")]
+    Unavailable,
+}
+
+/// Where device-caused pushes go instead of this node's controller links
+/// (cluster mode: to NATS, from where every node with a link of the
+/// account delivers them, this one included). Must not block: it is
+/// called with the routing table locked.
+pub trait PushSink: Send + Sync {
+    /// Hands a push for `account`'s controllers to the cluster.
+    fn push(&self, account: &AccountId, text: Arc<str>);
 }
 
 /// What the router knows about an online device.
@@ -89,6 +115,7 @@ struct Inner {
 pub struct Router {
     inner: Mutex<Inner>,
     next_id: AtomicU64,
+    sink: std::sync::OnceLock<Arc<dyn PushSink>>,
 }
 
 /// A link's end of the router: its queue and its "you are replaced or too
@@ -143,6 +170,76 @@ impl Router {
         Arc::new(Self::default())
     }
 
+    /// An empty routing table whose device-caused pushes go to `sink`.
+    pub fn with_sink(sink: Arc<dyn PushSink>) -> Arc<Self> {
+        let r = Self::default();
+        // A fresh OnceLock is empty, so this set cannot fail.
+        let _ = r.sink.set(sink);
+        Arc::new(r)
+    }
+
+    /// Pushes a device event to an account's controllers: through the sink
+    /// in cluster mode, else straight to this node's links.
+    fn push_event(&self, inner: &mut Inner, account: &AccountId, msg: &ControllerPush) {
+        match self.sink.get() {
+            Some(sink) => {
+                if let Some(text) = encode_push(msg) {
+                    sink.push(account, text);
+                }
+            }
+            None => push_locked(inner, account, msg),
+        }
+    }
+
+    /// Delivers an already encoded push to this node's links of `account`
+    /// (cluster mode: a push that came from NATS).
+    pub fn push_local(&self, account: &AccountId, text: Arc<str>) {
+        push_text_locked(&mut self.lock(), account, text);
+    }
+
+    /// Drops a device's link because the device has a newer link on another
+    /// node (cluster mode). Like a replacement on this node, it announces
+    /// nothing: the newer link already said the device is online.
+    pub fn supersede(&self, id: &DeviceId, link: u64) -> bool {
+        let mut inner = self.lock();
+        if inner.devices.get(id).map(|d| d.link) != Some(link) {
+            return false;
+        }
+        let Some(entry) = inner.devices.remove(id) else { return false };
+        entry.close.notify_one();
+        if let Some(lookup) = &entry.info.setup_lookup {
+            inner.setup_index.remove(lookup);
+        }
+        inner.commands.retain(|(device, _, _), _| device != id);
+        inner.pairings.retain(|_, (device, _)| device != id);
+        true
+    }
+
+    /// The current link number of a device on this node.
+    pub fn device_link(&self, id: &DeviceId) -> Option<u64> {
+        self.lock().devices.get(id).map(|d| d.link)
+    }
+
+    /// Replaces what the router knows about a device's accounts, after
+    /// another node recorded a pairing or a share in the shared database
+    /// (cluster mode). A new owner is told the device is online.
+    pub fn refresh_accounts(&self, id: &DeviceId, owner: Option<AccountId>, members: Vec<AccountId>) {
+        let mut inner = self.lock();
+        let Some(entry) = inner.devices.get_mut(id) else { return };
+        let new_owner = owner.is_some() && entry.info.owner != owner;
+        entry.info.owner = owner.clone();
+        entry.info.members = members;
+        if let (true, Some(owner)) = (new_owner, owner) {
+            self.push_event(&mut inner, &owner, &ControllerPush::Presence { device: id.clone(), online: true });
+        }
+    }
+
+    /// How many device and controller links this node holds (for `/metrics`).
+    pub fn link_counts(&self) -> (usize, usize) {
+        let inner = self.lock();
+        (inner.devices.len(), inner.controllers.values().map(HashMap::len).sum())
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // Every update below leaves the maps consistent before it can
         // panic, so a poisoned lock still guards usable data.
@@ -176,7 +273,7 @@ impl Router {
         }
         inner.devices.insert(id.clone(), DeviceEntry { link, tx, close: close.clone(), info, last_state: None });
         for account in audience {
-            push_locked(&mut inner, &account, &ControllerPush::Presence { device: id.clone(), online: true });
+            self.push_event(&mut inner, &account, &ControllerPush::Presence { device: id.clone(), online: true });
         }
         LinkHandle { link, rx, close }
     }
@@ -197,7 +294,7 @@ impl Router {
         inner.commands.retain(|(device, _, _), _| device != id);
         inner.pairings.retain(|_, (device, _)| device != id);
         for account in entry.info.audience() {
-            push_locked(&mut inner, &account, &ControllerPush::Presence { device: id.clone(), online: false });
+            self.push_event(&mut inner, &account, &ControllerPush::Presence { device: id.clone(), online: false });
         }
         true
     }
@@ -239,7 +336,7 @@ impl Router {
         if let Some(entry) = inner.devices.get_mut(id) {
             entry.info.owner = Some(owner.clone());
             entry.info.members.clear();
-            push_locked(&mut inner, &owner, &ControllerPush::Presence { device: id.clone(), online: true });
+            self.push_event(&mut inner, &owner, &ControllerPush::Presence { device: id.clone(), online: true });
         }
     }
 
@@ -319,7 +416,7 @@ impl Router {
         }
         let audience = inner.devices.get(device).map(|d| d.info.audience()).unwrap_or_default();
         for account in audience {
-            push_locked(&mut inner, &account, &ControllerPush::Result { device: device.clone(), envelope: envelope.clone() });
+            self.push_event(&mut inner, &account, &ControllerPush::Result { device: device.clone(), envelope: envelope.clone() });
         }
     }
 
@@ -330,7 +427,7 @@ impl Router {
         let Some(entry) = inner.devices.get_mut(device).filter(|d| d.link == link) else { return };
         entry.last_state = Some(envelope.clone());
         for account in entry.info.audience() {
-            push_locked(&mut inner, &account, &ControllerPush::State { device: device.clone(), envelope: envelope.clone() });
+            self.push_event(&mut inner, &account, &ControllerPush::State { device: device.clone(), envelope: envelope.clone() });
         }
     }
 
@@ -373,16 +470,28 @@ impl Router {
     }
 }
 
-fn push_locked(inner: &mut Inner, account: &AccountId, msg: &ControllerPush) {
-    let Some(links) = inner.controllers.get_mut(account) else { return };
-    let text: Arc<str> = match serde_json::to_string(msg) {
-        Ok(t) => t.into(),
+fn encode_push(msg: &ControllerPush) -> Option<Arc<str>> {
+    match serde_json::to_string(msg) {
+        Ok(t) => Some(t.into()),
         Err(e) => {
             // Our own enum of strings and byte arrays always serialises.
             tracing::error!(error = %e, "could not encode a controller push");
-            return;
+            None
         }
-    };
+    }
+}
+
+fn push_locked(inner: &mut Inner, account: &AccountId, msg: &ControllerPush) {
+    if !inner.controllers.contains_key(account) {
+        return;
+    }
+    if let Some(text) = encode_push(msg) {
+        push_text_locked(inner, account, text);
+    }
+}
+
+fn push_text_locked(inner: &mut Inner, account: &AccountId, text: Arc<str>) {
+    let Some(links) = inner.controllers.get_mut(account) else { return };
     links.retain(|_, link| match link.tx.try_send(text.clone()) {
         Ok(()) => true,
         Err(mpsc::error::TrySendError::Full(_)) => {

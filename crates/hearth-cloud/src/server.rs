@@ -12,6 +12,17 @@
 //! as one address), so one client cannot take every slot; a slowloris
 //! client loses its slot after [`HANDSHAKE_TIMEOUT`] (TLS) or
 //! [`HEADER_TIMEOUT`] (HTTP headers, also the keep-alive idle limit).
+//!
+//! Reconnect storms (issue 8, "Connection efficiency"): each port accepts
+//! at most [`ACCEPT_RATE`] connections a second (after a burst of
+//! [`ACCEPT_BURST`]). Beyond that the accept loop waits, so new connections
+//! queue in the kernel's listen backlog (and beyond it, in the clients' SYN
+//! retries) instead of all starting handshakes that share the CPU so thinly
+//! that every one of them times out. Devices add their own full-jitter
+//! backoff. A rate, not a cap on handshakes in flight: silent clients would
+//! hold such slots for the whole handshake deadline at no cost to
+//! themselves. There is no explicit "retry after" message: a device learns
+//! nothing before its handshake, and after it the expensive part is done.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -43,6 +54,39 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time in-flight HTTP requests get to finish at shutdown.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// New connections accepted per second and port. A P-256 mutual-TLS
+/// handshake costs the server about a millisecond of CPU, so this keeps a
+/// two-core machine busy without starving the links it already has, and
+/// still takes back 18,000 devices within ten seconds.
+pub const ACCEPT_RATE: f64 = 2_000.0;
+/// Connections accepted at once before [`ACCEPT_RATE`] applies.
+pub const ACCEPT_BURST: f64 = 256.0;
+
+/// A token bucket for accepts, on tokio's clock (paused in tests).
+struct Pacer {
+    tokens: f64,
+    at: tokio::time::Instant,
+}
+
+impl Pacer {
+    fn new() -> Self {
+        Self { tokens: ACCEPT_BURST, at: tokio::time::Instant::now() }
+    }
+
+    /// Takes a token, or says how long until one is there.
+    fn take(&mut self) -> Result<(), Duration> {
+        let now = tokio::time::Instant::now();
+        let refill = now.saturating_duration_since(self.at).as_secs_f64() * ACCEPT_RATE;
+        self.tokens = (self.tokens + refill).min(ACCEPT_BURST);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - self.tokens) / ACCEPT_RATE))
+        }
+    }
+}
 
 /// Held by every connection (and every link upgraded from one).
 #[derive(Clone)]
@@ -105,6 +149,8 @@ pub struct Acceptor {
     pub limit: Arc<Semaphore>,
     pub done: mpsc::Sender<()>,
     pub stop: watch::Receiver<bool>,
+    /// Where refusals and handshakes are counted.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Accepts connections until shutdown, handing each to `handle` in its own
@@ -116,7 +162,17 @@ where
 {
     let mut stop = acc.stop.clone();
     let per_address = Arc::new(PerAddress::default());
+    let mut pacer = Pacer::new();
     loop {
+        // The accept rate first: in a reconnect storm the accept loop
+        // waits here and the backlog absorbs the rest.
+        while let Err(wait) = pacer.take() {
+            acc.metrics.accept_throttled();
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = crate::stopped(&mut stop) => return,
+            }
+        }
         // Waiting for a permit first means a full server stops accepting and
         // lets the kernel backlog absorb the rest, instead of accepting and
         // dropping.
@@ -142,6 +198,7 @@ where
         let Some(slot) = per_address.take(addr.ip()) else {
             // Closed before any TLS work: refusing costs one accept and one close.
             tracing::debug!(kind, peer = %addr, "too many connections from this address; refused");
+            acc.metrics.rejected(crate::metrics::Rejection::PerAddress);
             drop(tcp);
             continue;
         };
@@ -151,6 +208,7 @@ where
         let tls = acc.tls.clone();
         let handle = handle.clone();
         let mut conn_stop = acc.stop.clone();
+        let metrics = acc.metrics.clone();
         // The handshake runs in the connection's task so a slow client
         // cannot hold up the accept loop.
         tokio::spawn(
@@ -167,10 +225,12 @@ where
                     Ok(Ok(stream)) => stream,
                     Ok(Err(e)) => {
                         tracing::info!(error = %e, "TLS handshake failed");
+                        metrics.rejected(crate::metrics::Rejection::Handshake);
                         return;
                     }
                     Err(_) => {
                         tracing::info!("TLS handshake timed out");
+                        metrics.rejected(crate::metrics::Rejection::HandshakeTimeout);
                         return;
                     }
                 };
@@ -220,9 +280,17 @@ pub async fn serve_devices(listener: TcpListener, acc: Acceptor, state: AppState
     accept_loop(listener, acc, "device", move |stream, _addr, guard| {
         let state = state.clone();
         async move {
+            state.metrics.device_handshake();
+            let metrics = state.metrics.clone();
             match crate::device_link::run(state, stream).await {
                 Ok(()) => tracing::info!("device link closed"),
-                Err(e) => tracing::info!(error = %e, "device link ended"),
+                Err(e) => {
+                    // A device hanging up is how most links end, not an error.
+                    if !matches!(e, crate::device_link::LinkError::Closed) {
+                        metrics.error(crate::metrics::ErrorKind::DeviceLink);
+                    }
+                    tracing::info!(error = %e, "device link ended");
+                }
             }
             drop(guard);
         }
@@ -294,5 +362,31 @@ pub async fn serve_loopback_http(listener: TcpListener, limit: Arc<Semaphore>, d
             }
             .instrument(span),
         );
+    }
+}
+
+#[cfg(test)]
+mod pacer_tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn accepts_come_in_a_burst_then_at_the_rate() {
+        let mut p = Pacer::new();
+        for _ in 0..ACCEPT_BURST as usize {
+            p.take().unwrap();
+        }
+        let wait = p.take().unwrap_err();
+        assert!(wait <= Duration::from_secs_f64(1.0 / ACCEPT_RATE) + Duration::from_micros(1), "{wait:?}");
+        tokio::time::advance(wait).await;
+        p.take().unwrap();
+        // Over one more second, never more than the rate (plus rounding).
+        let mut taken = 0;
+        for _ in 0..1000 {
+            tokio::time::advance(Duration::from_millis(1)).await;
+            while p.take().is_ok() {
+                taken += 1;
+            }
+        }
+        assert!((ACCEPT_RATE as usize - 2..=ACCEPT_RATE as usize + 1).contains(&taken), "{taken}");
     }
 }

@@ -29,6 +29,22 @@ pub struct ServeArgs {
     /// How long a login session lasts, in hours.
     #[arg(long, default_value_t = 24 * 7)]
     pub session_hours: u64,
+    /// Cluster mode (ADR 0008): route between cloud nodes through this NATS
+    /// server, e.g. nats://127.0.0.1:4222. Needs a postgres:// --database-url
+    /// shared by every node, and --node-id.
+    #[arg(long, requires = "node_id")]
+    pub nats_url: Option<String>,
+    /// This node's name in the cluster (A-Z a-z 0-9 - _), unique per node.
+    #[arg(long, requires = "nats_url")]
+    pub node_id: Option<hearth_cloud::NodeId>,
+    /// The NATS subject prefix of this cluster, so several clusters can
+    /// share one NATS.
+    #[arg(long, default_value = "hearth", requires = "nats_url")]
+    pub nats_prefix: hearth_cloud::SubjectPrefix,
+    /// Serve Prometheus metrics at http://ADDR/metrics (plain HTTP, no
+    /// auth): bind it to an address only the scraper can reach.
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
     /// Also serve the web app and the API over plain HTTP on this loopback
     /// address (e.g. 127.0.0.1:8080), for a browser on this machine: it
     /// treats http://127.0.0.1 as secure but would not trust the private CA.
@@ -92,10 +108,38 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// The cluster settings from `--nats-url`, `--node-id` and `--nats-prefix`.
+pub fn cluster_config(
+    nats_url: Option<String>,
+    node_id: Option<hearth_cloud::NodeId>,
+    prefix: &hearth_cloud::SubjectPrefix,
+    database: &hearth_cloud::DatabaseUrl,
+) -> Result<Option<hearth_cloud::ClusterConfig>> {
+    let (Some(nats_url), Some(node_id)) = (nats_url, node_id) else { return Ok(None) };
+    if !matches!(database, hearth_cloud::DatabaseUrl::Postgres(_)) {
+        anyhow::bail!(
+            "--nats-url (cluster mode) needs --database-url postgres://...: every node must share one database, \
+             and SQLite ({database}) is a file on this machine only"
+        );
+    }
+    Ok(Some(hearth_cloud::ClusterConfig { nats_url, node_id, subject_prefix: prefix.clone() }))
+}
+
+/// Binds `--metrics-listen`, if given, and says where it is.
+async fn metrics_listener(addr: Option<SocketAddr>) -> Result<Option<TcpListener>> {
+    let Some(addr) = addr else { return Ok(None) };
+    let l = bind(addr, "metrics").await?;
+    println!("hearth cloud: metrics http://{}/metrics", l.local_addr()?);
+    Ok(Some(l))
+}
+
 /// Runs the cloud until Ctrl-C or SIGTERM.
 pub async fn serve(args: ServeArgs) -> Result<()> {
     let pki = hearth_pki::PkiDir::open(&args.pki);
     let config = cloud_config(&pki, &args.data_dir, args.database_url, Duration::from_secs(args.session_hours * 3600))?;
+    // Checked before binding anything: a cluster node on SQLite would keep
+    // state the other nodes need to itself.
+    let cluster = cluster_config(args.nats_url.clone(), args.node_id.clone(), &args.nats_prefix, &config.database)?;
     let api = bind(args.api_listen, "api").await?;
     let devices = bind(args.device_listen, "device").await?;
     println!("hearth cloud: api https://{} devices {}", api.local_addr()?, devices.local_addr()?);
@@ -107,7 +151,9 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         }
         None => None,
     };
-    hearth_cloud::serve_with_web(config, hearth_cloud::Listeners { api, devices }, web, shutdown_signal()).await?;
+    let metrics = metrics_listener(args.metrics_listen).await?;
+    let options = hearth_cloud::ServeOptions { web, cluster, metrics };
+    hearth_cloud::serve_with(config, hearth_cloud::Listeners { api, devices }, options, shutdown_signal()).await?;
     println!("hearth cloud: stopped");
     Ok(())
 }

@@ -4,6 +4,7 @@
 
 mod harness;
 
+mod cluster;
 mod e2e;
 mod rules;
 mod sharing;
