@@ -23,3 +23,6 @@ pub mod schedule;
 pub mod sun;
 
 pub use error::RuleError;
+/// The time library of this crate's API, so callers (the CLI rendering a
+/// device's local days) use the same types without a second dependency.
+pub use jiff;

@@ -791,6 +791,48 @@ pub fn parse_until(text: &str) -> Result<u64> {
     Ok(now_secs() + n.saturating_mul(secs))
 }
 
+/// Parses `--since`: unix seconds, or a time back from now such as `90m`, `24h`, `7d`.
+pub fn parse_since(text: &str) -> Result<u64> {
+    if let Ok(abs) = text.parse::<u64>() {
+        return Ok(abs);
+    }
+    let (num, unit) = text.split_at(text.len().saturating_sub(1));
+    let n: u64 = num.parse().with_context(|| format!("{text:?}: expected unix seconds or e.g. 90m, 24h, 7d"))?;
+    let secs = match unit {
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => bail!("{text:?}: the unit must be m, h or d"),
+    };
+    Ok(now_secs().saturating_sub(n.saturating_mul(secs)))
+}
+
+/// `hearth energy <device>`: the energy history the device keeps (issue
+/// 5), answered sealed to this controller and verified here.
+pub async fn energy(
+    cfg: &mut Config,
+    wanted: &str,
+    since: u64,
+    resolution: Option<hearth_proto::message::EnergyResolution>,
+    format: crate::energy::Format,
+) -> Result<u8> {
+    let devices = list(cfg).await?;
+    let dev = resolve(&devices, wanted)?.clone();
+    let (dev_key, _) = device_key(cfg, &dev).ok_or_else(|| anyhow!("cannot check {}'s answer: device key unknown", dev.name))?;
+    let (r, _) = send(cfg, &dev.id, &dev_key, Command::GetEnergy { since, resolution }).await?;
+    match r.outcome {
+        Outcome::Energy { report } => {
+            print!("{}", crate::energy::render(&dev.name, &report, format));
+            Ok(0)
+        }
+        Outcome::Refused { reason } => {
+            eprintln!("{} refused: {reason}", dev.name);
+            Ok(EXIT_REFUSED)
+        }
+        Outcome::Done | Outcome::Rules { .. } => bail!("the device answered without its energy history"),
+    }
+}
+
 /// `hearth access`: who may do what, as the device itself reports it
 /// (a signed, sealed answer to `GetAccess`; the cloud's view plays no part).
 pub async fn access(cfg: &mut Config, wanted: &str) -> Result<u8> {

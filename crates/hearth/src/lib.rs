@@ -7,6 +7,7 @@ pub mod client;
 pub mod config;
 pub mod controller;
 pub mod demo;
+pub mod energy;
 pub mod server;
 #[doc(hidden)]
 pub mod webvectors;

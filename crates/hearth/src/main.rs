@@ -105,6 +105,25 @@ enum Cmd {
         #[arg(long)]
         off_after: String,
     },
+    /// An energy plug's history, as the device reports it (sealed, verified):
+    /// a table and a small chart, or --csv / --json for scripts.
+    Energy {
+        /// Device name or id.
+        device: String,
+        /// From when: unix seconds or a time back from now (90m, 24h, 7d).
+        #[arg(long, default_value = "24h")]
+        since: String,
+        /// Bucket size: minute (24 h kept), hour (90 days) or day (2 years);
+        /// by default the finest that reaches back to --since.
+        #[arg(long)]
+        by: Option<String>,
+        /// One line per bucket, comma-separated.
+        #[arg(long, conflicts_with = "json")]
+        csv: bool,
+        /// One JSON document.
+        #[arg(long)]
+        json: bool,
+    },
     /// Switch a device on.
     On {
         /// Device name or id.
@@ -263,6 +282,16 @@ async fn run(cli: Cli) -> Result<u8> {
         Cmd::Timer { device, off_after } => {
             let secs = controller::parse_duration(&off_after)?;
             return controller::timer(&mut Config::load(&dir()?)?, &device, secs).await;
+        }
+        Cmd::Energy { device, since, by, csv, json } => {
+            let since = controller::parse_since(&since)?;
+            let by = by.as_deref().map(hearth::energy::parse_resolution).transpose()?;
+            let format = match (csv, json) {
+                (true, _) => hearth::energy::Format::Csv,
+                (_, true) => hearth::energy::Format::Json,
+                _ => hearth::energy::Format::Table,
+            };
+            return controller::energy(&mut Config::load(&dir()?)?, &device, since, by, format).await;
         }
         Cmd::On { device } => return controller::switch(&mut Config::load(&dir()?)?, &device, Command::SetRelay { on: true }).await,
         Cmd::Off { device } => return controller::switch(&mut Config::load(&dir()?)?, &device, Command::SetRelay { on: false }).await,
