@@ -91,8 +91,13 @@ test("the CLI, shared in from the web app, sees the state the web app switched",
   await sw.click();
   await owner.waitForFunction((id) => document.querySelector(`[data-state="${id}"]`)?.textContent === "On", w.devices.plug.id, { timeout: T });
   assert.equal(await owner.getByRole("button", { name: "Lamp power" }).getAttribute("aria-pressed"), "true");
-  // The CLI decrypts and verifies the device's own report.
-  const status = laptop.run(["status", w.devices.plug.id]);
+  // The CLI decrypts and verifies the device's own report (which reaches
+  // the cloud just after the answer the web app shows, so allow a moment).
+  let status = "";
+  for (const deadline = Date.now() + T; Date.now() < deadline; await new Promise((r) => setTimeout(r, 200))) {
+    status = laptop.run(["status", w.devices.plug.id]);
+    if (/: ON \(online\)/.test(status)) break;
+  }
   assert.match(status, /: ON \(online\)/, status);
 });
 
