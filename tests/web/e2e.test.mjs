@@ -188,6 +188,13 @@ test("a schedule created in the web app is on the device, as the CLI reads it", 
   assert.deepEqual(rule.kind.schedule.at, { clock: "06:30" });
   assert.equal(rule.kind.schedule.action, "on");
   assert.equal(rule.kind.schedule.days.length, 7);
+
+  await owner.getByLabel("Switch off this many minutes after it goes on").fill("45");
+  await owner.getByRole("button", { name: "Set timer" }).click();
+  await expectFlash(owner, /Timer set: off 45 min after switching on/);
+  const after = JSON.parse(laptop.run(["rules", w.devices.plug.id]));
+  assert.deepEqual(after.rules.filter((r) => r.kind.countdown).map((r) => r.kind.countdown.off_after_secs), [2700]);
+  assert.ok(after.rules.some((r) => r.name === "wake up"), "the schedule is still there");
 });
 
 test("a member invited from the web app can switch but not share", async () => {
@@ -217,6 +224,24 @@ test("a member invited from the web app can switch but not share", async () => {
   await member.getByRole("button", { name: "Share", exact: true }).click();
   await expectFlash(member, /Lamp refused: not allowed/);
   await screenshot(member, "07-member-refused");
+
+  // The owner revokes the member: from then on the device refuses it (and
+  // the cloud no longer routes for its account).
+  const memberId = (await member.evaluate(async () => (await (await import("/app/controller.js")).getIdentity()).controller));
+  await owner.getByRole("button", { name: "Who has access" }).click();
+  const row = owner.locator(`[data-access] li[data-controller="${memberId}"]`);
+  await row.waitFor({ timeout: T });
+  await row.getByRole("button", { name: /Revoke/ }).click();
+  await expectFlash(owner, /Revoked \(the device confirmed, signed\)/);
+  await row.waitFor({ state: "detached", timeout: T });
+  await member.getByRole("link", { name: "Home" }).click();
+  const stillListed = await member.getByRole("button", { name: "Lamp power" }).count();
+  if (stillListed) {
+    await member.getByRole("button", { name: "Lamp power" }).click();
+    await expectFlash(member, /not paired|not on this account/i);
+  } else {
+    await member.getByText("No devices yet").waitFor({ timeout: T });
+  }
   assert.deepEqual(member.problems.filter(csp), []);
 });
 
