@@ -274,13 +274,67 @@ fn a_device_moves_to_another_node_when_its_node_dies_and_no_command_is_lost_or_d
     assert_eq!(outcome(send(&first).unwrap()), Outcome::Refused { reason: Refusal::Replayed });
     assert!(phone.ok(&["status", "lamp"]).contains("ON"));
 
-    // The device's own persisted record: relay on, and the last command it
-    // accepted from this controller is exactly the second one.
+    // Newest link wins while the old node lives: a second link with the
+    // device's identity on node 3 makes node 2 drop the device's link; the
+    // device redials, its newer link makes node 3 drop the impostor.
+    let identity = hearth_device::store::Identity::load(&plug.state).unwrap();
+    let mut second_link = rt.block_on(async {
+        let tls = hearth_pki::client_config(
+            &identity.cloud_ca_pem,
+            Some(&hearth_pki::CertifiedKey { cert_pem: identity.cert_pem.clone(), key_pem: identity.key_pem.clone() }),
+        )
+        .unwrap();
+        let tcp = tokio::net::TcpStream::connect(format!("127.0.0.3:{device_port}")).await.unwrap();
+        let mut link = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls))
+            .connect(hearth_pki::server_name("localhost").unwrap(), tcp)
+            .await
+            .unwrap();
+        let hello = hearth_proto::link::DeviceFrame::Hello {
+            kind: hearth_proto::capability::DeviceKind::Plug,
+            firmware: "impostor".into(),
+            setup_lookup: None,
+        };
+        tokio::io::AsyncWriteExt::write_all(&mut link, &hearth_proto::link::encode_frame(&hello).unwrap()).await.unwrap();
+        link
+    });
+    let dropped = rt.block_on(async {
+        let mut buf = [0u8; 256];
+        tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                match tokio::io::AsyncReadExt::read(&mut second_link, &mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await
+    });
+    assert!(dropped.is_ok(), "the older link on node 3 was not dropped when the device linked again");
+    let third = signed(base + 2, false);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match send(&third) {
+            Ok(answer) => {
+                let got = outcome(answer);
+                assert!(matches!(got, Outcome::Done | Outcome::Refused { reason: Refusal::Replayed }), "{got:?}");
+                break;
+            }
+            Err(e) => {
+                assert!(Instant::now() < deadline, "the device did not come back after the link fight: {e:#}");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+    assert!(eventually(Duration::from_secs(10), || sample(&scrape(&node3.metrics), "hearth_device_links") == 0.0));
+
+    // The device's own persisted record: relay as the last command left it,
+    // and the last command it accepted from this controller is exactly the
+    // last one sent.
     let mut dev = dev;
     assert!(dev.terminate().success());
     let state = hearth_device::store::StateFile::in_dir(&plug.state).load().unwrap();
-    assert!(state.relay, "the last command (on) was lost");
-    assert_eq!(state.replay.last(&me), Some(base + 1), "the device's counter is not the last command's");
+    assert!(!state.relay, "the last command (off) was lost");
+    assert_eq!(state.replay.last(&me), Some(base + 2), "the device's counter is not the last command's");
     drop((node2, node3, watch, schema));
 }
 
