@@ -21,6 +21,10 @@
 //!   | `DELETE /devices/{id}/members/{controller}` | bearer (owner) | → 204; 404 |
 //!   | `GET /link` | bearer, or `?token=` for browsers | WebSocket: `ControllerPush` down, `ControllerFrame` up |
 //!
+//!   With `tuf` configured, also `GET /tuf/metadata/{file}` and `GET
+//!   /tuf/targets/{path}`: the firmware repository as static files (no auth;
+//!   devices verify them with TUF, see `tuf_serve.rs`).
+//!
 //!   Bodies are `application/json` (else 415), at most 64 KiB (else 413),
 //!   with unknown fields refused (400). Every error is `{"error": "..."}`.
 //! * the **device port** (default 8444): mutual TLS with certificates from
@@ -48,6 +52,7 @@ mod ratelimit;
 mod router;
 mod server;
 mod store;
+mod tuf_serve;
 mod web;
 
 /// Fuzzing entry points (issue 7); not part of the API.
@@ -74,6 +79,8 @@ pub mod seed {
 pub use cluster::{ClusterConfig, NodeId, SubjectPrefix};
 /// Where the cloud keeps its state (see `store.rs`).
 pub use store::{DatabaseUrl, DatabaseUrlError};
+/// The firmware update repository the API port serves (see `tuf_serve.rs`).
+pub use tuf_serve::{OnlineKeys, TufConfig};
 /// The connection limits and deadlines of both ports (see `server.rs`).
 pub use server::{HANDSHAKE_TIMEOUT, HEADER_TIMEOUT, MAX_CONNECTIONS, MAX_CONNECTIONS_PER_ADDRESS};
 
@@ -101,6 +108,9 @@ pub struct CloudConfig {
     pub manufacturer_ca_pem: String,
     /// How long a login session lasts (e.g. [`DEFAULT_SESSION_TTL`]).
     pub session_ttl: Duration,
+    /// The firmware update repository to serve under `/tuf/` (ADR 0004),
+    /// with the online keys that renew its timestamp; `None` serves none.
+    pub tuf: Option<TufConfig>,
 }
 
 /// The bound sockets to serve on. Binding is the caller's job, so it can
@@ -240,6 +250,11 @@ pub async fn serve_with(
         "cloud serving"
     );
     let mut app = api::app(state.clone());
+    let mut renewal = None;
+    if let Some(tuf) = config.tuf.clone() {
+        app = app.merge(tuf_serve::routes(tuf.clone()));
+        renewal = Some(tokio::spawn(tuf_serve::renewal_task(tuf, stop_rx.clone())));
+    }
     // The web app (ADR 0007) on the API port, and with the same API on
     // the loopback plain-HTTP listener if there is one.
     let web_task = web.map(|listener| {
@@ -260,7 +275,7 @@ pub async fn serve_with(
     // Every receiver has been handed out above, so sending cannot fail
     // while they live; if they are gone, there is nothing left to stop.
     let _ = stop_tx.send(true);
-    for task in [api_task, device_task, sweeper].into_iter().chain(web_task).chain(metrics_task) {
+    for task in [api_task, device_task, sweeper].into_iter().chain(renewal).chain(web_task).chain(metrics_task) {
         if let Err(e) = task.await {
             tracing::error!(error = %e, "a server task failed");
         }

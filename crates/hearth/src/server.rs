@@ -45,6 +45,19 @@ pub struct ServeArgs {
     /// auth): bind it to an address only the scraper can reach.
     #[arg(long)]
     pub metrics_listen: Option<SocketAddr>,
+    /// A firmware repository (`hearth fw init`) to serve under /tuf/ on the API port.
+    #[arg(long)]
+    pub tuf_repo: Option<PathBuf>,
+    /// The repository's online timestamp key; with it the cloud renews the
+    /// timestamp at half its lifetime. Root and targets keys are refused.
+    #[arg(long, requires = "tuf_repo")]
+    pub tuf_timestamp_key: Option<PathBuf>,
+    /// The online snapshot key, to renew the snapshot as well.
+    #[arg(long, requires = "tuf_timestamp_key")]
+    pub tuf_snapshot_key: Option<PathBuf>,
+    /// Lifetime of a renewed timestamp, in seconds (the snapshot gets 7×).
+    #[arg(long, default_value_t = 86_400, requires = "tuf_timestamp_key")]
+    pub tuf_timestamp_lifetime: u64,
     /// Also serve the web app and the API over plain HTTP on this loopback
     /// address (e.g. 127.0.0.1:8080), for a browser on this machine: it
     /// treats http://127.0.0.1 as secure but would not trust the private CA.
@@ -63,6 +76,26 @@ pub fn parse_loopback(text: &str) -> Result<SocketAddr, String> {
     }
 }
 
+/// The firmware repository settings from `hearth cloud serve`'s flags.
+pub fn tuf_config(args: &ServeArgs) -> Result<Option<hearth_cloud::TufConfig>> {
+    let Some(repo_dir) = args.tuf_repo.clone() else { return Ok(None) };
+    let key = |p: &PathBuf| -> Result<hearth_tuf::crypto::SigningKey> {
+        let pem = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+        hearth_tuf::crypto::SigningKey::from_pem(&pem).with_context(|| format!("key {}", p.display()))
+    };
+    let keys = match &args.tuf_timestamp_key {
+        Some(ts) => {
+            let snapshot = args.tuf_snapshot_key.as_ref().map(key).transpose()?;
+            Some(std::sync::Arc::new(hearth_cloud::OnlineKeys::load(&repo_dir, key(ts)?, snapshot)?))
+        }
+        None => None,
+    };
+    if !repo_dir.join("metadata").join("timestamp.json").is_file() {
+        anyhow::bail!("{} is not a firmware repository (no metadata/timestamp.json; see `hearth fw init`)", repo_dir.display());
+    }
+    Ok(Some(hearth_cloud::TufConfig { repo_dir, keys, timestamp_lifetime: Duration::from_secs(args.tuf_timestamp_lifetime.max(2)) }))
+}
+
 /// Builds the cloud configuration from a PKI directory and a data directory.
 /// `database` overrides the default SQLite file in `data_dir`.
 pub fn cloud_config(
@@ -77,6 +110,7 @@ pub fn cloud_config(
         server: pki.cloud_server().context("loading the cloud's server certificate")?,
         manufacturer_ca_pem: pki.read(hearth_pki::MANUFACTURER_CA)?,
         session_ttl: session,
+        tuf: None,
     })
 }
 
@@ -136,7 +170,9 @@ async fn metrics_listener(addr: Option<SocketAddr>) -> Result<Option<TcpListener
 /// Runs the cloud until Ctrl-C or SIGTERM.
 pub async fn serve(args: ServeArgs) -> Result<()> {
     let pki = hearth_pki::PkiDir::open(&args.pki);
-    let config = cloud_config(&pki, &args.data_dir, args.database_url, Duration::from_secs(args.session_hours * 3600))?;
+    let tuf = tuf_config(&args)?;
+    let mut config = cloud_config(&pki, &args.data_dir, args.database_url.clone(), Duration::from_secs(args.session_hours * 3600))?;
+    config.tuf = tuf;
     // Checked before binding anything: a cluster node on SQLite would keep
     // state the other nodes need to itself.
     let cluster = cluster_config(args.nats_url.clone(), args.node_id.clone(), &args.nats_prefix, &config.database)?;

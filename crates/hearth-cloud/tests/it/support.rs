@@ -70,6 +70,7 @@ impl Cloud {
             server,
             manufacturer_ca_pem: manufacturer.cert_pem.clone(),
             session_ttl,
+            tuf: None,
         };
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(hearth_cloud::serve(config, Listeners { api, devices }, async {
@@ -88,7 +89,7 @@ impl Cloud {
     pub async fn serve_error(database: hearth_cloud::DatabaseUrl) -> String {
         let pki = hearth_pki::generate_ca("test cloud", Validity::days(1)).unwrap();
         let server = hearth_pki::issue_server_cert(&pki, &["localhost".into()], Validity::days(1)).unwrap();
-        let config = CloudConfig { database, server, manufacturer_ca_pem: pki.cert_pem.clone(), session_ttl: T };
+        let config = CloudConfig { database, server, manufacturer_ca_pem: pki.cert_pem.clone(), session_ttl: T, tuf: None };
         let api = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let devices = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let served = tokio::time::timeout(T, hearth_cloud::serve(config, Listeners { api, devices }, std::future::pending()));
