@@ -254,7 +254,21 @@ test("an offline device is shown offline and cannot be switched", async () => {
   await screenshot(owner, "08-offline");
 });
 
-test("log out", async () => {
+test("change the password, log in with the new one, log out", async () => {
+  await owner.getByRole("link", { name: "Settings" }).click();
+  await screenshot(owner, "09-settings");
+  await owner.getByLabel("Current password").fill("correct horse battery staple");
+  await owner.getByLabel("New password (8 characters or more)").fill("a new horse battery staple");
+  await owner.getByRole("button", { name: "Change password" }).click();
+  await owner.getByRole("heading", { name: "Sign in to Hearth" }).waitFor({ timeout: T });
+  await expectFlash(owner, /Password changed/);
+  await owner.getByLabel("Email").fill("owner@example.com");
+  await owner.getByLabel("Password").fill("correct horse battery staple");
+  await owner.getByRole("button", { name: "Log in" }).click();
+  await expectFlash(owner, /wrong email or password/);
+  await owner.getByLabel("Password").fill("a new horse battery staple");
+  await owner.getByRole("button", { name: "Log in" }).click();
+  await owner.getByRole("heading", { name: "Home" }).waitFor({ timeout: T });
   await owner.getByRole("link", { name: "Settings" }).click();
   await owner.getByRole("button", { name: "Log out" }).click();
   await owner.getByRole("heading", { name: "Sign in to Hearth" }).waitFor({ timeout: T });

@@ -78,6 +78,12 @@ export async function login(email, password, signup) {
   await api.call("POST", "/api/v1/controllers", { public_key: b64url(id.pub), name: `web@${navigator.platform || "browser"}`.slice(0, 64) });
 }
 
+// Changing the password ends every session of the account (this one too).
+export async function changePassword(oldPassword, newPassword) {
+  await api.call("POST", "/api/v1/password", { old_password: oldPassword, new_password: newPassword });
+  await api.setSession(null);
+}
+
 export async function logout() {
   try {
     await api.call("POST", "/api/v1/logout");

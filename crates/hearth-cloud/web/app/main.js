@@ -586,8 +586,26 @@ async function settingsScreen() {
     h("div", { class: "card" }, h("p", {}, "Account: ", h("strong", {}, (session && session.email) || "?")), h("p", {}, "This browser's controller id: ", h("span", { class: "mono", "data-controller-id": "" }, id.controller)), h("p", {}, "Encryption key fingerprint: ", h("span", { class: "mono" }, await ctl.encFingerprint()))),
     h("section", { "aria-labelledby": "sc-title" }, h("h2", { id: "sc-title" }, "Your share code"), h("p", { class: "muted" }, "Give this to a device's owner so they can share it with you. Compare the fingerprint with them."), ...field("Share code", codeBox)),
     h("p", { class: "muted" }, "Keys are kept in this browser and cannot be exported; clearing the site's data removes this controller from your devices' point of view."),
+    passwordForm(),
     out,
   );
+}
+
+function passwordForm() {
+  const oldPw = h("input", { type: "password", autocomplete: "current-password", required: true, name: "old-password" });
+  const newPw = h("input", { type: "password", autocomplete: "new-password", required: true, minlength: 8, name: "new-password" });
+  const form = h("form", { "aria-labelledby": "pw-title" }, h("h2", { id: "pw-title" }, "Change password"), field("Current password", oldPw), field("New password (8 characters or more)", newPw), h("div", { class: "row" }, h("button", { type: "submit", class: "secondary" }, "Change password")));
+  form.addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    busy(form.querySelector("button"), async () => {
+      await ctl.changePassword(oldPw.value, newPw.value);
+      closeLink();
+      devices.clear();
+      flash("Password changed; every session of this account has ended. Log in with the new password.");
+      location.hash = "#/login";
+    });
+  });
+  return form;
 }
 
 // ---- routing ----
