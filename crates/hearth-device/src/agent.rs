@@ -85,6 +85,8 @@ enum Event {
     WalkPast(oneshot::Sender<()>),
     Snapshot(oneshot::Sender<Snapshot>),
     Shutdown,
+    /// From the update client (`update.rs`).
+    Update(crate::update::Notice),
 }
 
 /// A running agent. Dropping the handle stops the agent too.
@@ -139,6 +141,12 @@ impl AgentHandle {
         self.ask(Event::Snapshot).await
     }
 
+    /// Resolves once the agent has stopped by itself (it installed a
+    /// firmware update and wants the supervisor to start it).
+    pub async fn stopped(&self) {
+        self.events.closed().await;
+    }
+
     /// Stops the agent, closing the link cleanly, and waits until it has
     /// released the state directory.
     pub async fn shutdown(self) -> anyhow::Result<()> {
@@ -168,11 +176,20 @@ pub fn spawn(opts: AgentOptions) -> anyhow::Result<AgentHandle> {
     .map_err(Error::from)?;
     let (device, kind) = (config.device.clone(), config.kind);
     let mut store = store;
+    let update_prefs = state.update.clone();
     let mut core = DeviceCore::new(device.clone(), kind, identity.key, identity.secret, state);
     // Once, before any command: the power-on policy through the interlock.
     core.boot(&mut store, unix_now())?;
     let (events_tx, events) = mpsc::channel(16);
+    // Issue 4: the firmware update client, if this device has one.
+    let notices = events_tx.clone();
+    let updater = crate::update::start(dir, device.clone(), &identity.cloud_ca_pem, update_prefs, move |n| {
+        // The agent may be gone (shutting down); then nobody needs the notice.
+        let _ = notices.blocking_send(Event::Update(n));
+    })?;
     let agent = Agent {
+        updater,
+        state_dir: dir.clone(),
         core,
         store,
         events,
@@ -284,6 +301,10 @@ struct Agent {
     next_tick: Instant,
     /// Held for the agent's life so no other agent uses the same directory.
     _lock: DirLock,
+    /// The firmware update client (`update.rs`), if configured.
+    updater: Option<crate::update::UpdateHandle>,
+    /// The state directory (for the trial-boot health report).
+    state_dir: PathBuf,
 }
 
 impl Agent {
@@ -360,6 +381,10 @@ impl Agent {
         };
         match ev? {
             Event::Shutdown => None,
+            // An update is installed: stop like a shutdown, so the
+            // supervisor starts the new image on trial.
+            Event::Update(crate::update::Notice::Restart) => None,
+            Event::Update(crate::update::Notice::Status(status)) => Some(logged(self.core.set_firmware(status, store, now))),
             Event::Reset(done) => {
                 let frames = logged(self.core.reset(store));
                 let _ = done.send(());
@@ -405,6 +430,8 @@ impl Agent {
         if let Err(why) = link.send_all(&hello).await {
             return LinkEnd::Closed(why);
         }
+        // ADR 0004 "Trial boot": the cloud is reached and the state saved.
+        crate::update::report_healthy(&self.state_dir);
         let mut idle_deadline = Instant::now() + IDLE_TIMEOUT;
         loop {
             enum Step {
@@ -454,7 +481,14 @@ impl Agent {
         while let Some(body) = link.next_body()? {
             match link::decode_body::<CloudFrame>(&body) {
                 Ok(frame) => match self.core.handle(frame, &mut self.store, unix_now()) {
-                    Ok(frames) => out.extend(frames),
+                    Ok(frames) => {
+                        out.extend(frames);
+                        for request in self.core.take_update_requests() {
+                            if let Some(u) = &self.updater {
+                                u.request(request);
+                            }
+                        }
+                    }
                     Err(e) => error!("could not save the device state; the frame was not acted on: {e}"),
                 },
                 Err(e) => warn!("skipped a malformed frame from the cloud: {e}"),

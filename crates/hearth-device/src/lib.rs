@@ -13,6 +13,9 @@
 //! * [`energy`] — an energy plug's history (A/B images) and reports.
 //! * [`rules`] — the persisted rules and safety-interlock state that
 //!   [`DeviceCore`] drives every second.
+//! * [`update`] — the firmware update client: TUF over TLS to the cloud's
+//!   repository, staged rollout and owner policy, install into the inactive
+//!   slot, the trial-boot health report (issue 4).
 //!
 //! Invariants: the device writes nothing to a socket before the TLS
 //! handshake verified the cloud against the provisioned CA and name; every
@@ -28,6 +31,7 @@ mod error;
 pub mod energy;
 mod provision;
 pub mod store;
+pub mod update;
 
 pub use agent::{run, spawn, AgentHandle, AgentOptions, Snapshot};
 pub use protocol::DeviceCore;

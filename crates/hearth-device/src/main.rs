@@ -74,6 +74,33 @@ enum Cmd {
         #[arg(long, default_value = "localhost")]
         server_name: String,
     },
+    /// Factory step: ship the firmware repository's trusted root.json with
+    /// the device and configure its update client (issue 4). With
+    /// --factory-version, also installs this very binary into slot A for
+    /// `hearth-device-supervisor`.
+    EnableUpdates {
+        /// The provisioned state directory.
+        #[arg(long, env = "HEARTH_DEVICE_STATE_DIR")]
+        state_dir: PathBuf,
+        /// The repository's root.json (public keys only).
+        #[arg(long)]
+        root: PathBuf,
+        /// The repository URL, https://HOST:PORT/tuf (the cloud's API port).
+        #[arg(long)]
+        repository: String,
+        /// This device's hardware model (targets carry it in custom metadata).
+        #[arg(long)]
+        hardware_model: String,
+        /// Seconds between periodic checks.
+        #[arg(long, default_value_t = 6 * 3600)]
+        check_every: u64,
+        /// Download and slot-write limit in bytes per second.
+        #[arg(long)]
+        max_rate: Option<u64>,
+        /// The version of this binary, installed into slot A as the factory image.
+        #[arg(long)]
+        factory_version: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -105,6 +132,21 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             rt.block_on(run(AgentOptions { state_dir, cloud_addr_override: cloud, server_name_override: server_name }))
         }
         Cmd::Reset { state_dir } => reset(&state_dir),
+        Cmd::EnableUpdates { state_dir, root, repository, hardware_model, check_every, max_rate, factory_version } => {
+            let root_json = std::fs::read(&root).with_context(|| format!("reading {}", root.display()))?;
+            let config = hearth_device::update::UpdateConfig {
+                repository_url: repository,
+                hardware_model,
+                check_every_secs: check_every,
+                max_rate_bytes_per_sec: max_rate,
+                install_command: None,
+            };
+            let exe = std::env::current_exe().context("finding this binary")?;
+            let factory = factory_version.as_deref().map(|v| (exe.as_path(), v));
+            hearth_device::update::provision(&state_dir, &root_json, &config, factory)?;
+            println!("updates enabled in {} from {}", state_dir.display(), config.repository_url);
+            Ok(())
+        }
         Cmd::Show { state_dir } => show(&state_dir),
         Cmd::Provision { state_dir, pki, kind, cloud, server_name } => {
             let pki = hearth_pki::PkiDir::open(pki);
@@ -131,6 +173,10 @@ async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
+            () = handle.stopped() => {
+                tracing::info!("the agent stopped to start the installed firmware");
+                break;
+            }
             _ = usr1.recv() => handle.press_reset().await?,
             // A motion sensor has no button: SIGUSR2 is a person walking
             // past it (how the simulator is driven from outside, e.g. by
@@ -162,7 +208,9 @@ fn enter_sandbox(state_dir: PathBuf, cloud: Option<&str>, user: Option<String>) 
     for port in ports {
         anyhow::ensure!(port? == cloud_port, "every cloud address in {addr:?} must use the same port (the sandbox allows one)");
     }
-    let applied = sandbox::apply(&sandbox::Policy { state_dir, user, cloud_port })?;
+    // The firmware repository's port, if the update client is configured.
+    let update_port = hearth_device::update::UpdateConfig::load(&state_dir)?.and_then(|c| c.port());
+    let applied = sandbox::apply(&sandbox::Policy { state_dir, user, cloud_port, update_port })?;
     tracing::info!(dropped_to = ?applied.dropped_to, landlock = ?applied.landlock, "sandbox applied");
     // Hidden test hook (tests/it/sandbox.rs): report what the sandbox refuses.
     if let Some(outside) = std::env::var_os("HEARTH_DEVICE_SANDBOX_SELFTEST") {

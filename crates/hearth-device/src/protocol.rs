@@ -51,6 +51,11 @@ pub struct DeviceCore {
     energy: Option<crate::energy::DeviceEnergy>,
     /// When the scheduler's bookkeeping was last saved (see [`DeviceCore::tick`]).
     last_tick_save: u64,
+    /// The update client's status (`update.rs`), reported in the state;
+    /// `None` on a device without one.
+    firmware: Option<message::FirmwareStatus>,
+    /// Update commands accepted since the last [`DeviceCore::take_update_requests`].
+    update_requests: Vec<crate::update::UpdateRequest>,
 }
 
 /// How often [`DeviceCore::tick`] saves the scheduler's bookkeeping when
@@ -107,7 +112,7 @@ impl DeviceCore {
             // only when the two disagree.
             let _ = state.rules.interlock.request(state.relay, Source::Local, jiff::Timestamp::UNIX_EPOCH);
         }
-        Self { device, kind, key, secret, state, motion: false, load_mw: SIMULATED_LOAD_MW, safety_events: Vec::new(), last_tick_save: 0, energy: kind.has(Capability::EnergyMeter).then(|| crate::energy::DeviceEnergy::new(None)) }
+        Self { device, kind, key, secret, state, motion: false, load_mw: SIMULATED_LOAD_MW, safety_events: Vec::new(), last_tick_save: 0, energy: kind.has(Capability::EnergyMeter).then(|| crate::energy::DeviceEnergy::new(None)), firmware: None, update_requests: Vec::new() }
     }
 
     /// Sets the simulated load an energy plug draws while on (the
@@ -193,7 +198,35 @@ impl DeviceCore {
 
     /// What the device reports now.
     pub fn report(&self) -> DeviceState {
-        observable(self.kind, &self.state, self.motion, self.load_mw)
+        self.with_firmware(observable(self.kind, &self.state, self.motion, self.load_mw))
+    }
+
+    /// Adds the firmware status, with the policy as stored on the device.
+    fn with_firmware(&self, mut state: DeviceState) -> DeviceState {
+        state.firmware = self.firmware.clone().map(|mut f| {
+            f.policy = self.state.update.policy.clone();
+            f
+        });
+        state
+    }
+
+    /// The update client's status changed (issue 4): remember it and report
+    /// it in a signed, sealed state report.
+    ///
+    /// # Errors
+    /// Saving the report's sequence number failed; nothing is sent.
+    pub fn set_firmware(&mut self, status: message::FirmwareStatus, store: &mut dyn StateStore, now: u64) -> Result<Vec<DeviceFrame>, Error> {
+        self.firmware = Some(status);
+        let mut next = self.state.clone();
+        let report = self.state_frame(&mut next, self.motion, Cause::Report, now)?;
+        self.save(store, next)?;
+        Ok(vec![report])
+    }
+
+    /// Update commands (check, approve, policy) accepted since the last call,
+    /// for the agent to pass to the update client.
+    pub fn take_update_requests(&mut self) -> Vec<crate::update::UpdateRequest> {
+        std::mem::take(&mut self.update_requests)
     }
 
     /// The setup lookup to announce, while in setup mode.
@@ -219,7 +252,7 @@ impl DeviceCore {
             kind: self.kind,
             seq: next.seq,
             at: now,
-            state: observable(self.kind, next, motion, self.load_mw),
+            state: self.with_firmware(observable(self.kind, next, motion, self.load_mw)),
             cause,
         };
         let inner = message::sign_state(&self.key, &payload)?;
@@ -271,6 +304,7 @@ impl DeviceCore {
         let before = next.relay;
         let mut access_report = None;
         let mut outcome = Outcome::Done;
+        let mut update_request = None;
         match decision.command {
             Command::SetRelay { .. } | Command::Toggle => {
                 let on = match decision.command {
@@ -336,6 +370,23 @@ impl DeviceCore {
                     tracing::info!(by = %decision.controller, %controller, "revoked a controller");
                 }
             }
+            // Issue 4: `decide` let only owners and admins through (config changes).
+            Command::SetUpdatePolicy { ref policy } => {
+                if policy.window.is_some_and(|w| !w.is_valid()) {
+                    outcome = Outcome::Refused { reason: Refusal::Malformed };
+                } else {
+                    next.update.policy = policy.clone();
+                    update_request = Some(crate::update::UpdateRequest::Policy(policy.clone()));
+                }
+            }
+            Command::CheckUpdate | Command::ApproveUpdate { .. } if self.firmware.is_none() => {
+                outcome = Outcome::Refused { reason: Refusal::Unsupported };
+            }
+            Command::CheckUpdate => update_request = Some(crate::update::UpdateRequest::Check),
+            Command::ApproveUpdate { ref version } => {
+                next.update.approved = Some(version.clone());
+                update_request = Some(crate::update::UpdateRequest::Approve(version.clone()));
+            }
         }
         let changed = next.relay != before;
         if changed {
@@ -347,7 +398,7 @@ impl DeviceCore {
             };
         }
         let mut frames = Vec::with_capacity(2);
-        let after = observable(self.kind, &next, self.motion, self.load_mw);
+        let after = self.with_firmware(observable(self.kind, &next, self.motion, self.load_mw));
         let access = next.access.clone();
         frames.push(self.result_frame(&access, decision.controller.clone(), decision.counter, outcome, after, access_report, now)?);
         if changed {
@@ -357,6 +408,7 @@ impl DeviceCore {
         // Everything is signed before saving, so a signing failure cannot leave
         // an applied command without its answer.
         self.save(store, next)?;
+        self.update_requests.extend(update_request);
         tracing::info!(controller = %decision.controller, counter = decision.counter, command = ?decision.command, relay = self.state.relay, "executed a command");
         Ok(frames)
     }
@@ -655,7 +707,7 @@ fn observable(kind: DeviceKind, state: &PersistentState, motion: bool, load_mw: 
     let relay = kind.has(Capability::Switch).then_some(state.relay);
     let power_mw = kind.has(Capability::EnergyMeter).then_some(if state.relay { load_mw } else { 0 });
     let motion = kind.has(Capability::Motion).then_some(motion);
-    DeviceState { relay, motion, power_mw }
+    DeviceState { relay, motion, power_mw, firmware: None }
 }
 
 #[cfg(test)]
@@ -744,12 +796,12 @@ mod tests {
     fn reports_carry_only_the_fields_of_the_kind() {
         let mut store = Memory::default();
         let (mut plug, _) = core(DeviceKind::EnergyPlug);
-        assert_eq!(plug.report(), DeviceState { relay: Some(false), motion: None, power_mw: Some(0) });
+        assert_eq!(plug.report(), DeviceState { relay: Some(false), motion: None, power_mw: Some(0), firmware: None });
         plug.press_button(&mut store, NOW).unwrap();
-        assert_eq!(plug.report(), DeviceState { relay: Some(true), motion: None, power_mw: Some(SIMULATED_LOAD_MW) });
+        assert_eq!(plug.report(), DeviceState { relay: Some(true), motion: None, power_mw: Some(SIMULATED_LOAD_MW), firmware: None });
 
         let (mut sensor, secret) = core(DeviceKind::MotionSensor);
-        assert_eq!(sensor.report(), DeviceState { relay: None, motion: Some(false), power_mw: None });
+        assert_eq!(sensor.report(), DeviceState { relay: None, motion: Some(false), power_mw: None, firmware: None });
         assert!(sensor.press_button(&mut store, NOW).unwrap().is_empty());
         let owner = pair(&mut sensor, &secret, &mut store);
         let me = PublicKey::from(&owner).controller_id();

@@ -65,6 +65,8 @@ pub struct Policy {
     pub user: Option<String>,
     /// The cloud's TCP port, the only one the agent may connect to.
     pub cloud_port: u16,
+    /// The firmware repository's port (issue 4), also allowed when set.
+    pub update_port: Option<u16>,
 }
 
 /// What [`apply`] achieved, for the log and the self-test.
@@ -87,7 +89,7 @@ pub fn apply(policy: &Policy) -> anyhow::Result<Applied> {
     // the directory hangs on this descriptor, not on a path lookup later.
     let dir_fd = PathFd::new(dir).with_context(|| format!("opening the state directory {}", dir.display()))?;
     let dropped_to = drop_privileges(dir, policy.user.as_deref())?;
-    let landlock = restrict_filesystem(dir_fd, policy.cloud_port)?;
+    let landlock = restrict_filesystem(dir_fd, policy.cloud_port, policy.update_port)?;
     forbid_spawning()?;
     Ok(Applied { dropped_to, landlock, state_dir: PathBuf::from(".") })
 }
@@ -165,17 +167,29 @@ fn lookup_user(spec: &str) -> anyhow::Result<(u32, u32)> {
 /// The state directory is flat; one level of entries is all there is.
 fn chown_tree(dir: &Path, uid: u32, gid: u32) -> anyhow::Result<()> {
     std::os::unix::fs::chown(dir, Some(uid), Some(gid)).context("handing the state directory to the agent's user")?;
+    chown_entries(dir, uid, gid, 3)
+}
+
+/// Hands everything below `dir` to the agent's user, descending into real
+/// directories (never symlinks) at most `depth` levels: the firmware slots
+/// (`slots/a/image`, written by root at the factory or by the supervisor)
+/// must be writable by the agent that installs the next update.
+fn chown_entries(dir: &Path, uid: u32, gid: u32, depth: u32) -> anyhow::Result<()> {
     for entry in std::fs::read_dir(dir).context("listing the state directory")? {
         let path = entry.context("listing the state directory")?.path();
         // lchown: a planted symlink must not make root chown its target.
         std::os::unix::fs::lchown(&path, Some(uid), Some(gid))
             .with_context(|| format!("handing {} to the agent's user", path.display()))?;
+        let is_dir = std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir());
+        if is_dir && depth > 1 {
+            chown_entries(&path, uid, gid, depth - 1)?;
+        }
     }
     Ok(())
 }
 
 /// Step 2: Landlock, best effort so old kernels still run the agent.
-fn restrict_filesystem(dir: PathFd, cloud_port: u16) -> anyhow::Result<RulesetStatus> {
+fn restrict_filesystem(dir: PathFd, cloud_port: u16, update_port: Option<u16>) -> anyhow::Result<RulesetStatus> {
     let abi = LANDLOCK_ABI;
     let read = AccessFs::from_read(abi) & AccessFs::from_file(abi);
     let mut ruleset = Ruleset::default()
@@ -187,6 +201,9 @@ fn restrict_filesystem(dir: PathFd, cloud_port: u16) -> anyhow::Result<RulesetSt
         .add_rule(PathBeneath::new(dir, AccessFs::from_all(abi)))?
         .add_rule(NetPort::new(cloud_port, AccessNet::ConnectTcp))?
         .add_rule(NetPort::new(53, AccessNet::ConnectTcp))?;
+    if let Some(port) = update_port {
+        ruleset = ruleset.add_rule(NetPort::new(port, AccessNet::ConnectTcp))?;
+    }
     for file in RESOLVER_FILES {
         // Missing resolver files are normal (containers); anything else is an error.
         match PathFd::new(file) {

@@ -86,6 +86,10 @@ pub struct PersistentState {
     /// files written before the device had rules: the defaults apply.
     #[serde(default)]
     pub rules: crate::rules::RulesState,
+    /// The owner's firmware update policy and approval (issue 4). Absent in
+    /// files written before the device had an update client.
+    #[serde(default)]
+    pub update: crate::update::UpdatePrefs,
 }
 
 impl PersistentState {
@@ -100,6 +104,7 @@ impl PersistentState {
             seq: 0,
             off_at: None,
             rules: crate::rules::RulesState::default(),
+            update: crate::update::UpdatePrefs::default(),
         }
     }
 }

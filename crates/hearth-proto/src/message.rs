@@ -79,6 +79,133 @@ pub enum Command {
     },
     /// Report the rule set (answered as [`Outcome::Rules`], only sealed).
     GetRules,
+    /// Set how the device installs firmware updates (issue 4): automatic
+    /// (optionally only in a time window) or only after approval. Stored
+    /// on the device; owners and admins only.
+    SetUpdatePolicy {
+        /// The new policy.
+        policy: UpdatePolicy,
+    },
+    /// Check the firmware repository now (and, under the automatic policy,
+    /// install what is found at once, window or not). Owners and admins only.
+    CheckUpdate,
+    /// Approve installing firmware `version` (under the approval policy).
+    /// The device still verifies it with TUF and refuses a downgrade; the
+    /// approval only lifts the owner's own hold. Owners and admins only.
+    ApproveUpdate {
+        /// The version the owner saw offered and approves.
+        version: String,
+    },
+}
+
+/// How a device installs firmware updates the repository offers.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdatePolicy {
+    /// Automatic or per-update approval.
+    pub mode: UpdateMode,
+    /// Automatic installs start only inside this daily window (UTC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<UpdateWindow>,
+}
+
+/// Whether updates need the owner's approval.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpdateMode {
+    /// Install verified updates by itself (the default: security fixes
+    /// should not wait for someone to open an app).
+    #[default]
+    Automatic,
+    /// Offer each update and install it only after [`Command::ApproveUpdate`].
+    Approval,
+}
+
+/// A daily window in minutes after midnight UTC, `start` inclusive, `end`
+/// exclusive; `start > end` wraps past midnight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateWindow {
+    /// First minute of the day (0–1439).
+    pub start_min: u16,
+    /// Minute the window closes (0–1439).
+    pub end_min: u16,
+}
+
+impl UpdateWindow {
+    /// Whether both ends are minutes of a day and the window is not empty.
+    pub fn is_valid(&self) -> bool {
+        self.start_min < 1440 && self.end_min < 1440 && self.start_min != self.end_min
+    }
+
+    /// Whether unix time `now` falls inside the window.
+    pub fn contains(&self, now: u64) -> bool {
+        let m = u16::try_from(now % 86_400 / 60).unwrap_or(0);
+        if self.start_min <= self.end_min {
+            (self.start_min..self.end_min).contains(&m)
+        } else {
+            m >= self.start_min || m < self.end_min
+        }
+    }
+}
+
+/// Where an update stands on the device.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpdatePhase {
+    /// Nothing in progress.
+    #[default]
+    Idle,
+    /// Refreshing TUF metadata.
+    Checking,
+    /// A verified update is offered and waits for [`Command::ApproveUpdate`].
+    AwaitingApproval,
+    /// Downloading the image (see `progress`).
+    Downloading,
+    /// Writing the image into the inactive slot (see `progress`).
+    Installing,
+    /// Installed; the device restarts into the new image on trial.
+    Restarting,
+}
+
+/// Bytes done of a download or slot write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateProgress {
+    /// Bytes done.
+    pub done: u64,
+    /// Bytes in all (the length from signed target metadata).
+    pub total: u64,
+}
+
+/// The firmware part of a device's signed state (issue 4).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FirmwareStatus {
+    /// The running firmware version.
+    pub version: String,
+    /// The running slot (`a`/`b`), when the device has A/B slots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot: Option<String>,
+    /// The stored update policy.
+    pub policy: UpdatePolicy,
+    /// What the updater is doing.
+    pub phase: UpdatePhase,
+    /// Download or install progress.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<UpdateProgress>,
+    /// The version offered, being installed, or awaiting approval.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offered: Option<String>,
+    /// When the repository was last checked (unix seconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checked_at: Option<u64>,
+    /// The outcome of the last check, for people (e.g. why an update was refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_check: Option<String>,
+    /// The outcome of the last install (committed, or failed and rolled back).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_result: Option<String>,
 }
 
 impl Command {
@@ -93,7 +220,10 @@ impl Command {
             | Command::GetRules
             | Command::RegisterKey { .. }
             | Command::AddController { .. }
-            | Command::RemoveController { .. } => None,
+            | Command::RemoveController { .. }
+            | Command::SetUpdatePolicy { .. }
+            | Command::CheckUpdate
+            | Command::ApproveUpdate { .. } => None,
         }
     }
 
@@ -110,7 +240,10 @@ impl Command {
     /// Whether the command changes the device's configuration (rules and
     /// safety interlocks): owners and admins only.
     pub fn is_config_change(&self) -> bool {
-        matches!(self, Command::SetRules { .. })
+        matches!(
+            self,
+            Command::SetRules { .. } | Command::SetUpdatePolicy { .. } | Command::CheckUpdate | Command::ApproveUpdate { .. }
+        )
     }
 }
 
@@ -145,6 +278,10 @@ pub struct DeviceState {
     /// Instantaneous power in milliwatts, for energy meters.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub power_mw: Option<u64>,
+    /// Firmware version, slot, update policy, progress and last result,
+    /// for devices with an update client (issue 4).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firmware: Option<FirmwareStatus>,
 }
 
 /// How a command ended.
