@@ -332,6 +332,12 @@ fn a_device_moves_to_another_node_when_its_node_dies_and_no_command_is_lost_or_d
     // last one sent.
     let mut dev = dev;
     assert!(dev.terminate().success());
+    // With no node holding a link, NATS says so at once: 503, not a timeout.
+    let asked = Instant::now();
+    let err = send(&signed(base + 3, true)).expect_err("the device is stopped");
+    let err = err.downcast_ref::<hearth::client::ApiError>().expect("an API error");
+    assert_eq!(err.status, hyper::StatusCode::SERVICE_UNAVAILABLE, "{err:?}");
+    assert!(asked.elapsed() < Duration::from_secs(3), "offline took {:?} to detect", asked.elapsed());
     let state = hearth_device::store::StateFile::in_dir(&plug.state).load().unwrap();
     assert!(!state.relay, "the last command (off) was lost");
     assert_eq!(state.replay.last(&me), Some(base + 2), "the device's counter is not the last command's");
