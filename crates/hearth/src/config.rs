@@ -83,6 +83,11 @@ impl Config {
         Ok(Self { dir: dir.to_owned(), settings })
     }
 
+    /// The controller directory (key, session, groups).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// Saves the settings atomically.
     pub fn save(&self) -> Result<()> {
         let bytes = serde_json::to_vec_pretty(&self.settings)?;

@@ -184,14 +184,13 @@ pub async fn pair(cfg: &mut Config, label: &str, name: Option<String>) -> Result
     Ok(())
 }
 
-/// The devices the cloud lists for this account.
-pub async fn list(cfg: &Config) -> Result<Vec<ListedDevice>> {
+async fn list(cfg: &Config) -> Result<Vec<ListedDevice>> {
     let v = api(cfg)?.call(Method::GET, "/api/v1/devices", None).await?;
     serde_json::from_value(v.get("devices").cloned().unwrap_or(Value::Null)).context("the cloud's device list is malformed")
 }
 
 /// The key to check a device's signatures with, and how it is known.
-pub fn device_key(cfg: &Config, dev: &ListedDevice) -> Option<(PublicKey, &'static str)> {
+fn device_key(cfg: &Config, dev: &ListedDevice) -> Option<(PublicKey, &'static str)> {
     if let Some(k) = cfg.settings.devices.get(&dev.id) {
         return Some((k.key.clone(), "paired"));
     }
@@ -282,8 +281,7 @@ pub async fn ls(cfg: &Config) -> Result<()> {
     Ok(())
 }
 
-/// Finds a device by name, id or unique id prefix.
-pub fn resolve<'a>(devices: &'a [ListedDevice], wanted: &str) -> Result<&'a ListedDevice> {
+fn resolve<'a>(devices: &'a [ListedDevice], wanted: &str) -> Result<&'a ListedDevice> {
     if let Some(d) = devices.iter().find(|d| d.name == wanted || d.id.as_str() == wanted) {
         return Ok(d);
     }
@@ -310,7 +308,7 @@ pub async fn status(cfg: &Config, device: Option<String>) -> Result<()> {
 
 /// Signs `command` for `device`, sends it through the cloud, and returns
 /// the device's verified (and decrypted) answer with the round-trip time.
-pub async fn send(cfg: &mut Config, device: &DeviceId, dev_key: &PublicKey, command: Command) -> Result<(ResultPayload, Duration)> {
+async fn send(cfg: &mut Config, device: &DeviceId, dev_key: &PublicKey, command: Command) -> Result<(ResultPayload, Duration)> {
     let key = cfg.key()?;
     let controller = ControllerId::of_key(&PublicKey::from(&key));
     let counter = cfg.next_counter()?;
@@ -345,7 +343,12 @@ pub async fn send(cfg: &mut Config, device: &DeviceId, dev_key: &PublicKey, comm
 }
 
 /// `hearth on|off|toggle`: signs, sends, and verifies the device's answer.
+/// A group name (`hearth group`) switches each of its devices in turn.
 pub async fn switch(cfg: &mut Config, wanted: &str, command: Command) -> Result<u8> {
+    if let Some(members) = crate::groups::Groups::load(cfg.dir())?.group(wanted) {
+        let steps: Vec<(DeviceId, String, Command)> = members.iter().map(|m| (m.id.clone(), m.name.clone(), command.clone())).collect();
+        return switch_many(cfg, &format!("group {wanted}"), steps).await;
+    }
     let devices = list(cfg).await?;
     let dev = resolve(&devices, wanted)?.clone();
     let (dev_key, _) = device_key(cfg, &dev)
@@ -600,6 +603,146 @@ pub async fn revoke(cfg: &mut Config, wanted: &str, controller: &str) -> Result<
             Ok(EXIT_REFUSED)
         }
     }
+}
+
+/// Sends one signed command per device (a group or a scene) and reports
+/// each device's own verified answer. Exit code 0 when every device did
+/// it, [`EXIT_REFUSED`] when some refused (and none failed), 1 when some
+/// could not be reached or answered wrongly.
+async fn switch_many(cfg: &mut Config, what: &str, steps: Vec<(DeviceId, String, Command)>) -> Result<u8> {
+    if steps.is_empty() {
+        bail!("{what} has no devices; add some with `hearth group add`");
+    }
+    let devices = list(cfg).await?;
+    let (mut refused, mut failed) = (0usize, 0usize);
+    for (id, name, command) in steps {
+        let Some(dev) = devices.iter().find(|d| d.id == id) else {
+            println!("{name}: FAILED: not on this account any more");
+            failed += 1;
+            continue;
+        };
+        let Some((dev_key, _)) = device_key(cfg, dev) else {
+            println!("{}: FAILED: cannot check its answer (device key unknown)", dev.name);
+            failed += 1;
+            continue;
+        };
+        match send(cfg, &dev.id, &dev_key, command).await {
+            Ok((r, rtt)) => match r.outcome {
+                Outcome::Refused { reason } => {
+                    println!("{}: refused: {reason}", dev.name);
+                    refused += 1;
+                }
+                _ => println!("{}: {} (signed by the device, {} ms)", dev.name, describe_state(&r.state), rtt.as_millis()),
+            },
+            Err(e) => {
+                let why = match e.downcast_ref::<ApiError>().map(|a| a.status) {
+                    Some(StatusCode::SERVICE_UNAVAILABLE) => "offline".to_owned(),
+                    _ => format!("{e:#}"),
+                };
+                println!("{}: FAILED: {why}", dev.name);
+                failed += 1;
+            }
+        }
+    }
+    if failed + refused > 0 {
+        eprintln!("{what}: {failed} failed, {refused} refused");
+    }
+    Ok(if failed > 0 { 1 } else if refused > 0 { EXIT_REFUSED } else { 0 })
+}
+
+/// The group and scene subcommands.
+#[derive(Debug, Clone)]
+pub enum GroupAction {
+    /// `hearth group create NAME`.
+    Create(String),
+    /// `hearth group add NAME DEVICE…`.
+    Add(String, Vec<String>),
+    /// `hearth group rm NAME [DEVICE…]`.
+    Remove(String, Vec<String>),
+    /// `hearth group ls`.
+    List,
+    /// `hearth scene set NAME DEVICE=on|off…`.
+    SetScene(String, Vec<String>),
+    /// `hearth scene run NAME`.
+    RunScene(String),
+    /// `hearth scene rm NAME`.
+    RemoveScene(String),
+    /// `hearth scene ls`.
+    ListScenes,
+}
+
+/// `hearth group …` and `hearth scene …`: kept in this controller's
+/// directory (`groups.json`); devices are resolved on this account when
+/// added, so a typo is caught then, not at 7 a.m.
+pub async fn groups(cfg: &mut Config, action: GroupAction) -> Result<u8> {
+    use crate::groups::{parse_step, Groups, Member, SceneStep};
+    let mut g = Groups::load(cfg.dir())?;
+    match action {
+        GroupAction::Create(name) => {
+            if cfg.settings.devices.values().any(|d| d.name == name) {
+                bail!("{name:?} is the name of a device; pick another group name");
+            }
+            g.create(&name)?;
+            g.save(cfg.dir())?;
+            println!("Created group {name}.");
+        }
+        GroupAction::Add(name, wanted) => {
+            let devices = list(cfg).await?;
+            let members = wanted.iter().map(|w| resolve(&devices, w).map(|d| Member { id: d.id.clone(), name: d.name.clone() })).collect::<Result<Vec<_>>>()?;
+            g.add(&name, members)?;
+            g.save(cfg.dir())?;
+            let names: Vec<&str> = g.group(&name).unwrap_or_default().iter().map(|m| m.name.as_str()).collect();
+            println!("Group {name}: {}", names.join(", "));
+        }
+        GroupAction::Remove(name, devices) => {
+            g.remove(&name, &devices)?;
+            g.save(cfg.dir())?;
+            println!("{}", if devices.is_empty() { format!("Removed group {name}.") } else { format!("Removed {} from group {name}.", devices.join(", ")) });
+        }
+        GroupAction::List => {
+            if g.groups.is_empty() {
+                println!("No groups yet. Create one with `hearth group create <name>`.");
+            }
+            for (name, members) in &g.groups {
+                let names: Vec<&str> = members.iter().map(|m| m.name.as_str()).collect();
+                println!("{name}: {}", if names.is_empty() { "(empty)".to_owned() } else { names.join(", ") });
+            }
+        }
+        GroupAction::SetScene(name, specs) => {
+            let devices = list(cfg).await?;
+            let mut steps = Vec::new();
+            for spec in &specs {
+                let (wanted, on) = parse_step(spec)?;
+                let d = resolve(&devices, wanted)?;
+                steps.push(SceneStep { id: d.id.clone(), name: d.name.clone(), on });
+            }
+            g.set_scene(&name, steps)?;
+            g.save(cfg.dir())?;
+            println!("Saved scene {name}.");
+        }
+        GroupAction::RunScene(name) => {
+            let steps = g.scenes.get(&name).with_context(|| format!("no scene {name} (see `hearth scene ls`)"))?;
+            let steps = steps.iter().map(|s| (s.id.clone(), s.name.clone(), Command::SetRelay { on: s.on })).collect();
+            return switch_many(cfg, &format!("scene {name}"), steps).await;
+        }
+        GroupAction::RemoveScene(name) => {
+            if g.scenes.remove(&name).is_none() {
+                bail!("no scene {name}");
+            }
+            g.save(cfg.dir())?;
+            println!("Removed scene {name}.");
+        }
+        GroupAction::ListScenes => {
+            if g.scenes.is_empty() {
+                println!("No scenes yet. Save one with `hearth scene set <name> <device>=on|off …`.");
+            }
+            for (name, steps) in &g.scenes {
+                let parts: Vec<String> = steps.iter().map(|s| format!("{}={}", s.name, if s.on { "on" } else { "off" })).collect();
+                println!("{name}: {}", parts.join(" "));
+            }
+        }
+    }
+    Ok(0)
 }
 
 /// Reads the device's rule set (a sealed `GetRules` result, verified).

@@ -8,6 +8,7 @@ pub mod config;
 pub mod controller;
 pub mod demo;
 pub mod energy;
+pub mod groups;
 pub mod server;
 #[doc(hidden)]
 pub mod webvectors;

@@ -27,6 +27,58 @@ struct Cli {
     command: Cmd,
 }
 
+/// `hearth group …`.
+#[derive(Subcommand)]
+enum GroupCmd {
+    /// Create an empty group.
+    Create {
+        /// The group's name.
+        name: String,
+    },
+    /// Add devices (names or ids on this account) to a group.
+    Add {
+        /// The group.
+        group: String,
+        /// Devices to add.
+        #[arg(required = true)]
+        devices: Vec<String>,
+    },
+    /// Remove devices from a group, or the group itself when none are named.
+    Rm {
+        /// The group.
+        group: String,
+        /// Devices to remove.
+        devices: Vec<String>,
+    },
+    /// List the groups.
+    Ls,
+}
+
+/// `hearth scene …`.
+#[derive(Subcommand)]
+enum SceneCmd {
+    /// Save a scene: `hearth scene set evening lamp=on kettle=off`.
+    Set {
+        /// The scene's name.
+        name: String,
+        /// DEVICE=on|off, one per device.
+        #[arg(required = true)]
+        states: Vec<String>,
+    },
+    /// Apply a scene (one signed command per device).
+    Run {
+        /// The scene.
+        name: String,
+    },
+    /// Delete a scene.
+    Rm {
+        /// The scene.
+        name: String,
+    },
+    /// List the scenes.
+    Ls,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Create an account and log in (password from $HEARTH_PASSWORD or a prompt).
@@ -124,6 +176,13 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Groups of devices kept by this controller; `hearth on|off|toggle
+    /// <group>` switches each of them (one signed command per device).
+    #[command(subcommand)]
+    Group(GroupCmd),
+    /// Scenes: saved on/off states of several devices, applied at once.
+    #[command(subcommand)]
+    Scene(SceneCmd),
     /// Switch a device on.
     On {
         /// Device name or id.
@@ -293,6 +352,26 @@ async fn run(cli: Cli) -> Result<u8> {
             };
             return controller::energy(&mut Config::load(&dir()?)?, &device, since, by, format).await;
         }
+        Cmd::Group(cmd) => {
+            use controller::GroupAction as A;
+            let action = match cmd {
+                GroupCmd::Create { name } => A::Create(name),
+                GroupCmd::Add { group, devices } => A::Add(group, devices),
+                GroupCmd::Rm { group, devices } => A::Remove(group, devices),
+                GroupCmd::Ls => A::List,
+            };
+            return controller::groups(&mut Config::load(&dir()?)?, action).await;
+        }
+        Cmd::Scene(cmd) => {
+            use controller::GroupAction as A;
+            let action = match cmd {
+                SceneCmd::Set { name, states } => A::SetScene(name, states),
+                SceneCmd::Run { name } => A::RunScene(name),
+                SceneCmd::Rm { name } => A::RemoveScene(name),
+                SceneCmd::Ls => A::ListScenes,
+            };
+            return controller::groups(&mut Config::load(&dir()?)?, action).await;
+        }
         Cmd::On { device } => return controller::switch(&mut Config::load(&dir()?)?, &device, Command::SetRelay { on: true }).await,
         Cmd::Off { device } => return controller::switch(&mut Config::load(&dir()?)?, &device, Command::SetRelay { on: false }).await,
         Cmd::Toggle { device } => return controller::switch(&mut Config::load(&dir()?)?, &device, Command::Toggle).await,
@@ -322,7 +401,6 @@ async fn run(cli: Cli) -> Result<u8> {
         Cmd::Cloud(CloudCmd::Serve(args)) => server::serve(args).await?,
         Cmd::Demo(args) => demo::run(args).await?,
         Cmd::WebVectors(cmd) => hearth::webvectors::run(cmd)?,
-        Cmd::Fw(cmd) if fw::is_device_command(&cmd) => return fw::run_device(cmd, &mut Config::load(&dir()?)?).await,
         Cmd::Fw(cmd) => fw::run(cmd)?,
     }
     Ok(0)

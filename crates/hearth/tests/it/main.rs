@@ -6,8 +6,8 @@ mod harness;
 
 mod cluster;
 mod e2e;
-mod firmware;
 mod energy;
+mod groups;
 mod rules;
 mod sharing;
 mod tidy;
