@@ -184,13 +184,14 @@ pub async fn pair(cfg: &mut Config, label: &str, name: Option<String>) -> Result
     Ok(())
 }
 
-async fn list(cfg: &Config) -> Result<Vec<ListedDevice>> {
+/// The devices the cloud lists for this account.
+pub async fn list(cfg: &Config) -> Result<Vec<ListedDevice>> {
     let v = api(cfg)?.call(Method::GET, "/api/v1/devices", None).await?;
     serde_json::from_value(v.get("devices").cloned().unwrap_or(Value::Null)).context("the cloud's device list is malformed")
 }
 
 /// The key to check a device's signatures with, and how it is known.
-fn device_key(cfg: &Config, dev: &ListedDevice) -> Option<(PublicKey, &'static str)> {
+pub fn device_key(cfg: &Config, dev: &ListedDevice) -> Option<(PublicKey, &'static str)> {
     if let Some(k) = cfg.settings.devices.get(&dev.id) {
         return Some((k.key.clone(), "paired"));
     }
@@ -281,7 +282,8 @@ pub async fn ls(cfg: &Config) -> Result<()> {
     Ok(())
 }
 
-fn resolve<'a>(devices: &'a [ListedDevice], wanted: &str) -> Result<&'a ListedDevice> {
+/// Finds a device by name, id or unique id prefix.
+pub fn resolve<'a>(devices: &'a [ListedDevice], wanted: &str) -> Result<&'a ListedDevice> {
     if let Some(d) = devices.iter().find(|d| d.name == wanted || d.id.as_str() == wanted) {
         return Ok(d);
     }
@@ -308,7 +310,7 @@ pub async fn status(cfg: &Config, device: Option<String>) -> Result<()> {
 
 /// Signs `command` for `device`, sends it through the cloud, and returns
 /// the device's verified (and decrypted) answer with the round-trip time.
-async fn send(cfg: &mut Config, device: &DeviceId, dev_key: &PublicKey, command: Command) -> Result<(ResultPayload, Duration)> {
+pub async fn send(cfg: &mut Config, device: &DeviceId, dev_key: &PublicKey, command: Command) -> Result<(ResultPayload, Duration)> {
     let key = cfg.key()?;
     let controller = ControllerId::of_key(&PublicKey::from(&key));
     let counter = cfg.next_counter()?;

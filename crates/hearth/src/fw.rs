@@ -1,6 +1,8 @@
 //! `hearth fw …`: the firmware update repository (TUF 1.0, see
-//! docs/adr/0004-firmware-updates.md). The verification and the metadata
-//! live in `hearth-tuf`; this is the command-line glue.
+//! docs/adr/0004-firmware-updates.md), and a device's update status and
+//! policy (`status`, `policy`, `check`, `approve`: signed commands and the
+//! device's signed, sealed answer). The verification and the metadata live
+//! in `hearth-tuf`; this is the command-line glue.
 //!
 //! Root and targets keys are meant to stay offline (pass several
 //! `--root-key`/`--targets-key` files, or co-sign later with `hearth fw
@@ -10,8 +12,9 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use clap::Subcommand;
+use hearth_proto::message::{Command, FirmwareStatus, Outcome, UpdateMode, UpdatePhase, UpdatePolicy, UpdateWindow};
 use hearth_tuf::crypto::{KeyKind, SigningKey};
 use hearth_tuf::repo::{self, RepoDir, RoleSpec};
 
@@ -68,6 +71,13 @@ pub enum FwCmd {
         /// Hardware model the image is for (custom metadata).
         #[arg(long)]
         hardware_model: String,
+        /// Staged rollout: only this percentage of devices (a stable hash of
+        /// each device id), signed with the target so the cloud cannot widen it.
+        #[arg(long)]
+        rollout_percent: Option<u8>,
+        /// Staged rollout: these device ids (repeatable), alone or with a percentage.
+        #[arg(long = "rollout-device")]
+        rollout_devices: Vec<String>,
         /// Targets key files.
         #[arg(long = "targets-key", required = true)]
         targets_keys: Vec<PathBuf>,
@@ -124,6 +134,169 @@ pub enum FwCmd {
         #[arg(long = "root-key", required = true)]
         root_keys: Vec<PathBuf>,
     },
+    /// A device's firmware: version, slot, policy, progress, last result (signed by the device).
+    Status {
+        /// Device name or id.
+        device: String,
+        /// Keep printing progress until the update is done (or N seconds pass).
+        #[arg(long, value_name = "SECONDS")]
+        follow: Option<u64>,
+    },
+    /// Set a device's update policy (owners and admins).
+    Policy {
+        /// Device name or id.
+        device: String,
+        /// automatic or approval.
+        mode: String,
+        /// Automatic installs only in this daily UTC window, HH:MM-HH:MM.
+        #[arg(long)]
+        window: Option<String>,
+    },
+    /// Ask a device to check for firmware now (owners and admins).
+    Check {
+        /// Device name or id.
+        device: String,
+    },
+    /// Approve a firmware version a device offers (approval policy).
+    Approve {
+        /// Device name or id.
+        device: String,
+        /// The offered version.
+        #[arg(value_name = "VERSION")]
+        fw_version: String,
+    },
+}
+
+/// Whether the command talks to a device (needs a controller config).
+pub fn is_device_command(cmd: &FwCmd) -> bool {
+    matches!(cmd, FwCmd::Status { .. } | FwCmd::Policy { .. } | FwCmd::Check { .. } | FwCmd::Approve { .. })
+}
+
+fn parse_hhmm(t: &str) -> Result<u16> {
+    let (h, m) = t.split_once(':').with_context(|| format!("{t:?}: expected HH:MM"))?;
+    let (h, m): (u16, u16) = (h.parse()?, m.parse()?);
+    if h > 23 || m > 59 {
+        bail!("{t:?} is not a time of day");
+    }
+    Ok(h * 60 + m)
+}
+
+/// Parses `HH:MM-HH:MM` (UTC) into a window.
+pub fn parse_window(text: &str) -> Result<UpdateWindow> {
+    let (a, b) = text.split_once('-').with_context(|| format!("{text:?}: expected HH:MM-HH:MM"))?;
+    let w = UpdateWindow { start_min: parse_hhmm(a.trim())?, end_min: parse_hhmm(b.trim())? };
+    if !w.is_valid() {
+        bail!("{text:?}: the window is empty");
+    }
+    Ok(w)
+}
+
+fn mib(b: u64) -> String {
+    format!("{:.1} MiB", b as f64 / (1024.0 * 1024.0))
+}
+
+/// One status as lines a person reads.
+pub fn describe(s: &FirmwareStatus) -> String {
+    let mut out = format!("firmware {}", s.version);
+    if let Some(slot) = &s.slot {
+        out.push_str(&format!(" (slot {slot})"));
+    }
+    let mode = match s.policy.mode {
+        UpdateMode::Automatic => "automatic",
+        UpdateMode::Approval => "approval",
+    };
+    out.push_str(&format!(", updates: {mode}"));
+    if let Some(w) = s.policy.window {
+        out.push_str(&format!(" {:02}:{:02}-{:02}:{:02} UTC", w.start_min / 60, w.start_min % 60, w.end_min / 60, w.end_min % 60));
+    }
+    let offered = s.offered.as_deref().unwrap_or("?");
+    let phase = match s.phase {
+        UpdatePhase::Idle => "idle".to_owned(),
+        UpdatePhase::Checking => "checking the repository".to_owned(),
+        UpdatePhase::AwaitingApproval => format!("{offered} available: approve with `hearth fw approve <device> {offered}`"),
+        UpdatePhase::Downloading => format!("downloading {offered}"),
+        UpdatePhase::Installing => format!("installing {offered} into the inactive slot"),
+        UpdatePhase::Restarting => format!("restarting into {offered} (trial)"),
+    };
+    out.push_str(&format!("\n  update: {phase}"));
+    if let Some(p) = s.progress.filter(|_| matches!(s.phase, UpdatePhase::Downloading | UpdatePhase::Installing)) {
+        let pct = if p.total == 0 { 100 } else { p.done * 100 / p.total };
+        out.push_str(&format!(" {pct}% ({} of {})", mib(p.done), mib(p.total)));
+    }
+    if let Some(c) = &s.last_check {
+        out.push_str(&format!("\n  last check: {c}"));
+    }
+    if let Some(r) = &s.last_result {
+        out.push_str(&format!("\n  last install: {r}"));
+    }
+    out
+}
+
+/// Runs a device-side `hearth fw` command with the controller's config.
+///
+/// # Errors
+/// No session, an unknown device, or a failed request.
+pub async fn run_device(cmd: FwCmd, cfg: &mut hearth::config::Config) -> Result<u8> {
+    use hearth::controller::{device_key, list, resolve, send, EXIT_REFUSED};
+    let wanted = match &cmd {
+        FwCmd::Status { device, .. } | FwCmd::Policy { device, .. } | FwCmd::Check { device } | FwCmd::Approve { device, .. } => device.clone(),
+        _ => bail!("not a device command"),
+    };
+    let devices = list(cfg).await?;
+    let dev = resolve(&devices, &wanted)?.clone();
+    let (key, _) = device_key(cfg, &dev).ok_or_else(|| anyhow!("cannot check {}'s answer: this controller did not pair it and has no manufacturer CA", dev.name))?;
+    let command = match cmd {
+        FwCmd::Status { follow: None, .. } => Command::GetState,
+        FwCmd::Status { follow: Some(secs), .. } => return follow(cfg, &dev, &key, secs).await,
+        FwCmd::Policy { mode, window, .. } => {
+            let mode = match mode.as_str() {
+                "automatic" | "auto" => UpdateMode::Automatic,
+                "approval" => UpdateMode::Approval,
+                other => bail!("unknown policy {other:?}: automatic or approval"),
+            };
+            Command::SetUpdatePolicy { policy: UpdatePolicy { mode, window: window.as_deref().map(parse_window).transpose()? } }
+        }
+        FwCmd::Check { .. } => Command::CheckUpdate,
+        FwCmd::Approve { fw_version, .. } => Command::ApproveUpdate { version: fw_version },
+        _ => bail!("not a device command"),
+    };
+    let (r, _) = send(cfg, &dev.id, &key, command).await?;
+    if let Outcome::Refused { reason } = r.outcome {
+        eprintln!("{} refused: {reason}", dev.name);
+        return Ok(EXIT_REFUSED);
+    }
+    match &r.state.firmware {
+        Some(f) => println!("{}: {} (signed by the device)", dev.name, describe(f)),
+        None => println!("{}: no firmware update client on this device", dev.name),
+    }
+    Ok(0)
+}
+
+/// `hearth fw status --follow`: prints each change until the device is
+/// idle again (or waits for approval), across the restart into the trial.
+async fn follow(cfg: &mut hearth::config::Config, dev: &hearth::controller::ListedDevice, key: &hearth_proto::keys::PublicKey, secs: u64) -> Result<u8> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    let mut last = String::new();
+    let mut busy = false;
+    while std::time::Instant::now() < deadline {
+        // While the device restarts it is offline: keep asking.
+        if let Ok((r, _)) = hearth::controller::send(cfg, &dev.id, key, Command::GetState).await {
+            if let Some(f) = &r.state.firmware {
+                let text = describe(f);
+                if text != last {
+                    println!("{}: {text}", dev.name);
+                    last = text;
+                }
+                let settled = matches!(f.phase, UpdatePhase::Idle | UpdatePhase::AwaitingApproval);
+                if settled && busy {
+                    return Ok(0);
+                }
+                busy |= !settled;
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+    Ok(0)
 }
 
 fn load_key(path: &Path) -> Result<SigningKey> {
@@ -177,11 +350,25 @@ pub fn run(cmd: FwCmd) -> Result<()> {
             let repo_dir = RepoDir::init(&repo, &roles, &r, &t, &snapshot, &timestamp, now)?;
             println!("Created a firmware repository in {}; devices ship with {}", repo.display(), repo_dir.metadata_path("root").display());
         }
-        FwCmd::AddTarget { repo, file, name, fw_version: version, hardware_model, targets_keys } => {
+        FwCmd::AddTarget { repo, file, name, fw_version: version, hardware_model, rollout_percent, rollout_devices, targets_keys } => {
             let image = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
             let keys = load_keys(&targets_keys)?;
             let k: Vec<&SigningKey> = keys.iter().collect();
-            let v = RepoDir::open(&repo).add_target(&name, &image, Some(repo::firmware_custom(&version, &hardware_model)), &k, now)?;
+            let mut custom = repo::firmware_custom(&version, &hardware_model);
+            if rollout_percent.is_some() || !rollout_devices.is_empty() {
+                if rollout_percent.is_some_and(|p| p > 100) {
+                    bail!("--rollout-percent is 0 to 100");
+                }
+                let mut r = serde_json::Map::new();
+                if let Some(p) = rollout_percent {
+                    r.insert("percent".into(), p.into());
+                }
+                if !rollout_devices.is_empty() {
+                    r.insert("devices".into(), rollout_devices.into());
+                }
+                custom["hearth"]["rollout"] = serde_json::Value::Object(r);
+            }
+            let v = RepoDir::open(&repo).add_target(&name, &image, Some(custom), &k, now)?;
             println!("targets v{v}: {name} ({} bytes, firmware {version} for {hardware_model}); run `hearth fw publish` to release it", image.len());
         }
         FwCmd::Sign { repo, role, keys } => {
@@ -206,6 +393,9 @@ pub fn run(cmd: FwCmd) -> Result<()> {
             let s: Vec<&SigningKey> = signers.iter().collect();
             let v = RepoDir::open(&repo).rotate(&role, spec(&new, threshold), &s, now)?;
             println!("root v{v}: {role} now held by {} key(s), threshold {threshold}", new.len());
+        }
+        FwCmd::Status { .. } | FwCmd::Policy { .. } | FwCmd::Check { .. } | FwCmd::Approve { .. } => {
+            bail!("device commands run through `run_device`")
         }
     }
     Ok(())

@@ -401,6 +401,7 @@ async fn run(cli: Cli) -> Result<u8> {
         Cmd::Cloud(CloudCmd::Serve(args)) => server::serve(args).await?,
         Cmd::Demo(args) => demo::run(args).await?,
         Cmd::WebVectors(cmd) => hearth::webvectors::run(cmd)?,
+        Cmd::Fw(cmd) if fw::is_device_command(&cmd) => return fw::run_device(cmd, &mut Config::load(&dir()?)?).await,
         Cmd::Fw(cmd) => fw::run(cmd)?,
     }
     Ok(0)

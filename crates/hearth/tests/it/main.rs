@@ -6,6 +6,7 @@ mod harness;
 
 mod cluster;
 mod e2e;
+mod firmware;
 mod energy;
 mod groups;
 mod rules;
