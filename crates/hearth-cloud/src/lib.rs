@@ -34,9 +34,11 @@
 //! device under an account only on the device's signed pairing
 //! confirmation, checked with the key in the device's certificate.
 //!
-//! State lives in SQLite (the `store` module is the only one with SQL);
-//! routing is in memory (the `router` module), so both can be swapped for
-//! PostgreSQL and NATS when one node is not enough.
+//! State lives in SQLite or PostgreSQL (the `store` module is the only one
+//! with SQL); routing is in memory (the `router` module) on one node, and
+//! across nodes over NATS in cluster mode (`cluster`, ADR 0008: needs
+//! PostgreSQL). With a metrics listener, `GET /metrics` there serves
+//! Prometheus text (`metrics`).
 #![forbid(unsafe_code)]
 
 mod api;

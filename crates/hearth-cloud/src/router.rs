@@ -625,4 +625,62 @@ mod tests {
         assert!(s.rx.recv().await.unwrap().contains("state"));
         assert!(m.rx.try_recv().is_err(), "a new owner starts with no members");
     }
+
+    #[tokio::test]
+    async fn a_superseded_link_closes_without_announcing_offline() {
+        let r = Router::new();
+        let owner = account();
+        let id = DeviceId::random();
+        let mut ctl = r.add_controller(&owner);
+        let h = r.add_device(&id, info(Some(owner.clone()), Some("cc")));
+        assert!(ctl.rx.recv().await.unwrap().contains("\"online\":true"));
+        let mut w = r.expect_result(&id, ControllerId::from_bytes([2; 16]), 1).unwrap();
+        assert!(!r.supersede(&id, h.link + 1), "only the current link can be superseded");
+        assert!(r.supersede(&id, h.link));
+        tokio::time::timeout(std::time::Duration::from_secs(1), h.close.notified()).await.unwrap();
+        assert_eq!(w.recv().await, None, "waiters learn the link is gone");
+        assert!(!r.is_online(&id));
+        assert_eq!(r.find_setup("cc"), None);
+        // The link's own cleanup afterwards changes nothing and says nothing:
+        // the device is online elsewhere.
+        assert!(!r.remove_device(&id, h.link));
+        assert!(ctl.rx.try_recv().is_err(), "no offline presence for a device that moved");
+    }
+
+    #[derive(Default)]
+    struct Collect(Mutex<Vec<(AccountId, String)>>);
+
+    impl PushSink for Collect {
+        fn push(&self, account: &AccountId, text: Arc<str>) {
+            self.0.lock().unwrap().push((account.clone(), text.to_string()));
+        }
+    }
+
+    #[tokio::test]
+    async fn with_a_sink_device_pushes_leave_through_it_and_come_back_through_push_local() {
+        let sink = Arc::new(Collect::default());
+        let r = Router::with_sink(sink.clone());
+        let (owner, member, buyer) = (account(), account(), account());
+        let id = DeviceId::random();
+        let mut ctl = r.add_controller(&owner);
+        let h = r.add_device(&id, info(Some(owner.clone()), None));
+        r.deliver_state(&id, h.link, vec![9]);
+        assert!(ctl.rx.try_recv().is_err(), "cluster mode: nothing goes straight to local links");
+        {
+            let sent = sink.0.lock().unwrap();
+            assert_eq!(sent.len(), 2);
+            assert!(sent.iter().all(|(a, _)| a == &owner));
+            assert!(sent[0].1.contains("presence") && sent[1].1.contains("state"));
+        }
+        r.push_local(&owner, "{\"from\":\"nats\"}".into());
+        assert_eq!(ctl.rx.recv().await.unwrap().as_ref(), "{\"from\":\"nats\"}");
+        // Another node recorded a sale and a share: the new owner is told.
+        sink.0.lock().unwrap().clear();
+        r.refresh_accounts(&id, Some(buyer.clone()), vec![member.clone()]);
+        r.deliver_state(&id, h.link, vec![10]);
+        let sent = sink.0.lock().unwrap();
+        let to: Vec<&AccountId> = sent.iter().map(|(a, _)| a).collect();
+        assert_eq!(to, vec![&buyer, &buyer, &member], "{sent:?}");
+    }
+
 }
