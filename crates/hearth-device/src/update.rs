@@ -1,4 +1,4 @@
-//! The device's firmware update client (issue 4, ADR 0004 and 0009).
+//! The device's firmware update client (issue 4, ADR 0004 and 0010).
 //!
 //! A worker thread refreshes TUF metadata from the cloud's repository
 //! (`hearth_tuf::client::Updater`: every check of spec section 5), picks the
