@@ -923,6 +923,8 @@ impl Store {
                         tx.execute("DELETE FROM device_events WHERE device_id = ?1", params![id.as_str()])?;
                         // Nor is whom the previous owner shared it with.
                         tx.execute("DELETE FROM device_members WHERE device_id = ?1", params![id.as_str()])?;
+                        // Revokes signed for the previous owner's list mean nothing now.
+                        tx.execute("DELETE FROM pending_revokes WHERE device_id = ?1", params![id.as_str()])?;
                         tx.commit()?;
                         Ok(())
                     } else {
@@ -951,6 +953,7 @@ impl Store {
                 }
                 tx.execute("DELETE FROM device_events WHERE device_id = $1", &[&id.as_str()]).await?;
                 tx.execute("DELETE FROM device_members WHERE device_id = $1", &[&id.as_str()]).await?;
+                tx.execute("DELETE FROM pending_revokes WHERE device_id = $1", &[&id.as_str()]).await?;
                 tx.commit().await?;
                 Ok(())
             }
@@ -975,8 +978,6 @@ impl Store {
                 .query_opt("SELECT account_id FROM devices WHERE id = $1", &[&id.as_str()])
                 .await?
                 .map(|r| r.get::<_, Option<String>>(0)),
-                        // Revokes signed for the previous owner's list mean nothing now.
-                        tx.execute("DELETE FROM pending_revokes WHERE device_id = ?1", params![id.as_str()])?;
         };
         Ok(owner.flatten().map(AccountId))
     }
@@ -1005,7 +1006,6 @@ impl Store {
             }
             // `COLLATE "C"` sorts bytewise like SQLite's default BINARY
             // collation, so both backends list in the same order.
-                tx.execute("DELETE FROM pending_revokes WHERE device_id = $1", &[&id.as_str()]).await?;
             Backend::Postgres(pool) => pool
                 .client()
                 .await?
@@ -1178,58 +1178,6 @@ impl Store {
         Ok(n > 0)
     }
 
-    /// The member accounts of a device (each once, in no particular order),
-    /// for routing.
-    pub async fn members_of(&self, id: DeviceId) -> Result<Vec<AccountId>, StoreError> {
-        let rows: Vec<String> = match &self.backend {
-            Backend::Sqlite(conn) => {
-                Self::run(conn, move |c| {
-                    let mut stmt = c.prepare(
-                        "SELECT DISTINCT account_id FROM device_members WHERE device_id = ?1",
-                    )?;
-                    let rows = stmt.query_map(params![id.as_str()], |r| r.get(0))?;
-                    Ok(rows.collect::<Result<Vec<String>, _>>()?)
-                })
-                .await?
-            }
-            Backend::Postgres(pool) => pool
-                .client()
-                .await?
-                .query(
-                    "SELECT DISTINCT account_id FROM device_members WHERE device_id = $1",
-                    &[&id.as_str()],
-                )
-                .await?
-                .iter()
-                .map(|r| r.get(0))
-                .collect(),
-        };
-        Ok(rows.into_iter().map(AccountId).collect())
-    }
-}
-
-fn configure(conn: &Connection) -> Result<(), StoreError> {
-    // WAL lets readers run while a write commits; NORMAL sync is durable
-    // across application crashes, which is what a registry needs.
-    let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
-    if !mode.eq_ignore_ascii_case("wal") && !mode.eq_ignore_ascii_case("memory") {
-        tracing::warn!(mode, "SQLite did not switch to WAL mode");
-    }
-    conn.pragma_update(None, "synchronous", "NORMAL")?;
-    conn.pragma_update(None, "foreign_keys", "ON")?;
-    conn.busy_timeout(std::time::Duration::from_secs(5))?;
-    Ok(())
-}
-
-fn current_version(conn: &Connection) -> Result<i64, StoreError> {
-    Ok(conn.query_row("SELECT COALESCE(MAX(version), 0) FROM schema_migrations", [], |r| r.get(0))?)
-}
-
-/// Applies every migration newer than the database, each in its own
-/// transaction together with its `schema_migrations` row.
-fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
-    conn.execute_batch(
-        "CREATE TABLE IF NOT EXISTS schema_migrations (
     /// Keeps a signed revoke for an offline device (issue 3). Returns false
     /// when the device already has [`PENDING_REVOKES_MAX`] waiting; the same
     /// (controller, counter) twice is stored once.
@@ -1331,6 +1279,58 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
         }
     }
 
+    /// The member accounts of a device (each once, in no particular order),
+    /// for routing.
+    pub async fn members_of(&self, id: DeviceId) -> Result<Vec<AccountId>, StoreError> {
+        let rows: Vec<String> = match &self.backend {
+            Backend::Sqlite(conn) => {
+                Self::run(conn, move |c| {
+                    let mut stmt = c.prepare(
+                        "SELECT DISTINCT account_id FROM device_members WHERE device_id = ?1",
+                    )?;
+                    let rows = stmt.query_map(params![id.as_str()], |r| r.get(0))?;
+                    Ok(rows.collect::<Result<Vec<String>, _>>()?)
+                })
+                .await?
+            }
+            Backend::Postgres(pool) => pool
+                .client()
+                .await?
+                .query(
+                    "SELECT DISTINCT account_id FROM device_members WHERE device_id = $1",
+                    &[&id.as_str()],
+                )
+                .await?
+                .iter()
+                .map(|r| r.get(0))
+                .collect(),
+        };
+        Ok(rows.into_iter().map(AccountId).collect())
+    }
+}
+
+fn configure(conn: &Connection) -> Result<(), StoreError> {
+    // WAL lets readers run while a write commits; NORMAL sync is durable
+    // across application crashes, which is what a registry needs.
+    let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") && !mode.eq_ignore_ascii_case("memory") {
+        tracing::warn!(mode, "SQLite did not switch to WAL mode");
+    }
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    Ok(())
+}
+
+fn current_version(conn: &Connection) -> Result<i64, StoreError> {
+    Ok(conn.query_row("SELECT COALESCE(MAX(version), 0) FROM schema_migrations", [], |r| r.get(0))?)
+}
+
+/// Applies every migration newer than the database, each in its own
+/// transaction together with its `schema_migrations` row.
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (
             version    INTEGER PRIMARY KEY,
             applied_at INTEGER NOT NULL
         )",
@@ -1700,7 +1700,6 @@ mod tests {
             assert_eq!(store.device_access(id, carol).await.unwrap(), Some(Access::Owner), "{n}");
         }
     }
-}
 
     #[tokio::test]
     async fn pending_revokes_are_kept_in_order_bounded_and_cleared() {
@@ -1733,3 +1732,4 @@ mod tests {
             assert!(store.pending_revokes(id.clone()).await.unwrap().is_empty(), "{n}");
         }
     }
+}

@@ -114,11 +114,6 @@ impl PersistentState {
 pub trait StateStore {
     /// Durably stores `state`, replacing the previous one.
     fn save(&mut self, state: &PersistentState) -> Result<(), Error>;
-}
-
-/// `state.json` in a state directory.
-#[derive(Debug, Clone)]
-pub struct StateFile {
 
     /// The newest valid energy-history image and its generation (energy
     /// meters, issue 5); `None` when there is none. A store without energy
@@ -134,6 +129,11 @@ pub struct StateFile {
         let _ = (image, generation);
         Ok(())
     }
+}
+
+/// `state.json` in a state directory.
+#[derive(Debug, Clone)]
+pub struct StateFile {
     path: PathBuf,
 }
 
@@ -161,11 +161,6 @@ impl StateStore for StateFile {
             .map_err(|e| Error::InvalidInput { what: "state", reason: e.to_string() })?;
         write_atomic(&self.path, &json, 0o600)
     }
-}
-
-fn open_mode(opts: &mut OpenOptions, mode: u32) {
-    #[cfg(unix)]
-    {
 
     fn load_energy(&self) -> Option<(hearth_rules::energy::History, u64)> {
         let dir = parent(&self.path);
@@ -191,6 +186,11 @@ fn open_mode(opts: &mut OpenOptions, mode: u32) {
         let mut f = opts.open(&path).map_err(|e| io_err(&path, e))?;
         f.write_all(image).and_then(|()| f.sync_all()).map_err(|e| io_err(&path, e))
     }
+}
+
+fn open_mode(opts: &mut OpenOptions, mode: u32) {
+    #[cfg(unix)]
+    {
         use std::os::unix::fs::OpenOptionsExt;
         opts.mode(mode);
     }
