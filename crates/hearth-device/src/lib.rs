@@ -10,6 +10,8 @@
 //!   reconnect with [`backoff`], move frames, serve local events ([`spawn`],
 //!   [`run`]).
 //! * [`store`] — the state directory and atomic writes.
+//! * [`driver`] — the outputs (relay, dimmer with fades) behind a trait;
+//!   the simulator's driver by default.
 //! * [`energy`] — an energy plug's history (A/B images) and reports.
 //! * [`rules`] — the persisted rules and safety-interlock state that
 //!   [`DeviceCore`] drives every second.
@@ -25,6 +27,7 @@
 
 pub mod agent;
 pub mod backoff;
+pub mod driver;
 pub mod protocol;
 pub mod rules;
 mod error;

@@ -49,6 +49,12 @@ pub struct DeviceCore {
     safety_events: Vec<SafetyEvent>,
     /// An energy meter's history (issue 5); `None` on other kinds.
     energy: Option<crate::energy::DeviceEnergy>,
+    /// The outputs (relay, dimmer); driven after every saved change.
+    driver: Box<dyn crate::driver::Driver>,
+    /// The fade the next output change uses (a `SetBrightness`), ms.
+    fade_ms: u32,
+    /// The latest clock reading any entry point was given (unix seconds).
+    clock: u64,
     /// When the scheduler's bookkeeping was last saved (see [`DeviceCore::tick`]).
     last_tick_save: u64,
     /// The update client's status (`update.rs`), reported in the state;
@@ -112,7 +118,7 @@ impl DeviceCore {
             // only when the two disagree.
             let _ = state.rules.interlock.request(state.relay, Source::Local, jiff::Timestamp::UNIX_EPOCH);
         }
-        Self { device, kind, key, secret, state, motion: false, load_mw: SIMULATED_LOAD_MW, safety_events: Vec::new(), last_tick_save: 0, energy: kind.has(Capability::EnergyMeter).then(|| crate::energy::DeviceEnergy::new(None)), firmware: None, update_requests: Vec::new() }
+        Self { device, kind, key, secret, state, motion: false, load_mw: SIMULATED_LOAD_MW, safety_events: Vec::new(), last_tick_save: 0, energy: kind.has(Capability::EnergyMeter).then(|| crate::energy::DeviceEnergy::new(None)), driver: Box::new(crate::driver::Simulated::new()), fade_ms: 0, clock: 0, firmware: None, update_requests: Vec::new() }
     }
 
     /// Sets the simulated load an energy plug draws while on (the
@@ -155,6 +161,7 @@ impl DeviceCore {
     /// schedule missed while the power was out) sets the relay, through the
     /// interlock like every other change.
     pub fn boot(&mut self, store: &mut dyn StateStore, now: u64) -> Result<(), Error> {
+        self.clock = now;
         if let Some(energy) = self.energy.as_mut() {
             // ADR 0005: the newer valid one of the two images, or a fresh history.
             *energy = crate::energy::DeviceEnergy::new(store.load_energy());
@@ -172,6 +179,9 @@ impl DeviceCore {
         }
         self.save(store, next)?;
         self.last_tick_save = now;
+        // Whatever the outputs did while the power was off, drive them to
+        // the state the device has decided on.
+        self.drive();
         tracing::info!(relay = self.state.relay, cause = ?action.cause, "booted");
         Ok(())
     }
@@ -236,8 +246,30 @@ impl DeviceCore {
 
     fn save(&mut self, store: &mut dyn StateStore, next: PersistentState) -> Result<(), Error> {
         store.save(&next)?;
+        let moved = next.relay != self.state.relay || next.brightness != self.state.brightness;
         self.state = next;
+        // The hardware follows the saved state, never the other way round.
+        if moved {
+            self.drive();
+        }
         Ok(())
+    }
+
+    /// Applies the current outputs to the driver (and forgets the fade).
+    fn drive(&mut self) {
+        let output = crate::driver::Output {
+            on: self.state.relay,
+            brightness: self.kind.has(Capability::Dimmer).then_some(self.state.brightness),
+            fade_ms: std::mem::take(&mut self.fade_ms),
+        };
+        self.driver.apply(output, self.clock.saturating_mul(1000));
+    }
+
+    /// Replaces the output driver (the simulator's by default), e.g. with
+    /// one for real hardware; it is driven to the current state at once.
+    pub fn set_driver(&mut self, driver: Box<dyn crate::driver::Driver>) {
+        self.driver = driver;
+        self.drive();
     }
 
     /// Builds the next state report (seq + 1) on `next`: signed, then
@@ -278,6 +310,7 @@ impl DeviceCore {
 
     /// Handles one frame from the cloud.
     pub fn handle(&mut self, frame: CloudFrame, store: &mut dyn StateStore, now: u64) -> Result<Vec<DeviceFrame>, Error> {
+        self.clock = now;
         match frame {
             CloudFrame::Ping { n } => Ok(vec![DeviceFrame::Pong { n }]),
             CloudFrame::Command { envelope } => self.command(&envelope, store, now),
@@ -302,6 +335,7 @@ impl DeviceCore {
         // ADR 0001: the counter is persisted before the command takes effect.
         next.replay.commit(&decision);
         let before = next.relay;
+        let brightness_before = next.brightness;
         let mut access_report = None;
         let mut outcome = Outcome::Done;
         let mut update_request = None;
@@ -342,6 +376,23 @@ impl DeviceCore {
                     // `decide` checked the capability, and every meter has a history.
                     None => Outcome::Refused { reason: Refusal::Unsupported },
                 };
+            }
+            Command::SetBrightness { percent, fade_ms } => {
+                if !(1..=100).contains(&percent) || fade_ms > message::MAX_FADE_MS {
+                    outcome = Outcome::Refused { reason: Refusal::OutOfRange };
+                } else {
+                    next.brightness = percent;
+                    // Dimming an "off" light switches it on, through the interlock.
+                    if !next.relay {
+                        if let Err(r) = Self::switch(&mut next, true, Source::Remote, true, now) {
+                            next.brightness = brightness_before;
+                            outcome = Outcome::Refused { reason: refusal(r, now) };
+                        }
+                    }
+                    if outcome == Outcome::Done {
+                        self.fade_ms = fade_ms;
+                    }
+                }
             }
             Command::GetState => {}
             Command::GetAccess => access_report = Some(next.access.entries().to_vec()),
@@ -401,7 +452,7 @@ impl DeviceCore {
         let after = self.with_firmware(observable(self.kind, &next, self.motion, self.load_mw));
         let access = next.access.clone();
         frames.push(self.result_frame(&access, decision.controller.clone(), decision.counter, outcome, after, access_report, now)?);
-        if changed {
+        if changed || next.brightness != brightness_before {
             let cause = Cause::Command { controller: decision.controller.clone() };
             frames.push(self.state_frame(&mut next, self.motion, cause, now)?);
         }
@@ -530,6 +581,7 @@ impl DeviceCore {
     /// Every switch goes through the interlock; each change is saved and
     /// then reported with its cause.
     pub fn tick(&mut self, store: &mut dyn StateStore, now: u64) -> Result<Vec<DeviceFrame>, Error> {
+        self.clock = now;
         let mut next = self.state.clone();
         let mut reports: Vec<Cause> = Vec::new();
         // A grant's on-time limit (ADR 0006 scopes).
@@ -633,6 +685,7 @@ impl DeviceCore {
     /// the over-power cut-off is latched, the press resets the latch instead
     /// (the only way to reset it).
     pub fn press_button(&mut self, store: &mut dyn StateStore, now: u64) -> Result<Vec<DeviceFrame>, Error> {
+        self.clock = now;
         if !self.kind.has(Capability::Switch) {
             tracing::info!(kind = self.kind.as_str(), "button pressed on a device without a relay; ignored");
             return Ok(Vec::new());
@@ -707,7 +760,8 @@ fn observable(kind: DeviceKind, state: &PersistentState, motion: bool, load_mw: 
     let relay = kind.has(Capability::Switch).then_some(state.relay);
     let power_mw = kind.has(Capability::EnergyMeter).then_some(if state.relay { load_mw } else { 0 });
     let motion = kind.has(Capability::Motion).then_some(motion);
-    DeviceState { relay, motion, power_mw, firmware: None }
+    let brightness = kind.has(Capability::Dimmer).then_some(state.brightness);
+    DeviceState { relay, motion, power_mw, firmware: None, brightness }
 }
 
 #[cfg(test)]
@@ -796,12 +850,12 @@ mod tests {
     fn reports_carry_only_the_fields_of_the_kind() {
         let mut store = Memory::default();
         let (mut plug, _) = core(DeviceKind::EnergyPlug);
-        assert_eq!(plug.report(), DeviceState { relay: Some(false), motion: None, power_mw: Some(0), firmware: None });
+        assert_eq!(plug.report(), DeviceState { relay: Some(false), motion: None, power_mw: Some(0), firmware: None, brightness: None });
         plug.press_button(&mut store, NOW).unwrap();
-        assert_eq!(plug.report(), DeviceState { relay: Some(true), motion: None, power_mw: Some(SIMULATED_LOAD_MW), firmware: None });
+        assert_eq!(plug.report(), DeviceState { relay: Some(true), motion: None, power_mw: Some(SIMULATED_LOAD_MW), firmware: None, brightness: None });
 
         let (mut sensor, secret) = core(DeviceKind::MotionSensor);
-        assert_eq!(sensor.report(), DeviceState { relay: None, motion: Some(false), power_mw: None, firmware: None });
+        assert_eq!(sensor.report(), DeviceState { relay: None, motion: Some(false), power_mw: None, firmware: None, brightness: None });
         assert!(sensor.press_button(&mut store, NOW).unwrap().is_empty());
         let owner = pair(&mut sensor, &secret, &mut store);
         let me = PublicKey::from(&owner).controller_id();

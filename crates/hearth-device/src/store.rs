@@ -90,6 +90,14 @@ pub struct PersistentState {
     /// files written before the device had an update client.
     #[serde(default)]
     pub update: crate::update::UpdatePrefs,
+    /// A dimmer's brightness in percent (1–100), kept while it is off so
+    /// it comes back at the same level. Absent in older files: full.
+    #[serde(default = "full_brightness")]
+    pub brightness: u8,
+}
+
+fn full_brightness() -> u8 {
+    100
 }
 
 impl PersistentState {
@@ -105,6 +113,7 @@ impl PersistentState {
             off_at: None,
             rules: crate::rules::RulesState::default(),
             update: crate::update::UpdatePrefs::default(),
+            brightness: full_brightness(),
         }
     }
 }

@@ -123,6 +123,9 @@ pub enum Refusal {
     },
     /// The rule set is not valid (parse error or a value out of range).
     InvalidRules,
+    /// A value in the command is out of its range (e.g. brightness 0 or
+    /// 101 %, a fade over a minute).
+    OutOfRange,
 }
 
 impl Refusal {
@@ -143,6 +146,7 @@ impl Refusal {
             Refusal::OverPowerLatched => "safety interlock: switched off for over-power too often; press the device's button to reset",
             Refusal::RulesConflict { .. } => "the rules were changed meanwhile: read them again and redo the edit",
             Refusal::InvalidRules => "the device rejected the rule set as invalid",
+            Refusal::OutOfRange => "a value in the command is out of range",
         }
     }
 }

@@ -483,7 +483,7 @@ mod tests {
             kind: DeviceKind::EnergyPlug,
             seq,
             at: 1_800_000_000,
-            state: DeviceState { relay: Some(true), motion: None, power_mw: Some(1_234_567), firmware: None },
+            state: DeviceState { relay: Some(true), motion: None, power_mw: Some(1_234_567), firmware: None, brightness: None },
             cause: Cause::Local,
         }
     }

@@ -24,6 +24,16 @@ pub enum Command {
     },
     /// Flip the relay.
     Toggle,
+    /// Set a dimmable light's brightness, 1–100 %, reached over `fade_ms`
+    /// (at most 60 s). Switches the light on if it is off (through the
+    /// safety interlock like any switch). Dimmers only.
+    SetBrightness {
+        /// Brightness in percent, 1–100.
+        percent: u8,
+        /// Fade time in milliseconds, 0 for at once.
+        #[serde(default, skip_serializing_if = "is_zero")]
+        fade_ms: u32,
+    },
     /// Report the current state (read-only).
     GetState,
     /// Report the energy history since `since` (unix seconds), energy
@@ -214,6 +224,7 @@ impl Command {
         match self {
             Command::SetRelay { .. } | Command::Toggle => Some(Capability::Switch),
             Command::GetEnergy { .. } => Some(Capability::EnergyMeter),
+            Command::SetBrightness { .. } => Some(Capability::Dimmer),
             Command::GetState
             | Command::GetAccess
             | Command::SetRules { .. }
@@ -282,7 +293,17 @@ pub struct DeviceState {
     /// for devices with an update client (issue 4).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub firmware: Option<FirmwareStatus>,
+    /// Brightness in percent (the level it has when on), for dimmers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub brightness: Option<u8>,
 }
+
+fn is_zero(v: &u32) -> bool {
+    *v == 0
+}
+
+/// Longest fade a [`Command::SetBrightness`] may ask for, in milliseconds.
+pub const MAX_FADE_MS: u32 = 60_000;
 
 /// How a command ended.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

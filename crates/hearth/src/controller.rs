@@ -214,6 +214,9 @@ fn describe_state(s: &DeviceState) -> String {
     if let Some(p) = s.power_mw {
         parts.push(format!("{:.1} W", p as f64 / 1000.0));
     }
+    if let Some(b) = s.brightness {
+        parts.push(format!("{b} %"));
+    }
     if parts.is_empty() {
         "-".to_owned()
     } else {

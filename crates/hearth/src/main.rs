@@ -183,6 +183,16 @@ enum Cmd {
     /// Scenes: saved on/off states of several devices, applied at once.
     #[command(subcommand)]
     Scene(SceneCmd),
+    /// Set a dimmable light's brightness (1-100 %); switches it on if off.
+    Dim {
+        /// Device name or id (or a group).
+        device: String,
+        /// Brightness in percent, 1-100.
+        percent: u8,
+        /// Fade time, e.g. 2s or 500ms (at most 60 s).
+        #[arg(long, default_value = "0s")]
+        fade: String,
+    },
     /// Switch a device on.
     On {
         /// Device name or id.
@@ -371,6 +381,13 @@ async fn run(cli: Cli) -> Result<u8> {
                 SceneCmd::Ls => A::ListScenes,
             };
             return controller::groups(&mut Config::load(&dir()?)?, action).await;
+        }
+        Cmd::Dim { device, percent, fade } => {
+            let fade_ms = match fade.strip_suffix("ms") {
+                Some(ms) => ms.parse::<u32>().with_context(|| format!("--fade {fade:?}: expected e.g. 500ms or 2s"))?,
+                None => controller::parse_duration(&fade).map(|s| s.saturating_mul(1000)).or_else(|e| if fade == "0s" || fade == "0" { Ok(0) } else { Err(e) })?,
+            };
+            return controller::switch(&mut Config::load(&dir()?)?, &device, Command::SetBrightness { percent, fade_ms }).await;
         }
         Cmd::On { device } => return controller::switch(&mut Config::load(&dir()?)?, &device, Command::SetRelay { on: true }).await,
         Cmd::Off { device } => return controller::switch(&mut Config::load(&dir()?)?, &device, Command::SetRelay { on: false }).await,

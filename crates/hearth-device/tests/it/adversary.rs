@@ -78,7 +78,7 @@ fn the_plaintext_search_finds_a_plain_report() {
         kind: DeviceKind::EnergyPlug,
         seq: 1,
         at: now(),
-        state: message::DeviceState { relay: Some(true), motion: None, power_mw: Some(SIMULATED_LOAD_MW), firmware: None },
+        state: message::DeviceState { relay: Some(true), motion: None, power_mw: Some(SIMULATED_LOAD_MW), firmware: None, brightness: None },
         cause: message::Cause::Local,
     };
     let plain = DeviceFrame::State { envelope: message::sign_state(&key, &payload).unwrap() };

@@ -93,7 +93,7 @@ async fn relay_access_list_and_counters_survive_a_restart() {
     let key = dev.public_key();
     let on = owner.sign(dev.id(), Command::SetRelay { on: true });
     let r = link.command(on.clone(), &key).await;
-    assert_eq!(r.state, DeviceState { relay: Some(true), motion: None, power_mw: Some(1_200_000), firmware: None });
+    assert_eq!(r.state, DeviceState { relay: Some(true), motion: None, power_mw: Some(1_200_000), firmware: None, brightness: None });
     let before = link.state(&key).await;
     agent.shutdown().await.unwrap();
     assert!(link.try_recv().await.is_none(), "shutdown closes the link");
@@ -119,7 +119,7 @@ async fn a_motion_sensor_refuses_relay_commands_and_reports_motion() {
     let r = link.command(owner.sign(dev.id(), Command::SetRelay { on: true }), &key).await;
     assert_eq!(r.outcome, refused(Refusal::Unsupported));
     let r = link.command(owner.sign(dev.id(), Command::GetState), &key).await;
-    assert_eq!(r.state, DeviceState { relay: None, motion: Some(false), power_mw: None, firmware: None });
+    assert_eq!(r.state, DeviceState { relay: None, motion: Some(false), power_mw: None, firmware: None, brightness: None });
 
     agent.walk_past().await.unwrap();
     let seen = link.state(&key).await;

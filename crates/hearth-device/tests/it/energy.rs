@@ -22,12 +22,12 @@ use p256::ecdsa::SigningKey;
 use crate::support::{Controller, Device, FakeCloud, Pki};
 
 /// 2027-01-15 08:00:00 UTC, a Friday.
-const NOW: u64 = 1_799_999_999 - 1_799_999_999 % 86_400 + 8 * 3600;
+pub(crate) const NOW: u64 = 1_799_999_999 - 1_799_999_999 % 86_400 + 8 * 3600;
 
 /// A store in memory that keeps the state and both energy images, and can
 /// tear the next image write in half.
 #[derive(Default, Clone)]
-struct Memory {
+pub(crate) struct Memory {
     state: Option<PersistentState>,
     images: [Option<Vec<u8>>; 2],
     tear_next: bool,
@@ -50,17 +50,18 @@ impl StateStore for Memory {
     }
 }
 
-struct Plug {
-    core: DeviceCore,
-    store: Memory,
+/// A paired device core with an injected clock (shared with `dimmer.rs`).
+pub(crate) struct Plug {
+    pub(crate) core: DeviceCore,
+    pub(crate) store: Memory,
     key: SigningKey,
     secret: SetupSecret,
-    owner: SigningKey,
+    pub(crate) owner: SigningKey,
     counter: u64,
 }
 
 impl Plug {
-    fn new(kind: DeviceKind) -> Self {
+    pub(crate) fn new(kind: DeviceKind) -> Self {
         let (key, secret, device) = (keys::generate(), SetupSecret::random(), DeviceId::random());
         let mut core = DeviceCore::new(device, kind, key.clone(), secret.clone(), PersistentState::factory());
         let mut store = Memory::default();
@@ -77,7 +78,7 @@ impl Plug {
     }
 
     /// Sends `cmd` signed by `who` at `now`; returns the opened result.
-    fn send(&mut self, who: &SigningKey, cmd: Command, now: u64) -> ResultPayload {
+    pub(crate) fn send(&mut self, who: &SigningKey, cmd: Command, now: u64) -> ResultPayload {
         self.counter += 1;
         let device = self.core.device().clone();
         let me = PublicKey::from(who).controller_id();
@@ -100,7 +101,7 @@ impl Plug {
         }
     }
 
-    fn run(&mut self, from: u64, to: u64) -> Vec<Cause> {
+    pub(crate) fn run(&mut self, from: u64, to: u64) -> Vec<Cause> {
         let key = PublicKey::from(&self.key);
         let me = PublicKey::from(&self.owner).controller_id();
         let enc = EncSecretKey::for_controller(&self.owner);
@@ -115,13 +116,13 @@ impl Plug {
         causes
     }
 
-    fn restart(&mut self, now: u64) {
+    pub(crate) fn restart(&mut self, now: u64) {
         let state = self.store.state.clone().unwrap();
         self.core = DeviceCore::new(self.core.device().clone(), self.core.kind(), self.key.clone(), self.secret.clone(), state);
         self.core.boot(&mut self.store, now).unwrap();
     }
 
-    fn set_rules(&mut self, rules: serde_json::Value) {
+    pub(crate) fn set_rules(&mut self, rules: serde_json::Value) {
         let owner = self.owner.clone();
         let base_version = self.core.rules().version;
         let r = self.send(&owner, Command::SetRules { base_version, rules: rules.to_string() }, NOW);

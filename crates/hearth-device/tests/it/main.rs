@@ -6,6 +6,7 @@
 mod adversary;
 mod binary;
 mod commands;
+mod dimmer;
 mod energy;
 mod link;
 mod pairing;

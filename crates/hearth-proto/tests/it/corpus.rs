@@ -65,7 +65,7 @@ fn payloads(f: &Fixture) -> (CommandPayload, ResultPayload, StatePayload, PairCo
         kind: DeviceKind::EnergyPlug,
         seq: 9,
         at: NOW,
-        state: DeviceState { relay: Some(true), motion: Some(false), power_mw: Some(12), firmware: None },
+        state: DeviceState { relay: Some(true), motion: Some(false), power_mw: Some(12), firmware: None, brightness: None },
         cause: Cause::Local,
     };
     let conf = PairConfirmation { v: PROTOCOL_VERSION, device: f.device.clone(), controller, role: Role::Owner, at: NOW };

@@ -87,7 +87,7 @@ fn our_vectors() -> Vec<(&'static str, Vector)> {
         kind: DeviceKind::EnergyPlug,
         seq: 42,
         at: NOW,
-        state: DeviceState { relay: Some(true), motion: None, power_mw: Some(4_500), firmware: None },
+        state: DeviceState { relay: Some(true), motion: None, power_mw: Some(4_500), firmware: None, brightness: None },
         cause: Cause::Command { controller: controller(CONTROLLER) },
     };
     let confirmation =

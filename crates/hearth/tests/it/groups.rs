@@ -61,3 +61,32 @@ fn groups_and_scenes_switch_each_device_and_report_each_answer() {
     phone.ok(&["group", "rm", "downstairs"]);
     assert!(phone.ok(&["group", "ls"]).contains("No groups yet"));
 }
+
+/// A dimmable light from the CLI: `hearth dim` sets the level (and switches
+/// it on), the level survives off/on, a group of lights dims together, and
+/// a plug in the group refuses (signed) instead of pretending.
+#[test]
+fn dimming_a_light_and_a_group() {
+    let w = World::new();
+    let light = w.provision("light", "dimmer");
+    let plug = w.provision("plug", "plug");
+    let _light = w.run_device(&light);
+    let _plug = w.run_device(&plug);
+    let phone = w.controller("phone");
+    phone.signup("hal@example.com");
+    assert!(eventually(Duration::from_secs(10), || phone.run(&["pair", &light.code, "--name", "light"]).status.success()));
+    assert!(eventually(Duration::from_secs(10), || phone.run(&["pair", &plug.code, "--name", "plug"]).status.success()));
+    let out = phone.ok(&["dim", "light", "40", "--fade", "2s"]);
+    assert!(out.contains("light is ON, 40 % (signed by the device"), "{out}");
+    phone.ok(&["off", "light"]);
+    assert!(phone.ok(&["on", "light"]).contains("ON, 40 %"));
+    assert!(!phone.run(&["dim", "light", "0"]).status.success());
+    let out = phone.run(&["dim", "light", "150"]);
+    assert!(!out.status.success(), "a u8 over 100 is refused (by the device or the parser)");
+    phone.ok(&["group", "create", "all"]);
+    phone.ok(&["group", "add", "all", "light", "plug"]);
+    let out = phone.run(&["dim", "all", "70", "--fade", "500ms"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(3), "{stdout}");
+    assert!(stdout.contains("light: ON, 70 %") && stdout.contains("plug: refused: the device cannot do that"), "{stdout}");
+}
