@@ -24,7 +24,7 @@ pub struct Output {
 }
 
 /// A device's outputs.
-pub trait Driver: Send {
+pub trait Driver: Send + Sync {
     /// Drives the outputs to `output`, starting at `now_ms` (unix
     /// milliseconds). Must not block for the fade: a real driver ramps in
     /// the background (a PWM timer), the simulator computes the level.
