@@ -87,6 +87,14 @@ enum Event {
     Shutdown,
     /// From the update client (`update.rs`).
     Update(crate::update::Notice),
+    /// A signed command from the LAN endpoint (`lan.rs`).
+    Lan(crate::lan::LanCommand),
+}
+
+impl From<crate::lan::LanCommand> for Event {
+    fn from(c: crate::lan::LanCommand) -> Self {
+        Event::Lan(c)
+    }
 }
 
 /// A running agent. Dropping the handle stops the agent too.
@@ -141,6 +149,22 @@ impl AgentHandle {
         self.ask(Event::Snapshot).await
     }
 
+    /// Serves the LAN endpoint (issue 5, `lan.rs`) on an already bound
+    /// listener: the same signed commands as from the cloud, decided by
+    /// the same core. `state_dir` is the directory the agent was started
+    /// on (its certificate and key are the endpoint's identity).
+    pub fn serve_lan(&self, state_dir: &std::path::Path, listener: std::net::TcpListener) -> anyhow::Result<SocketAddr> {
+        let identity = Identity::load(state_dir)?;
+        let tls = Arc::new(crate::lan::server_config(&identity.cert_pem, &identity.key_pem)?);
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?;
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        let span = tracing::error_span!("lan", %addr);
+        tokio::spawn(crate::lan::serve(listener, tls, self.events.clone()).instrument(span));
+        info!(%addr, "LAN endpoint listening");
+        Ok(addr)
+    }
+
     /// Resolves once the agent has stopped by itself (it installed a
     /// firmware update and wants the supervisor to start it).
     pub async fn stopped(&self) {
@@ -177,6 +201,8 @@ pub fn spawn(opts: AgentOptions) -> anyhow::Result<AgentHandle> {
     let (device, kind) = (config.device.clone(), config.kind);
     let mut store = store;
     let update_prefs = state.update.clone();
+    // A motion sensor's rules may switch other devices over the LAN (`lan.rs`).
+    let motion = kind.has(hearth_proto::capability::Capability::Motion).then(|| crate::lan::spawn_motion_sender(device.clone(), identity.key.clone()));
     let mut core = DeviceCore::new(device.clone(), kind, identity.key, identity.secret, state);
     // Once, before any command: the power-on policy through the interlock.
     core.boot(&mut store, unix_now())?;
@@ -200,6 +226,7 @@ pub fn spawn(opts: AgentOptions) -> anyhow::Result<AgentHandle> {
             connector: TlsConnector::from(Arc::new(tls)),
         }),
         connected: false,
+        motion,
         next_tick: Instant::now() + TICK,
         _lock: lock,
     };
@@ -296,6 +323,8 @@ struct Agent {
     events: mpsc::Receiver<Event>,
     dialer: Arc<Dialer>,
     connected: bool,
+    /// A motion sensor's sender for rules that switch other devices.
+    motion: Option<mpsc::Sender<crate::lan::MotionSeen>>,
     /// When [`DeviceCore::tick`] runs next: once a second, with or without
     /// a cloud, so rules and interlocks never depend on the link.
     next_tick: Instant,
@@ -397,8 +426,33 @@ impl Agent {
             }
             Event::WalkPast(done) => {
                 let frames = logged(self.core.walk_past(store, now));
+                if let Some(motion) = &self.motion {
+                    let targets = crate::rules::motion_targets(self.core.rules(), now);
+                    // Full queue: the sender is busy with the last motion, which
+                    // already keeps the targets on.
+                    if !targets.is_empty() && motion.try_send(crate::lan::MotionSeen { targets }).is_err() {
+                        warn!("motion rule: sender busy; this motion is dropped");
+                    }
+                }
                 let _ = done.send(());
                 Some(frames)
+            }
+            Event::Lan(crate::lan::LanCommand { envelope, reply }) => {
+                // The same path as a command from the cloud: decide, replay
+                // counter, interlock, signed and sealed answer.
+                let frames = logged(self.core.handle(hearth_proto::link::CloudFrame::Command { envelope }, store, now));
+                for request in self.core.take_update_requests() {
+                    if let Some(u) = &self.updater {
+                        u.request(request);
+                    }
+                }
+                let (results, reports): (Vec<_>, Vec<_>) = frames.into_iter().partition(|f| matches!(f, DeviceFrame::Result { .. }));
+                // An unsaved command has no result; dropping `reply` says so.
+                if !results.is_empty() {
+                    let _ = reply.send(results);
+                }
+                // State reports still go to the cloud, when it is reachable.
+                Some(reports)
             }
             Event::Snapshot(reply) => {
                 let core = &self.core;

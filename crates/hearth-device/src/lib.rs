@@ -15,6 +15,9 @@
 //! * [`energy`] — an energy plug's history (A/B images) and reports.
 //! * [`rules`] — the persisted rules and safety-interlock state that
 //!   [`DeviceCore`] drives every second.
+//! * [`lan`] — the LAN endpoint (same signed commands over local TLS 1.3)
+//!   and the LAN client a motion sensor uses to switch its targets; [`mdns`]
+//!   — the `_hearth._tcp` responder and browser.
 //! * [`update`] — the firmware update client: TUF over TLS to the cloud's
 //!   repository, staged rollout and owner policy, install into the inactive
 //!   slot, the trial-boot health report (issue 4).
@@ -28,6 +31,8 @@
 pub mod agent;
 pub mod backoff;
 pub mod driver;
+pub mod lan;
+pub mod mdns;
 pub mod protocol;
 pub mod rules;
 mod error;

@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use hearth_device::protocol::DeviceCore;
 use hearth_device::store::{self, Identity, StateFile};
-use hearth_device::{AgentHandle, AgentOptions};
+use hearth_device::{lan, AgentHandle, AgentOptions};
 use hearth_proto::capability::DeviceKind;
 
 #[cfg(target_os = "linux")]
@@ -43,6 +43,15 @@ enum Cmd {
         /// UID:GID); it is given the state directory. Default: nobody.
         #[arg(long)]
         user: Option<String>,
+        /// Serve the same signed commands on the LAN (issue 5, ADR 0009):
+        /// TLS 1.3 with the device's own certificate on ADDR, e.g.
+        /// 0.0.0.0:8445, advertised over mDNS as _hearth._tcp. Off unless given.
+        #[arg(long)]
+        lan_listen: Option<std::net::SocketAddr>,
+        /// The LAN port of the devices a motion sensor's rules switch (the
+        /// one extra TCP port its sandbox may connect to). Default 8445.
+        #[arg(long)]
+        lan_peer_port: Option<u16>,
     },
     /// Physical reset of a stopped device: forget every controller and reopen setup mode.
     Reset {
@@ -121,15 +130,22 @@ fn main() -> ExitCode {
 
 fn real_main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Cmd::Run { state_dir, cloud, server_name, user } => {
+        Cmd::Run { state_dir, cloud, server_name, user, lan_listen, lan_peer_port } => {
+            // Bound before the sandbox and the privilege drop (Landlock then
+            // refuses any further bind); std sockets need no runtime yet.
+            let lan = match lan_listen {
+                Some(addr) => Some(lan::bind(addr, &state_dir)?),
+                None => None,
+            };
+            let peer_port = lan::peer_port(&state_dir, lan_peer_port)?;
             // Before the runtime exists: the sandbox must cover every thread.
-            let state_dir = enter_sandbox(state_dir, cloud.as_deref(), user)?;
+            let state_dir = enter_sandbox(state_dir, cloud.as_deref(), user, peer_port)?;
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
-            rt.block_on(run(AgentOptions { state_dir, cloud_addr_override: cloud, server_name_override: server_name }))
+            rt.block_on(run(AgentOptions { state_dir, cloud_addr_override: cloud, server_name_override: server_name }, lan))
         }
         Cmd::Reset { state_dir } => reset(&state_dir),
         Cmd::EnableUpdates { state_dir, root, repository, hardware_model, check_every, max_rate, factory_version } => {
@@ -161,12 +177,19 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-async fn run(opts: AgentOptions) -> anyhow::Result<()> {
+async fn run(opts: AgentOptions, lan: Option<lan::Bound>) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut usr1 = signal(SignalKind::user_defined1()).context("installing the SIGUSR1 handler")?;
     let mut usr2 = signal(SignalKind::user_defined2()).context("installing the SIGUSR2 handler")?;
+    let state_dir = opts.state_dir.clone();
     let handle: AgentHandle = hearth_device::spawn(opts)?;
+    if let Some(bound) = lan {
+        let addr = handle.serve_lan(&state_dir, bound.listener)?;
+        lan::advertise(&handle, addr, bound.mdns);
+        // Tests and scripts read the bound address from this line.
+        println!("hearth-device {} lan {addr}", handle.device());
+    }
     // Tests and scripts wait for this line.
     println!("hearth-device {} {} running", handle.device(), handle.kind().as_str());
     loop {
@@ -197,7 +220,7 @@ async fn run(opts: AgentOptions) -> anyhow::Result<()> {
 /// Locks the agent in (`sandbox.rs`) and returns the path it must use for
 /// its state directory from then on.
 #[cfg(target_os = "linux")]
-fn enter_sandbox(state_dir: PathBuf, cloud: Option<&str>, user: Option<String>) -> anyhow::Result<PathBuf> {
+fn enter_sandbox(state_dir: PathBuf, cloud: Option<&str>, user: Option<String>, lan_peer_port: Option<u16>) -> anyhow::Result<PathBuf> {
     // The cloud's port is the one TCP destination the sandbox allows.
     let config = store::load_config(&state_dir)?;
     let addr = cloud.unwrap_or(&config.cloud_addr);
@@ -210,7 +233,7 @@ fn enter_sandbox(state_dir: PathBuf, cloud: Option<&str>, user: Option<String>) 
     }
     // The firmware repository's port, if the update client is configured.
     let update_port = hearth_device::update::UpdateConfig::load(&state_dir)?.and_then(|c| c.port());
-    let applied = sandbox::apply(&sandbox::Policy { state_dir, user, cloud_port, update_port })?;
+    let applied = sandbox::apply(&sandbox::Policy { state_dir, user, cloud_port, update_port, lan_peer_port })?;
     tracing::info!(dropped_to = ?applied.dropped_to, landlock = ?applied.landlock, "sandbox applied");
     // Hidden test hook (tests/it/sandbox.rs): report what the sandbox refuses.
     if let Some(outside) = std::env::var_os("HEARTH_DEVICE_SANDBOX_SELFTEST") {
@@ -221,7 +244,7 @@ fn enter_sandbox(state_dir: PathBuf, cloud: Option<&str>, user: Option<String>) 
 
 /// No sandbox outside Linux; said once, loudly.
 #[cfg(not(target_os = "linux"))]
-fn enter_sandbox(state_dir: PathBuf, _cloud: Option<&str>, _user: Option<String>) -> anyhow::Result<PathBuf> {
+fn enter_sandbox(state_dir: PathBuf, _cloud: Option<&str>, _user: Option<String>, _lan_peer_port: Option<u16>) -> anyhow::Result<PathBuf> {
     tracing::warn!("no sandbox on this platform: the agent runs with the rights it was started with");
     Ok(state_dir)
 }

@@ -55,3 +55,25 @@ pub fn timestamp(now: u64) -> Timestamp {
     // the arithmetic defined and every schedule simply not due.
     i64::try_from(now).ok().and_then(|s| Timestamp::from_second(s).ok()).unwrap_or(Timestamp::UNIX_EPOCH)
 }
+
+/// The armed cross-device motion rules on a sensor (issue 5), as targets
+/// for [`crate::lan::spawn_motion_sender`]. Targets whose id or key do not
+/// parse are skipped with a warning (the set was validated for shape, not
+/// for key encoding).
+pub fn motion_targets(set: &RuleSet, now: u64) -> Vec<crate::lan::Target> {
+    let tz = set.time_zone().unwrap_or(jiff::tz::TimeZone::UTC);
+    hearth_rules::schedule::motion_targets(set, &tz, timestamp(now))
+        .into_iter()
+        .filter_map(|(t, off_after_secs)| {
+            let device = t.device.parse().ok();
+            let key = hearth_proto::b64::decode(&t.key).ok().and_then(|k| hearth_proto::keys::PublicKey::from_sec1(&k).ok());
+            match (device, key) {
+                (Some(device), Some(key)) => Some(crate::lan::Target { device, key, addr: t.lan.clone(), off_after_secs }),
+                _ => {
+                    tracing::warn!(target = %t.device, "motion rule: unreadable target id or key; skipped");
+                    None
+                }
+            }
+        })
+        .collect()
+}

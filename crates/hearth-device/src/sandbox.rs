@@ -67,6 +67,10 @@ pub struct Policy {
     pub cloud_port: u16,
     /// The firmware repository's port (issue 4), also allowed when set.
     pub update_port: Option<u16>,
+    /// A motion sensor's LAN peers' port (issue 5, `lan.rs`), also allowed
+    /// for connect. The LAN listener itself is bound before the sandbox,
+    /// so no bind right is needed.
+    pub lan_peer_port: Option<u16>,
 }
 
 /// What [`apply`] achieved, for the log and the self-test.
@@ -89,7 +93,7 @@ pub fn apply(policy: &Policy) -> anyhow::Result<Applied> {
     // the directory hangs on this descriptor, not on a path lookup later.
     let dir_fd = PathFd::new(dir).with_context(|| format!("opening the state directory {}", dir.display()))?;
     let dropped_to = drop_privileges(dir, policy.user.as_deref())?;
-    let landlock = restrict_filesystem(dir_fd, policy.cloud_port, policy.update_port)?;
+    let landlock = restrict_filesystem(dir_fd, policy.cloud_port, [policy.update_port, policy.lan_peer_port])?;
     forbid_spawning()?;
     Ok(Applied { dropped_to, landlock, state_dir: PathBuf::from(".") })
 }
@@ -189,7 +193,7 @@ fn chown_entries(dir: &Path, uid: u32, gid: u32, depth: u32) -> anyhow::Result<(
 }
 
 /// Step 2: Landlock, best effort so old kernels still run the agent.
-fn restrict_filesystem(dir: PathFd, cloud_port: u16, update_port: Option<u16>) -> anyhow::Result<RulesetStatus> {
+fn restrict_filesystem(dir: PathFd, cloud_port: u16, extra_ports: [Option<u16>; 2]) -> anyhow::Result<RulesetStatus> {
     let abi = LANDLOCK_ABI;
     let read = AccessFs::from_read(abi) & AccessFs::from_file(abi);
     let mut ruleset = Ruleset::default()
@@ -201,7 +205,7 @@ fn restrict_filesystem(dir: PathFd, cloud_port: u16, update_port: Option<u16>) -
         .add_rule(PathBeneath::new(dir, AccessFs::from_all(abi)))?
         .add_rule(NetPort::new(cloud_port, AccessNet::ConnectTcp))?
         .add_rule(NetPort::new(53, AccessNet::ConnectTcp))?;
-    if let Some(port) = update_port {
+    for port in extra_ports.into_iter().flatten() {
         ruleset = ruleset.add_rule(NetPort::new(port, AccessNet::ConnectTcp))?;
     }
     for file in RESOLVER_FILES {

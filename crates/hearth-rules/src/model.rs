@@ -258,7 +258,33 @@ pub struct Motion {
     pub off_after_secs: u32,
     /// When the rule is armed.
     pub when: MotionWhen,
+    /// Set when the rule is stored on the sensor itself and switches
+    /// another device (issue 5, "motion rules across devices"): the sensor
+    /// signs the switch commands with its own key, which the owner granted
+    /// on the target's access list. `None`: the rule is on the switched
+    /// device and `sensor` reports to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<MotionTarget>,
 }
+
+/// The device a sensor's motion rule switches.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MotionTarget {
+    /// The target's device id.
+    pub device: String,
+    /// The target's public key, base64url SEC1, as the owner's controller
+    /// learned it at pairing; the sensor accepts the target's TLS
+    /// certificate and signed answers only with this key.
+    pub key: String,
+    /// The target's LAN endpoint, `HOST:PORT`.
+    pub lan: String,
+}
+
+/// Longest accepted base64url key text in a [`MotionTarget`].
+pub const MAX_KEY_LEN: usize = 128;
+/// Longest accepted `HOST:PORT` in a [`MotionTarget`].
+pub const MAX_ADDR_LEN: usize = 128;
 
 /// A kind of button press.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -494,6 +520,14 @@ impl RuleSet {
                 }
                 RuleKind::Motion(m) => {
                     check_len(|| f("sensor"), &m.sensor, MAX_ID_LEN)?;
+                    if let Some(t) = &m.target {
+                        check_len(|| f("target.device"), &t.device, MAX_ID_LEN)?;
+                        check_len(|| f("target.key"), &t.key, MAX_KEY_LEN)?;
+                        check_len(|| f("target.lan"), &t.lan, MAX_ADDR_LEN)?;
+                        if t.device.is_empty() || t.key.is_empty() || !t.lan.contains(':') {
+                            return Err(range_err(f("target"), "needs the target's id, key and HOST:PORT"));
+                        }
+                    }
                     if !(10..=86_400).contains(&m.off_after_secs) {
                         return Err(range_err(f("off_after_secs"), "must be 10 s … 24 h"));
                     }

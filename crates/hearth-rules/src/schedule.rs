@@ -386,7 +386,7 @@ fn motion_armed(when: crate::model::MotionWhen, rules: &RuleSet, tz: &TimeZone, 
 /// alone: motion never switches off what a person switched on.
 pub fn motion(state: &mut RuntimeState, rules: &RuleSet, tz: &TimeZone, sensor: &str, now: Timestamp) -> Option<DueAction> {
     let rule = rules.rules.iter().filter(|r| r.enabled).find_map(|r| match &r.kind {
-        RuleKind::Motion(m) if m.sensor == sensor && motion_armed(m.when, rules, tz, now) => Some((r.id, m.off_after_secs)),
+        RuleKind::Motion(m) if m.sensor == sensor && m.target.is_none() && motion_armed(m.when, rules, tz, now) => Some((r.id, m.off_after_secs)),
         _ => None,
     })?;
     let quiet_end = secs(now, i64::from(rule.1));
@@ -399,6 +399,22 @@ pub fn motion(state: &mut RuntimeState, rules: &RuleSet, tz: &TimeZone, sensor: 
     note_switch(state, rules, true, now);
     state.motion_off_at = Some(quiet_end);
     Some(DueAction { at: now, on: true, cause: Cause::Motion, rule: Some(rule.0), late: false })
+}
+
+/// The targets of the armed cross-device motion rules stored on a sensor
+/// (rules with [`crate::model::Motion::target`]), with their quiet periods:
+/// what the sensor must switch on now. Same conditions as [`motion`]
+/// (enabled, window or darkness evaluated in the sensor's zone and location).
+pub fn motion_targets<'a>(rules: &'a RuleSet, tz: &TimeZone, now: Timestamp) -> Vec<(&'a crate::model::MotionTarget, u32)> {
+    rules
+        .rules
+        .iter()
+        .filter(|r| r.enabled)
+        .filter_map(|r| match &r.kind {
+            RuleKind::Motion(m) if motion_armed(m.when, rules, tz, now) => m.target.as_ref().map(|t| (t, m.off_after_secs)),
+            _ => None,
+        })
+        .collect()
 }
 
 /// A button press on the device.

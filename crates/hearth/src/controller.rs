@@ -203,7 +203,8 @@ pub fn device_key(cfg: &Config, dev: &ListedDevice) -> Option<(PublicKey, &'stat
     (id == dev.id).then_some((key, "certified"))
 }
 
-fn describe_state(s: &DeviceState) -> String {
+/// A state in words ("ON, 12.0 W").
+pub fn describe_state(s: &DeviceState) -> String {
     let mut parts = Vec::new();
     if let Some(r) = s.relay {
         parts.push(if r { "ON".to_owned() } else { "off".to_owned() });
@@ -243,7 +244,7 @@ fn open_state(cfg: &Config, device: &DeviceId, key: &PublicKey, bytes: &[u8]) ->
 
 /// Decrypts and verifies a command result (sealed, or plain for refusals
 /// to a controller the device cannot encrypt for).
-fn open_result(cfg: &Config, device: &DeviceId, key: &PublicKey, bytes: &[u8]) -> Result<ResultPayload, OpenError> {
+pub fn open_result(cfg: &Config, device: &DeviceId, key: &PublicKey, bytes: &[u8]) -> Result<ResultPayload, OpenError> {
     if e2e::is_sealed(bytes) {
         let (me, sk) = enc_key(cfg).map_err(|_| OpenError::Undecryptable)?;
         e2e::open_result(bytes, device, key, &me, &sk)

@@ -9,6 +9,7 @@ pub mod controller;
 pub mod demo;
 pub mod energy;
 pub mod groups;
+pub mod lan;
 pub mod server;
 #[doc(hidden)]
 pub mod webvectors;

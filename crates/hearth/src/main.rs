@@ -23,6 +23,9 @@ struct Cli {
     /// Controller directory (key, session, known devices).
     #[arg(long, global = true, env = "HEARTH_CONFIG_DIR")]
     config_dir: Option<PathBuf>,
+    /// `--via` and `--lan` (issue 5, LAN control).
+    #[command(flatten)]
+    lan: hearth::lan::LanArgs,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -147,6 +150,9 @@ enum Cmd {
         action: Option<String>,
         /// The rule set to store (JSON, see the README).
         file: Option<std::path::PathBuf>,
+        /// `hearth rules motion SENSOR --target PLUG …` (issue 5).
+        #[command(flatten)]
+        motion: hearth::lan::MotionArgs,
     },
     /// Turn a device off automatically a while after it was switched on
     /// (a countdown rule, run by the device itself).
@@ -340,7 +346,10 @@ async fn run(cli: Cli) -> Result<u8> {
         }
         Cmd::Access { device } => return controller::access(&mut Config::load(&dir()?)?, &device).await,
         Cmd::Revoke { device, controller } => return controller::revoke(&mut Config::load(&dir()?)?, &device, &controller).await,
-        Cmd::Rules { device, action, file } => {
+        Cmd::Rules { device, action: Some(sensor), file: None, motion } if device == "motion" && motion.target.is_some() => {
+            return hearth::lan::motion_rule(&mut Config::load(&dir()?)?, &sensor, &motion, &cli.lan).await;
+        }
+        Cmd::Rules { device, action, file, .. } => {
             let file = match (action.as_deref(), file) {
                 (None, None) => None,
                 (Some("set"), Some(file)) => Some(file),
@@ -389,9 +398,9 @@ async fn run(cli: Cli) -> Result<u8> {
             };
             return controller::switch(&mut Config::load(&dir()?)?, &device, Command::SetBrightness { percent, fade_ms }).await;
         }
-        Cmd::On { device } => return controller::switch(&mut Config::load(&dir()?)?, &device, Command::SetRelay { on: true }).await,
-        Cmd::Off { device } => return controller::switch(&mut Config::load(&dir()?)?, &device, Command::SetRelay { on: false }).await,
-        Cmd::Toggle { device } => return controller::switch(&mut Config::load(&dir()?)?, &device, Command::Toggle).await,
+        Cmd::On { device } => return hearth::lan::switch(&mut Config::load(&dir()?)?, &device, Command::SetRelay { on: true }, &cli.lan).await,
+        Cmd::Off { device } => return hearth::lan::switch(&mut Config::load(&dir()?)?, &device, Command::SetRelay { on: false }, &cli.lan).await,
+        Cmd::Toggle { device } => return hearth::lan::switch(&mut Config::load(&dir()?)?, &device, Command::Toggle, &cli.lan).await,
         Cmd::Status { device } => controller::status(&Config::load(&dir()?)?, device).await?,
         Cmd::Watch { json, count, seconds } => {
             controller::watch(&Config::load(&dir()?)?, json, count, seconds.map(Duration::from_secs)).await?

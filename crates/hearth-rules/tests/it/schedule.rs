@@ -420,3 +420,26 @@ fn wall_clock_resolution_matches_python_zoneinfo() {
     }
     assert!(rows > 3000, "fixture too small: {rows}");
 }
+
+#[test]
+fn a_sensors_cross_device_rule_names_its_armed_targets_and_is_not_a_local_rule() {
+    let z = tz("Europe/Berlin");
+    let target = json!({"device": "plug-1", "key": "BASE64KEY", "lan": "192.168.1.20:8445"});
+    let set = rules(
+        "Europe/Berlin",
+        json!([{"id": 1, "name": "hall", "kind": {"motion": {"sensor": "sensor-1", "off_after_secs": 120,
+            "when": {"between": {"start": "18:00", "end": "23:00"}}, "target": target}}}]),
+    );
+    let evening = at("Europe/Berlin", 2025, 5, 6, 19, 0);
+    let got: Vec<(String, u32)> = schedule::motion_targets(&set, &z, evening).into_iter().map(|(t, s)| (t.device.clone(), s)).collect();
+    assert_eq!(got, vec![("plug-1".to_owned(), 120)]);
+    assert!(schedule::motion_targets(&set, &z, at("Europe/Berlin", 2025, 5, 6, 12, 0)).is_empty(), "outside the window");
+    // The sensor does not switch itself for a rule aimed at another device.
+    let mut st = RuntimeState { last_eval: Some(evening), ..Default::default() };
+    assert!(schedule::motion(&mut st, &set, &z, "sensor-1", evening).is_none());
+    // A target without an address is refused when the set is stored.
+    let bad = json!([{"id": 1, "name": "x", "kind": {"motion": {"sensor": "s", "off_after_secs": 60, "when": "always",
+        "target": {"device": "plug-1", "key": "K", "lan": "no-port"}}}}]);
+    let json = serde_json::to_vec(&json!({"version": 0, "timezone": "UTC", "rules": bad})).expect("json");
+    assert!(RuleSet::from_json(&json).is_err());
+}

@@ -9,6 +9,7 @@ mod e2e;
 mod firmware;
 mod energy;
 mod groups;
+mod lan;
 mod rules;
 mod sharing;
 mod tidy;
