@@ -82,6 +82,8 @@ pub struct Snapshot {
 enum Event {
     Reset(oneshot::Sender<()>),
     Button(oneshot::Sender<DeviceState>),
+    /// A short, long or double press (button rules, issue 5).
+    Press(hearth_rules::model::Press, oneshot::Sender<DeviceState>),
     WalkPast(oneshot::Sender<()>),
     Snapshot(oneshot::Sender<Snapshot>),
     Shutdown,
@@ -137,6 +139,13 @@ impl AgentHandle {
     /// once it is persisted.
     pub async fn press_button(&self) -> anyhow::Result<DeviceState> {
         self.ask(Event::Button).await
+    }
+
+    /// A short, long or double press of the local button: the owner's
+    /// button rule for it decides (see `DeviceCore::press`). Returns the
+    /// state once it is persisted.
+    pub async fn press(&self, press: hearth_rules::model::Press) -> anyhow::Result<DeviceState> {
+        self.ask(|done| Event::Press(press, done)).await
     }
 
     /// A person walks past the motion sensor (no-op on other kinds).
@@ -421,6 +430,11 @@ impl Agent {
             }
             Event::Button(done) => {
                 let frames = logged(self.core.press_button(store, now));
+                let _ = done.send(self.core.report());
+                Some(frames)
+            }
+            Event::Press(press, done) => {
+                let frames = logged(self.core.press(press, store, now));
                 let _ = done.send(self.core.report());
                 Some(frames)
             }

@@ -16,7 +16,7 @@ use hearth_proto::link::{CloudFrame, DeviceFrame, PairOutcome};
 use hearth_proto::message::{self, Cause, Command, DeviceState, Outcome, ResultPayload, StatePayload};
 use hearth_proto::pairing::{self, PairError, PairRequest, SetupSecret};
 use hearth_proto::PROTOCOL_VERSION;
-use hearth_rules::model::RuleSet;
+use hearth_rules::model::{Press, RuleSet};
 use hearth_rules::safety::{self, SafetyEvent, Source, Verdict};
 use hearth_rules::schedule;
 use p256::ecdsa::SigningKey;
@@ -685,6 +685,16 @@ impl DeviceCore {
     /// the over-power cut-off is latched, the press resets the latch instead
     /// (the only way to reset it).
     pub fn press_button(&mut self, store: &mut dyn StateStore, now: u64) -> Result<Vec<DeviceFrame>, Error> {
+        self.press(Press::Short, store, now)
+    }
+
+    /// A press of the local button: short, long or double (issue 5, button
+    /// actions). The owner's button rule for that press decides (toggle,
+    /// on, off, on for N seconds); without one, a short press toggles and
+    /// the others do nothing. Whatever the rules say, a press while the
+    /// over-power cut-off is latched only resets the latch, and every switch
+    /// goes through the interlock as a person at the device (`Source::Local`).
+    pub fn press(&mut self, press: Press, store: &mut dyn StateStore, now: u64) -> Result<Vec<DeviceFrame>, Error> {
         self.clock = now;
         if !self.kind.has(Capability::Switch) {
             tracing::info!(kind = self.kind.as_str(), "button pressed on a device without a relay; ignored");
@@ -698,9 +708,26 @@ impl DeviceCore {
             tracing::info!("button pressed: over-power latch reset");
             return Ok(Vec::new());
         }
-        let target = !next.relay;
-        if let Err(r) = Self::switch(&mut next, target, Source::Local, true, now) {
+        let ts = timestamp(now);
+        let tz = zone(&next.rules.set);
+        // `schedule::button` already counts the press as manual (away mode
+        // paused, countdown started) and arms an "on for N s" timer.
+        let (target, manual) = match schedule::button(&mut next.rules.runtime, &next.rules.set, &tz, press, ts) {
+            Some(action) => (action.on, false),
+            None if press == Press::Short => (!next.relay, true),
+            None => {
+                tracing::info!(?press, "button press without a rule for it; ignored");
+                return Ok(Vec::new());
+            }
+        };
+        if let Err(r) = Self::switch(&mut next, target, Source::Local, manual, now) {
             tracing::warn!(reason = %r, "safety interlock refused the button");
+            return Ok(Vec::new());
+        }
+        if next.relay == self.state.relay {
+            // Already in the wanted state ("on" while on): the rule's timer
+            // may have been armed, which is saved, but nothing is reported.
+            self.save(store, next)?;
             return Ok(Vec::new());
         }
         // A person at the device overrides a remote on-time limit.

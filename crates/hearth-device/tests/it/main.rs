@@ -5,6 +5,7 @@
 
 mod adversary;
 mod binary;
+mod button;
 mod commands;
 mod dimmer;
 mod energy;
