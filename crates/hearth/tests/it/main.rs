@@ -10,6 +10,7 @@ mod firmware;
 mod energy;
 mod groups;
 mod lan;
+mod motion;
 mod rules;
 mod sharing;
 mod tidy;

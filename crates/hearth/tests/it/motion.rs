@@ -1,0 +1,97 @@
+//! Issue 5, motion rules across devices: the real programs. The owner's CLI
+//! grants the sensor's device key "member" on the plug and stores the rule
+//! on the sensor; a walk past the simulated sensor (SIGUSR2) switches the
+//! plug on over the LAN, and the plug goes off after the quiet period. The
+//! sensor's key can do nothing else on the plug.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use hearth_device::lan::{exchange, DevicePin};
+use hearth_proto::acl::{Refusal, Role, Scope};
+use hearth_proto::e2e::{self, EncSecretKey};
+use hearth_proto::ids::DeviceId;
+use hearth_proto::keys::PublicKey;
+use hearth_proto::message::{self, Command as Cmd, CommandPayload, Outcome};
+use p256::pkcs8::DecodePrivateKey;
+
+use crate::harness::*;
+use crate::lan::{free_port, relay, run_lan_device};
+
+fn walk_past(p: &Proc) {
+    assert!(run(Command::new("kill").args(["-USR2", &p.child.id().to_string()])).status.success());
+}
+
+#[test]
+fn walking_past_the_sensor_switches_the_plug_on_and_off_after_the_quiet_period() {
+    let w = World::new();
+    let plug = w.provision("plug", "plug");
+    let port = free_port();
+    let plug_lan = format!("127.0.0.1:{port}");
+    let (_plug_dev, _) = run_lan_device(&w, &plug, &plug_lan, &[]);
+    let sensor = w.provision("sensor", "motion-sensor");
+    // The sensor's sandbox may connect to its targets' LAN port.
+    let mut cmd = Command::new(device_bin());
+    cmd.args(["run", "--state-dir"]).arg(&sensor.state).args(["--cloud", &w.device_addr, "--lan-peer-port", &port.to_string()]);
+    let sensor_dev = Proc::spawn("sensor", cmd);
+    sensor_dev.wait_line(Duration::from_secs(20), |l| l.contains("running"));
+
+    let phone = w.controller("phone");
+    phone.signup("motion@example.com");
+    assert!(eventually(Duration::from_secs(10), || phone.run(&["pair", &plug.code, "--name", "lamp"]).status.success()));
+    assert!(eventually(Duration::from_secs(10), || phone.run(&["pair", &sensor.code, "--name", "hall"]).status.success()));
+
+    let out = phone.ok(&["rules", "motion", "hall", "--target", "lamp", "--off-after", "10s", "--target-lan", &plug_lan]);
+    assert!(out.contains("hall may switch it on and off, nothing else"), "{out}");
+    assert!(out.contains("motion switches lamp on, off after 10 s"), "{out}");
+    assert!(phone.ok(&["rules", "hall"]).contains("motion"));
+    assert!(!relay(&plug.state));
+
+    walk_past(&sensor_dev);
+    let started = Instant::now();
+    assert!(eventually(Duration::from_secs(10), || relay(&plug.state)), "the plug did not go on at motion");
+    let on_after = started.elapsed();
+    assert!(eventually(Duration::from_secs(25), || !relay(&plug.state)), "the plug did not go off after the quiet period");
+    let quiet = started.elapsed();
+    assert!(quiet >= Duration::from_secs(9), "off after {quiet:?}, before the 10 s quiet period (on after {on_after:?})");
+
+    // The sensor's key on the plug: may switch, nothing else. Signed with
+    // the sensor's own device key, as the sensor would.
+    let key = p256::ecdsa::SigningKey::from_pkcs8_pem(&std::fs::read_to_string(sensor.state.join("device.key")).unwrap()).unwrap();
+    let me = PublicKey::from(&key).controller_id();
+    let enc = EncSecretKey::for_controller(&key);
+    let device: DeviceId = plug.id.parse().unwrap();
+    let ca = std::fs::read_to_string(w.path("pki").join("manufacturer-ca.pem")).unwrap();
+    let pin = DevicePin { device: device.clone(), key: None, manufacturer_ca_pem: Some(ca) };
+    let dev_key = hearth_pki::device_identity(&hearth_pki::certs_from_pem(&std::fs::read_to_string(plug.state.join("device.pem")).unwrap()).unwrap()[0])
+        .unwrap()
+        .1;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let mut counter = u64::MAX / 4;
+    let mut attempt = |command: Cmd| {
+        counter += 1;
+        let payload = CommandPayload { v: 1, device: device.clone(), controller: me.clone(), counter, issued_at: now, command };
+        let env = message::sign_command(&key, &payload).unwrap();
+        let (answer, _) = rt.block_on(exchange(&plug_lan, pin.clone(), env)).unwrap();
+        let r = if e2e::is_sealed(&answer) {
+            e2e::open_result(&answer, &device, &dev_key, &me, &enc).unwrap()
+        } else {
+            message::verify_result(&answer, &device, &dev_key).unwrap()
+        };
+        r.outcome
+    };
+    let stranger = hearth_proto::keys::generate();
+    let share = Cmd::AddController {
+        key: PublicKey::from(&stranger),
+        enc: EncSecretKey::for_controller(&stranger).public().clone(),
+        role: Role::Owner,
+        scope: Scope::default(),
+    };
+    assert_eq!(attempt(share), Outcome::Refused { reason: Refusal::NotPermitted }, "the sensor cannot share the plug");
+    let rules = Cmd::SetRules { base_version: 0, rules: r#"{"version":0,"timezone":"UTC","rules":[]}"#.into() };
+    assert_eq!(attempt(rules), Outcome::Refused { reason: Refusal::NotPermitted }, "the sensor cannot change the plug's rules");
+    let owner = hearth_proto::ids::ControllerId::of_key(&PublicKey::from(&p256::ecdsa::SigningKey::from_pkcs8_pem(&phone.key_pem()).unwrap()));
+    assert_eq!(attempt(Cmd::RemoveController { controller: owner }), Outcome::Refused { reason: Refusal::NotPermitted }, "the sensor cannot revoke the owner");
+    assert!(!relay(&plug.state));
+}
