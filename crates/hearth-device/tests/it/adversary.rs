@@ -37,7 +37,15 @@ async fn paired(kind: DeviceKind) -> (Pki, FakeCloud, Device, hearth_device::Age
 /// the simulated load. A recording that holds none of them (raw or
 /// base64-decoded) held no plaintext state, motion event or energy reading.
 fn needles() -> Vec<Vec<u8>> {
-    vec![ciborium_bytes(&"relay"), ciborium_bytes(&"power_mw"), ciborium_bytes(&"motion"), ciborium_bytes(&SIMULATED_LOAD_MW)]
+    vec![
+        ciborium_bytes(&"relay"),
+        ciborium_bytes(&"power_mw"),
+        ciborium_bytes(&"motion"),
+        ciborium_bytes(&SIMULATED_LOAD_MW),
+        // An energy history answer (issue 5).
+        ciborium_bytes(&"energy_mwh"),
+        ciborium_bytes(&"total_mwh"),
+    ]
 }
 
 /// Every byte string the cloud saw in `frames`: the JSON frame and the
@@ -83,11 +91,26 @@ fn the_plaintext_search_finds_a_plain_report() {
     };
     let plain = DeviceFrame::State { envelope: message::sign_state(&key, &payload).unwrap() };
     assert!(leaks(&[plain]).len() >= 3);
+    // And a plain (unsealed) energy-history answer.
+    let result = message::ResultPayload {
+        v: 1,
+        device: payload.device.clone(),
+        controller: hearth_device::protocol::unknown_controller(),
+        counter: 1,
+        outcome: Outcome::Energy { report: message::EnergyReport { energy_mwh: vec![1], total_mwh: 1, ..Default::default() } },
+        state: message::DeviceState::default(),
+        at: now(),
+        access: None,
+    };
+    let plain = DeviceFrame::Result { envelope: message::sign_result(&key, &result).unwrap() };
+    let found = leaks(&[plain]);
+    assert!(found.iter().any(|n| n.ends_with("energy_mwh")) && found.iter().any(|n| n.ends_with("total_mwh")), "{found:?}");
 }
 
 /// Attack: read telemetry. The cloud records every frame of an energy plug
 /// and a motion sensor through pairing, switching, the button, motion and
-/// a reconnect; nothing in the recording is plaintext state.
+/// a reconnect, and an energy-history read; nothing in the recording is
+/// plaintext state or a reading.
 #[tokio::test]
 async fn the_cloud_never_holds_plaintext_state_motion_or_energy() {
     let (_pki, cloud, dev, agent, mut link, mut owner) = paired(DeviceKind::EnergyPlug).await;
@@ -99,6 +122,9 @@ async fn the_cloud_never_holds_plaintext_state_motion_or_energy() {
     link.state(&key).await;
     agent.press_button().await.unwrap();
     link.state(&key).await;
+    // The energy history, read by the owner through the cloud: sealed too.
+    let history = owner.sign(dev.id(), Command::GetEnergy { since: now() - 3600, resolution: None });
+    assert!(matches!(link.command(history, &key).await.outcome, Outcome::Energy { .. }), "the owner reads it");
     let mut recorded = std::mem::take(&mut link.recorded);
     agent.shutdown().await.unwrap();
     let agent = dev.spawn(cloud.addr);
