@@ -220,7 +220,7 @@ pub fn describe(s: &FirmwareStatus) -> String {
     };
     out.push_str(&format!("\n  update: {phase}"));
     if let Some(p) = s.progress.filter(|_| matches!(s.phase, UpdatePhase::Downloading | UpdatePhase::Installing)) {
-        let pct = if p.total == 0 { 100 } else { p.done * 100 / p.total };
+        let pct = (p.done * 100).checked_div(p.total).unwrap_or(100);
         out.push_str(&format!(" {pct}% ({} of {})", mib(p.done), mib(p.total)));
     }
     if let Some(c) = &s.last_check {

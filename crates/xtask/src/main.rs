@@ -17,13 +17,14 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 
 mod bench;
+mod bench_fw;
 
 /// The sancov instrumentation cargo-fuzz uses, on stable (fuzz/README.md).
 const SANCOV_RUSTFLAGS: &str = "-Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 \
      -Cllvm-args=-sanitizer-coverage-inline-8bit-counters -Cllvm-args=-sanitizer-coverage-pc-table \
      -Cllvm-args=-sanitizer-coverage-trace-compares --cfg fuzzing -Cdebug-assertions -Coverflow-checks";
 
-const USAGE: &str = "usage: cargo xtask fuzz [--seconds N] [--only TARGET] | cargo xtask bench [hearth-bench run options]";
+const USAGE: &str = "usage: cargo xtask fuzz [--seconds N] [--only TARGET] | cargo xtask bench [hearth-bench run options] | cargo xtask bench-fw [--size-mib N] [--write BENCHMARKS.md]";
 
 fn main() -> ExitCode {
     match real_main() {
@@ -55,6 +56,8 @@ fn real_main() -> anyhow::Result<()> {
         }
         // Load generator and benchmarks (issue 8): see crates/xtask/src/bench.rs.
         Some("bench") => bench::bench(args.collect()),
+        // Firmware update time and memory (issue 4): see crates/xtask/src/bench_fw.rs.
+        Some("bench-fw") => bench_fw::bench_fw(args.collect()),
         _ => bail!("{USAGE}"),
     }
 }
