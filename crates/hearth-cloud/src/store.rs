@@ -1514,7 +1514,7 @@ mod tests {
             if matches!(db.url, DatabaseUrl::Sqlite(_)) {
                 continue;
             }
-            db.execute_raw("DROP TABLE device_members, device_events, devices, controllers, sessions, accounts, schema_migrations")
+            db.execute_raw("DROP TABLE pending_revokes, device_members, device_events, devices, controllers, sessions, accounts, schema_migrations")
                 .await;
             let opens: Vec<_> = (0..4)
                 .map(|_| {
