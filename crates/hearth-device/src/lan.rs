@@ -44,7 +44,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::time::{timeout, Instant};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
-use tracing::{info, warn};
+use tracing::{info, warn, Instrument};
 
 /// The conventional LAN port of a Hearth device (`--lan-listen 0.0.0.0:8445`).
 pub const DEFAULT_PORT: u16 = 8445;
@@ -377,33 +377,44 @@ pub fn spawn_motion_sender(device: DeviceId, key: SigningKey) -> mpsc::Sender<Mo
                 let mut cmds = Vec::new();
                 if !registered.contains(&t.device) {
                     // So the target seals its answers for us and we can
-                    // read whether it switched (a member may set its own key).
+                    // read its state (a member may set its own key).
                     cmds.push(Command::RegisterKey { key: enc.public().clone() });
+                }
+                if on {
+                    // Motion never takes over a light a person switched on:
+                    // if it is on already, leave it (and its off) alone.
+                    cmds.push(Command::GetState);
                 }
                 cmds.push(Command::SetRelay { on });
                 for command in cmds {
                     counter = (counter + 1).max(unix_ms());
-                    let registering = matches!(command, Command::RegisterKey { .. });
-                    match send_signed(&key, &me, &enc, &device, &t, counter, command).await {
-                        Ok(Outcome::Done) => {
-                            if registering {
-                                registered.push(t.device.clone());
-                            } else {
-                                info!(target = %t.device, on, "motion rule: switched the target");
+                    let kind = match command {
+                        Command::RegisterKey { .. } => 0,
+                        Command::GetState => 1,
+                        _ => 2,
+                    };
+                    match send_signed(&key, &me, &enc, &t, counter, command).await {
+                        Ok((Outcome::Done, _)) if kind == 0 => registered.push(t.device.clone()),
+                        Ok((Outcome::Done, state)) if kind == 1 => {
+                            if state.relay == Some(true) {
+                                info!(target = %t.device, "motion rule: the target is already on; left to whoever switched it");
+                                pending.remove(&t.device);
+                                break;
                             }
                         }
-                        Ok(Outcome::Refused { reason }) => warn!(target = %t.device, on, %reason, "motion rule: the target refused"),
-                        Ok(other) => warn!(target = %t.device, ?other, "motion rule: unexpected answer"),
+                        Ok((Outcome::Done, _)) => info!(target = %t.device, on, "motion rule: switched the target"),
+                        Ok((Outcome::Refused { reason }, _)) => warn!(target = %t.device, on, %reason, "motion rule: the target refused"),
+                        Ok((other, _)) => warn!(target = %t.device, ?other, "motion rule: unexpected answer"),
                         Err(e) => warn!(target = %t.device, on, "motion rule: could not reach the target on the LAN: {e:#}"),
                     }
                 }
             }
         }
-    });
+    }.instrument(tracing::error_span!("motion", sensor = %device)));
     tx
 }
 
-async fn send_signed(key: &SigningKey, me: &ControllerId, enc: &EncSecretKey, _sensor: &DeviceId, t: &Target, counter: u64, command: Command) -> anyhow::Result<Outcome> {
+async fn send_signed(key: &SigningKey, me: &ControllerId, enc: &EncSecretKey, t: &Target, counter: u64, command: Command) -> anyhow::Result<(Outcome, hearth_proto::message::DeviceState)> {
     let payload = CommandPayload {
         v: PROTOCOL_VERSION,
         device: t.device.clone(),
@@ -421,7 +432,7 @@ async fn send_signed(key: &SigningKey, me: &ControllerId, enc: &EncSecretKey, _s
         message::verify_result(&answer, &t.device, &t.key)?
     };
     anyhow::ensure!(r.controller == *me && r.counter == counter, "the answer is for another command");
-    Ok(r.outcome)
+    Ok((r.outcome, r.state))
 }
 
 /// The LAN sockets, bound before the sandbox is applied (`hearth-device

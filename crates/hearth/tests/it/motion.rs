@@ -55,6 +55,14 @@ fn walking_past_the_sensor_switches_the_plug_on_and_off_after_the_quiet_period()
     let quiet = started.elapsed();
     assert!(quiet >= Duration::from_secs(9), "off after {quiet:?}, before the 10 s quiet period (on after {on_after:?})");
 
+    // Motion does not take over a lamp a person switched on: it stays on
+    // past the quiet period.
+    phone.ok(&["on", "lamp"]);
+    walk_past(&sensor_dev);
+    std::thread::sleep(Duration::from_secs(13));
+    assert!(relay(&plug.state), "motion switched off a lamp the owner had switched on");
+    phone.ok(&["off", "lamp"]);
+
     // The sensor's key on the plug: may switch, nothing else. Signed with
     // the sensor's own device key, as the sensor would.
     let key = p256::ecdsa::SigningKey::from_pkcs8_pem(&std::fs::read_to_string(sensor.state.join("device.key")).unwrap()).unwrap();
