@@ -208,13 +208,14 @@ impl DeviceCore {
 
     /// What the device reports now.
     pub fn report(&self) -> DeviceState {
-        self.with_firmware(observable(self.kind, &self.state, self.motion, self.load_mw))
+        self.with_firmware(&self.state, observable(self.kind, &self.state, self.motion, self.load_mw))
     }
 
-    /// Adds the firmware status, with the policy as stored on the device.
-    fn with_firmware(&self, mut state: DeviceState) -> DeviceState {
+    /// Adds the firmware status, with the policy as stored in `persisted`
+    /// (the state being reported, which may be the one about to be saved).
+    fn with_firmware(&self, persisted: &PersistentState, mut state: DeviceState) -> DeviceState {
         state.firmware = self.firmware.clone().map(|mut f| {
-            f.policy = self.state.update.policy.clone();
+            f.policy = persisted.update.policy.clone();
             f
         });
         state
@@ -284,7 +285,7 @@ impl DeviceCore {
             kind: self.kind,
             seq: next.seq,
             at: now,
-            state: self.with_firmware(observable(self.kind, next, motion, self.load_mw)),
+            state: self.with_firmware(next, observable(self.kind, next, motion, self.load_mw)),
             cause,
         };
         let inner = message::sign_state(&self.key, &payload)?;
@@ -449,7 +450,7 @@ impl DeviceCore {
             };
         }
         let mut frames = Vec::with_capacity(2);
-        let after = self.with_firmware(observable(self.kind, &next, self.motion, self.load_mw));
+        let after = self.with_firmware(&next, observable(self.kind, &next, self.motion, self.load_mw));
         let access = next.access.clone();
         frames.push(self.result_frame(&access, decision.controller.clone(), decision.counter, outcome, after, access_report, now)?);
         if changed || next.brightness != brightness_before {
@@ -1261,5 +1262,49 @@ mod tests {
             assert!(sensor.tick(&mut store, NOW + s).unwrap().is_empty());
         }
         assert!(!sensor.state().relay);
+    }
+
+    /// Issue 4: the update policy, approval and "check now" are signed
+    /// commands for owners and admins; they are persisted before the answer
+    /// and handed to the update client, and the policy is in the signed state.
+    #[test]
+    fn update_commands_are_for_owners_and_admins_and_reach_the_update_client() {
+        use crate::update::UpdateRequest;
+        use hearth_proto::acl::Scope;
+        use hearth_proto::message::{FirmwareStatus, UpdateMode, UpdatePolicy, UpdateWindow};
+        let (mut plug, mut store, owner) = owned(DeviceKind::Plug);
+        // Without an update client there is nothing to check or approve.
+        let r = send(&mut plug, &mut store, &owner, 1, Command::CheckUpdate, NOW);
+        assert_eq!(r.outcome, Outcome::Refused { reason: Refusal::Unsupported });
+        assert!(r.state.firmware.is_none());
+        plug.set_firmware(FirmwareStatus { version: "1.0.0".into(), ..FirmwareStatus::default() }, &mut store, NOW).unwrap();
+
+        let policy = UpdatePolicy { mode: UpdateMode::Approval, window: Some(UpdateWindow { start_min: 120, end_min: 300 }) };
+        let (member, o) = share(&mut plug, &mut store, &owner, 2, Role::Member, Scope::default());
+        assert_eq!(o, Outcome::Done);
+        for (counter, cmd) in [(1, Command::SetUpdatePolicy { policy: policy.clone() }), (2, Command::CheckUpdate), (3, Command::ApproveUpdate { version: "2.0.0".into() })] {
+            let r = send(&mut plug, &mut store, &member, counter, cmd, NOW);
+            assert_eq!(r.outcome, Outcome::Refused { reason: Refusal::NotPermitted });
+        }
+        assert!(plug.take_update_requests().is_empty());
+        assert_eq!(plug.state().update.policy, UpdatePolicy::default(), "a member changed nothing");
+
+        let r = send(&mut plug, &mut store, &owner, 3, Command::SetUpdatePolicy { policy: policy.clone() }, NOW);
+        assert_eq!(r.outcome, Outcome::Done);
+        assert_eq!(store.saved.as_ref().map(|s| s.update.policy.clone()), Some(policy.clone()), "persisted before the answer");
+        assert_eq!(r.state.firmware.map(|f| f.policy), Some(policy.clone()), "reported in the signed state");
+        assert_eq!(send(&mut plug, &mut store, &owner, 4, Command::ApproveUpdate { version: "2.0.0".into() }, NOW).outcome, Outcome::Done);
+        assert_eq!(send(&mut plug, &mut store, &owner, 5, Command::CheckUpdate, NOW).outcome, Outcome::Done);
+        assert_eq!(
+            plug.take_update_requests(),
+            vec![UpdateRequest::Policy(policy.clone()), UpdateRequest::Approve("2.0.0".into()), UpdateRequest::Check]
+        );
+        assert_eq!(plug.state().update.approved.as_deref(), Some("2.0.0"));
+
+        // An empty window is refused and the stored policy kept.
+        let empty = UpdatePolicy { mode: UpdateMode::Automatic, window: Some(UpdateWindow { start_min: 5, end_min: 5 }) };
+        let r = send(&mut plug, &mut store, &owner, 6, Command::SetUpdatePolicy { policy: empty }, NOW);
+        assert_eq!(r.outcome, Outcome::Refused { reason: Refusal::Malformed });
+        assert_eq!(plug.state().update.policy, policy);
     }
 }
