@@ -393,6 +393,13 @@ fn kill_9_during_download_slot_write_and_switch_always_starts_a_verified_image()
     let v2 = fw.image("2.0.0");
     fw.release(&[("2.0.0", &v2, None)], None);
 
+    // The owner watches the progress the device reports (signed, sealed).
+    let mut follow = phone.cmd();
+    follow.args(["fw", "status", "plug", "--follow", "120"]);
+    let follow = Proc::spawn("hearth fw status --follow", follow);
+    let line = follow.wait_line(Duration::from_secs(60), |l| l.contains("update: downloading 2.0.0") && l.contains("% ("));
+    eprintln!("progress seen by the owner: {line}");
+
     wait_phase(&plug, "downloading", true);
     dev.kill9();
     assert_eq!(assert_boots_verified_image(&plug), "1.0.0");
