@@ -233,6 +233,20 @@ fn wait_status(c: &Controller, secs: u64, pieces: &[&str]) -> String {
     last
 }
 
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        if meta.is_dir() {
+            out.extend(files_under(&path));
+        } else if meta.is_file() {
+            out.push(path);
+        }
+    }
+    out
+}
+
 fn boot_record(p: &Provisioned) -> Value {
     serde_json::from_slice(&std::fs::read(p.state.join("boot.json")).unwrap()).unwrap()
 }
@@ -301,6 +315,20 @@ fn root_rotated_twice_v2_installed_on_approval_and_broken_v3_rolled_back() {
     eprintln!("after v2:\n{s}");
     assert_eq!(assert_boots_verified_image(&plug), "2.0.0");
     assert_eq!(std::fs::read(plug.state.join("slots/b/image")).unwrap(), v2, "slot b holds exactly the signed v2 image");
+
+    // No repository private key reached the device (ADR 0004): not in its
+    // state directory, its slots or its trusted metadata. The key scan of
+    // built binaries with raw-scalar needles is hearth-updater's keyscan test.
+    let pems: Vec<String> = [&fw.root, &root2, &root3, &fw.targets, &fw.snapshot, &fw.timestamp]
+        .iter()
+        .map(|k| k.to_pem().lines().filter(|l| !l.starts_with("-----")).collect::<String>())
+        .collect();
+    for file in files_under(&plug.state) {
+        let text = String::from_utf8_lossy(&std::fs::read(&file).unwrap()).replace(['\n', '\r'], "");
+        for pem in &pems {
+            assert!(!text.contains(pem.as_str()), "{} holds a repository private key", file.display());
+        }
+    }
 
     // The cloud renews the 6-second timestamp by itself (it holds only the
     // online key): the version moves on while nobody publishes.
