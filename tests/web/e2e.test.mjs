@@ -235,6 +235,7 @@ test("a member invited from the web app can switch but not share", async () => {
   await expectFlash(owner, /Revoked \(the device confirmed, signed\)/);
   await row.waitFor({ state: "detached", timeout: T });
   await member.getByRole("link", { name: "Home" }).click();
+  await member.locator('main[data-ready="#/home"]').waitFor({ timeout: T });
   const stillListed = await member.getByRole("button", { name: "Lamp power" }).count();
   if (stillListed) {
     await member.getByRole("button", { name: "Lamp power" }).click();
@@ -247,7 +248,7 @@ test("a member invited from the web app can switch but not share", async () => {
 
 test("an offline device is shown offline and cannot be switched", async () => {
   await owner.getByRole("link", { name: "Home" }).click();
-  await owner.getByRole("button", { name: "Lamp power" }).waitFor();
+  await owner.locator('main[data-ready="#/home"]').waitFor({ timeout: T });
   w.devices.plug.proc.kill("SIGTERM");
   await owner.waitForFunction((id) => document.querySelector(`[data-online="${id}"]`)?.textContent === "offline", w.devices.plug.id, { timeout: T });
   assert.equal(await owner.getByRole("button", { name: "Lamp power" }).isDisabled(), true);

@@ -78,7 +78,18 @@ export function hearthTry(args, env = {}) {
 }
 
 // A cloud with a fresh PKI and database, and the given devices running.
+// If any part fails to start, everything started so far is stopped, so a
+// failed setup ends the test run instead of leaving it waiting on children.
 export async function world(kinds) {
+  try {
+    return await startWorld(kinds);
+  } catch (e) {
+    for (const c of children) c.kill("SIGKILL");
+    throw e;
+  }
+}
+
+async function startWorld(kinds) {
   for (const bin of [HEARTH, DEVICE]) {
     if (!existsSync(bin)) throw new Error(`${bin} is missing: cargo build -p hearth -p hearth-device`);
   }

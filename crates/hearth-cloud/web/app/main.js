@@ -54,6 +54,7 @@ async function onPush(text) {
   }
   if (push.type === "presence") {
     dev.online = push.online;
+    presence.set(push.device, { online: push.online, at: performance.now() });
   } else if (push.type === "state") {
     if (!dev.verifyKey) return;
     let st;
@@ -80,8 +81,17 @@ async function onPush(text) {
   if (screenUpdate) screenUpdate(dev);
 }
 
+// The last presence push per device, so a listing fetched before it
+// cannot bring back a stale online/offline.
+const presence = new Map();
+
 async function refresh() {
+  const started = performance.now();
   const list = await ctl.list();
+  for (const d of list) {
+    const p = presence.get(d.id);
+    if (p && p.at > started) d.online = p.online;
+  }
   const old = devices;
   const next = new Map(list.map((d) => [d.id, d]));
   for (const [id, d] of next) {
@@ -613,6 +623,8 @@ function passwordForm() {
 async function route() {
   screenUpdate = null;
   const hash = location.hash || "#/home";
+  // Set once the screen has loaded, for tests and assistive tools.
+  document.getElementById("main").removeAttribute("data-ready");
   const nav = document.getElementById("nav");
   if (!api.loggedIn()) {
     nav.hidden = true;
@@ -634,6 +646,7 @@ async function route() {
   } catch (e) {
     flash(e.message || String(e), "error");
   }
+  if ((location.hash || "#/home") === hash) document.getElementById("main").dataset.ready = hash;
   document.getElementById("main").focus({ preventScroll: true });
 }
 
