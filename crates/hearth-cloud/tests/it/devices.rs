@@ -591,3 +591,112 @@ async fn a_shared_device_is_routed_for_the_member_account_until_removed() {
     let late = pushes_within(&mut bob_ws, std::time::Duration::from_millis(300)).await;
     assert!(late.is_empty(), "the removed member still got {late:?}");
 }
+
+/// The next command the cloud sends on a raw device link (pings skipped),
+/// or `None` if nothing comes within `wait`.
+async fn next_command(conn: &mut crate::support::DeviceConn, wait: std::time::Duration) -> Option<Vec<u8>> {
+    loop {
+        match tokio::time::timeout(wait, conn.recv()).await {
+            Err(_) => return None,
+            Ok(frame) => match frame.expect("link open") {
+                hearth_proto::link::CloudFrame::Command { envelope } => return Some(envelope),
+                _ => continue,
+            },
+        }
+    }
+}
+
+/// Issue 3: a revoke for an offline device is held (202), written on the
+/// device's next link before any command routed to it, sent again on every
+/// reconnect until the device answers it, and then forgotten. Other
+/// commands for an offline device are not held (503).
+#[tokio::test]
+async fn a_revoke_for_an_offline_device_is_held_and_goes_first_on_reconnect() {
+    let cloud = Cloud::start().await;
+    let alice = cloud.account("alice@example.com").await;
+    let ctl = hearth_proto::keys::generate();
+    let dev = TestDevice::new(&cloud.manufacturer);
+    let secret = SetupSecret::random();
+    let mut conn = dev.connect(&cloud).await.unwrap();
+    conn.hello(Some(secret.lookup())).await;
+    let (_seen, quit, plug) = run_plug(&dev, conn, secret.clone());
+    assert_eq!(pair(&cloud, &alice, &ctl, &secret, "plug").await.0, 200);
+    drop(quit);
+    plug.await.unwrap();
+    eventually(|| async { (cloud.devices(&alice).await[0]["online"] == false).then_some(()) }).await;
+
+    let path = format!("/api/v1/devices/{}/command", dev.id);
+    let post = |env: Vec<u8>| {
+        let (cloud, alice, path) = (&cloud, alice.clone(), path.clone());
+        async move { cloud.call("POST", &path, Some(&alice), Some(json!({"envelope": b64::encode(&env)}))).await }
+    };
+    let revoke = {
+        let payload = CommandPayload {
+            v: PROTOCOL_VERSION,
+            device: dev.id.clone(),
+            controller: PublicKey::from(&ctl).controller_id(),
+            counter: 20,
+            issued_at: now(),
+            command: Command::RemoveController { controller: PublicKey::from(&hearth_proto::keys::generate()).controller_id() },
+        };
+        message::sign_command(&ctl, &payload).unwrap()
+    };
+    let (status, answer) = post(revoke.clone()).await;
+    assert_eq!(status, 202, "{answer}");
+    assert!(answer["error"].as_str().unwrap().contains("before anything else"), "{answer}");
+    assert_eq!(post(command(&ctl, &dev.id, 21)).await.0, 503, "only revokes are held");
+
+    // Reconnect: the revoke is the first command, before one sent as soon as
+    // the link is up. Not answered: the link drops.
+    let mut conn = dev.connect(&cloud).await.unwrap();
+    conn.hello(None).await;
+    let toggle = command(&ctl, &dev.id, 22);
+    let got_both = std::sync::atomic::AtomicBool::new(false);
+    let reader = async {
+        let first = next_command(&mut conn, T).await;
+        let second = next_command(&mut conn, T).await;
+        got_both.store(true, std::sync::atomic::Ordering::SeqCst);
+        drop(conn);
+        (first, second)
+    };
+    // Fired until it is routed (503 while the link is still registering).
+    let poster = async {
+        while !got_both.load(std::sync::atomic::Ordering::SeqCst) {
+            if post(toggle.clone()).await.0 != 503 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    };
+    let ((first, second), ()) = tokio::join!(reader, poster);
+    assert_eq!(first, Some(revoke.clone()), "the held revoke comes first");
+    assert_eq!(second, Some(toggle.clone()), "then the routed command");
+
+    // Next reconnect: sent again, since nobody answered it. This time the
+    // device answers (signed result for that controller and counter).
+    let mut conn = dev.connect(&cloud).await.unwrap();
+    conn.hello(None).await;
+    assert_eq!(next_command(&mut conn, T).await, Some(revoke.clone()));
+    let result = message::sign_result(
+        &dev.key,
+        &message::ResultPayload {
+            v: PROTOCOL_VERSION,
+            device: dev.id.clone(),
+            controller: PublicKey::from(&ctl).controller_id(),
+            counter: 20,
+            outcome: message::Outcome::Done,
+            state: message::DeviceState::default(),
+            at: now(),
+            access: None,
+        },
+    )
+    .unwrap();
+    conn.send(&DeviceFrame::Result { envelope: result }).await.unwrap();
+    // Answered: forgotten (checked through the link, not the database).
+    eventually(|| async {
+        let mut again = dev.connect(&cloud).await.unwrap();
+        again.hello(None).await;
+        next_command(&mut again, std::time::Duration::from_millis(300)).await.is_none().then_some(())
+    })
+    .await;
+}
