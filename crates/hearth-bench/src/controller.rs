@@ -49,10 +49,16 @@ pub struct Load {
     pub errors: u64,
     /// Seconds the sending lasted.
     pub seconds: f64,
+    /// Mean time to sign a command, µs (the controller's own cost).
+    pub sign_us: f64,
+    /// Mean time to open and verify an answer, µs.
+    pub check_us: f64,
 }
 
 struct Shared {
     hist: Histogram<u64>,
+    sign_us: u64,
+    check_us: u64,
     answered: u64,
     errors: u64,
     /// Why the first few errors happened (printed once).
@@ -94,6 +100,21 @@ fn controllers(plan: &Plan) -> anyhow::Result<Vec<Ctl>> {
     Ok(out)
 }
 
+/// Controller `i`'s source address: its own, in 127.1.0.0/16 (apart from the
+/// devices'), so any number of controllers stays under the cloud's
+/// per-address connection limit.
+fn source_address(i: usize) -> SocketAddr {
+    SocketAddr::from(([127, 1, (i / 250) as u8, (i % 250) as u8 + 1], 0))
+}
+
+async fn dial(i: usize, addr: SocketAddr) -> anyhow::Result<TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(source_address(i))?;
+    let tcp = socket.connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    Ok(tcp)
+}
+
 /// Opens and checks an answer; returns its counter.
 fn check(ctl: &Ctl, device: &DeviceId, envelope: &[u8]) -> anyhow::Result<u64> {
     let key = ctl.device_keys.get(device).context("an answer from a device this controller does not own")?;
@@ -121,7 +142,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 fn record(shared: &Mutex<Shared>, pending: &Pending, ctl: &Ctl, device: &DeviceId, envelope: &[u8]) {
     let now = Instant::now();
-    match check(ctl, device, envelope) {
+    let checked = check(ctl, device, envelope);
+    lock(shared).check_us += now.elapsed().as_micros() as u64;
+    match checked {
         Ok(counter) => {
             let due = lock(pending).remove(&counter);
             let mut s = lock(shared);
@@ -138,15 +161,27 @@ fn record(shared: &Mutex<Shared>, pending: &Pending, ctl: &Ctl, device: &DeviceI
     }
 }
 
+/// The command the controllers send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Switch the relay: a result and a state report per command.
+    Toggle,
+    /// Read the state: a result only.
+    GetState,
+}
+
 /// Signs the next command; `counter` is strictly increasing per controller.
-fn sign(ctl: &Ctl, device: &DeviceId, counter: u64) -> anyhow::Result<Vec<u8>> {
+fn sign(ctl: &Ctl, device: &DeviceId, counter: u64, kind: Kind) -> anyhow::Result<Vec<u8>> {
     let payload = CommandPayload {
         v: PROTOCOL_VERSION,
         device: device.clone(),
         controller: ctl.me.clone(),
         counter,
         issued_at: crate::plan::unix_now(),
-        command: Command::Toggle,
+        command: match kind {
+            Kind::Toggle => Command::Toggle,
+            Kind::GetState => Command::GetState,
+        },
     };
     Ok(message::sign_command(&ctl.key, &payload)?)
 }
@@ -162,12 +197,14 @@ pub struct Server {
 
 /// Runs every controller of `plan` against `server` for `seconds`, at
 /// `rate` commands per second in total, and gathers the results.
-pub async fn run_load(plan: &Plan, server: Server, rate: f64, seconds: f64) -> anyhow::Result<Load> {
+pub async fn run_load(plan: &Plan, server: Server, kind: Kind, rate: f64, seconds: f64) -> anyhow::Result<Load> {
     let ctls = controllers(plan)?;
     let active = ctls.iter().filter(|c| !c.devices.is_empty()).count().max(1);
     let per_ctl = rate / active as f64;
     let shared = Arc::new(Mutex::new(Shared {
         hist: Histogram::new_with_bounds(1, 60_000_000, 3).context("histogram bounds")?,
+        sign_us: 0,
+        check_us: 0,
         answered: 0,
         errors: 0,
         first_errors: Vec::new(),
@@ -177,10 +214,10 @@ pub async fn run_load(plan: &Plan, server: Server, rate: f64, seconds: f64) -> a
 
     // Connect everyone first, so the load starts on warm links.
     let mut links = Vec::new();
-    for ctl in ctls.into_iter().filter(|c| !c.devices.is_empty()) {
+    for (i, ctl) in ctls.into_iter().enumerate().filter(|(_, c)| !c.devices.is_empty()) {
         let link = match server.target {
-            Target::Hearth => Link::hearth(&ctl, server.addr, tls.clone(), server_name.clone()).await?,
-            Target::Mqtt => Link::mqtt(&ctl, server.addr, &plan.cloud_ca_pem, server_name.clone()).await?,
+            Target::Hearth => Link::hearth(&ctl, i, server.addr, tls.clone(), server_name.clone()).await?,
+            Target::Mqtt => Link::mqtt(&ctl, i, server.addr, &plan.cloud_ca_pem, server_name.clone()).await?,
         };
         links.push((Arc::new(ctl), link));
     }
@@ -188,7 +225,7 @@ pub async fn run_load(plan: &Plan, server: Server, rate: f64, seconds: f64) -> a
     let end = start + Duration::from_secs_f64(seconds);
     let mut tasks = Vec::new();
     for (ctl, link) in links {
-        tasks.push(tokio::spawn(drive(ctl, link, shared.clone(), per_ctl, start, end)));
+        tasks.push(tokio::spawn(drive(ctl, link, shared.clone(), kind, per_ctl, start, end)));
     }
     let mut sent = 0;
     let mut lost = 0;
@@ -201,7 +238,17 @@ pub async fn run_load(plan: &Plan, server: Server, rate: f64, seconds: f64) -> a
     for e in &s.first_errors {
         eprintln!("hearth-bench: controller error: {e}");
     }
-    Ok(Load { hist: s.hist.clone(), sent, answered: s.answered, lost, errors: s.errors, seconds })
+    let per = |us: u64, n: u64| us as f64 / n.max(1) as f64;
+    Ok(Load {
+        hist: s.hist.clone(),
+        sent,
+        answered: s.answered,
+        lost,
+        errors: s.errors,
+        seconds,
+        sign_us: per(s.sign_us, sent),
+        check_us: per(s.check_us, s.answered + s.errors),
+    })
 }
 
 /// A controller's connection: outgoing messages go through a channel to a
@@ -214,13 +261,13 @@ struct Link {
 impl Link {
     async fn hearth(
         ctl: &Ctl,
+        index: usize,
         addr: SocketAddr,
         tls: Arc<rustls::ClientConfig>,
         name: rustls::pki_types::ServerName<'static>,
     ) -> anyhow::Result<Self> {
         use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-        let tcp = TcpStream::connect(addr).await.context("connecting to the API port")?;
-        tcp.set_nodelay(true)?;
+        let tcp = dial(index, addr).await.context("connecting to the API port")?;
         let stream = TlsConnector::from(tls).connect(name, tcp).await.context("TLS to the API port")?;
         let mut req = format!("wss://{addr}/api/v1/link").into_client_request()?;
         req.headers_mut().insert("authorization", format!("Bearer {}", ctl.spec.token).parse()?);
@@ -258,14 +305,14 @@ impl Link {
 
     async fn mqtt(
         ctl: &Ctl,
+        index: usize,
         addr: SocketAddr,
         ca_pem: &str,
         name: rustls::pki_types::ServerName<'static>,
     ) -> anyhow::Result<Self> {
         let identity = hearth_pki::CertifiedKey { cert_pem: ctl.spec.mqtt_cert_pem.clone(), key_pem: ctl.spec.mqtt_key_pem.clone() };
         let tls = Arc::new(hearth_pki::client_config(ca_pem, Some(&identity))?);
-        let tcp = TcpStream::connect(addr).await.context("connecting to Mosquitto")?;
-        tcp.set_nodelay(true)?;
+        let tcp = dial(index, addr).await.context("connecting to Mosquitto")?;
         let mut stream = TlsConnector::from(tls).connect(name, tcp).await.context("TLS to Mosquitto")?;
         let mut dec = mqtt::Decoder::default();
         let wait = Duration::from_secs(10);
@@ -353,6 +400,7 @@ async fn drive(
     ctl: Arc<Ctl>,
     link: Link,
     shared: Arc<Mutex<Shared>>,
+    kind: Kind,
     rate: f64,
     start: Instant,
     end: Instant,
@@ -368,7 +416,9 @@ async fn drive(
         tokio::time::sleep_until(due).await;
         let device = &ctl.devices[(counter as usize) % ctl.devices.len()];
         counter += 1;
-        let envelope = sign(&ctl, device, counter)?;
+        let t = std::time::Instant::now();
+        let envelope = sign(&ctl, device, counter, kind)?;
+        lock(&shared).sign_us += t.elapsed().as_micros() as u64;
         lock(&pending).insert(counter, due);
         if link.tx.send((device.clone(), envelope)).await.is_err() {
             lock(&shared).error("the controller link closed".into());

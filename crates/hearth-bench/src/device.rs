@@ -81,6 +81,9 @@ pub struct Counters {
     pub commands: AtomicU64,
     /// Protocol errors (a core that could not answer, a bad packet).
     pub errors: AtomicU64,
+    /// Microseconds spent in the device core answering commands (verify,
+    /// decide, sign, seal): the simulator's own cost per command.
+    pub core_us: AtomicU64,
 }
 
 /// A snapshot of [`Counters`], sent to the orchestrator.
@@ -98,6 +101,8 @@ pub struct Status {
     pub commands: u64,
     /// Protocol errors.
     pub errors: u64,
+    /// Microseconds in the device core answering commands.
+    pub core_us: u64,
 }
 
 impl Counters {
@@ -110,6 +115,7 @@ impl Counters {
             drops: self.drops.load(Ordering::Relaxed),
             commands: self.commands.load(Ordering::Relaxed),
             errors: self.errors.load(Ordering::Relaxed),
+            core_us: self.core_us.load(Ordering::Relaxed),
         }
     }
 }
@@ -291,7 +297,12 @@ async fn serve_hearth(dev: &mut SimDevice, env: &Env, tls: &mut TlsStream<TcpStr
         timeout(READ_IDLE, tls.read_exact(&mut body)).await.context("frame body timed out")??;
         let frame: CloudFrame = decode_body(&body)?;
         let is_command = matches!(frame, CloudFrame::Command { .. });
-        match dev.core.handle(frame, &mut MemoryStore, crate::plan::unix_now()) {
+        let t = std::time::Instant::now();
+        let answer = dev.core.handle(frame, &mut MemoryStore, crate::plan::unix_now());
+        if is_command {
+            env.counters.core_us.fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
+        }
+        match answer {
             Ok(frames) => {
                 for f in &frames {
                     write_frame(tls, f).await?;
@@ -383,7 +394,10 @@ async fn serve_mqtt(
                 if let Some(id) = id {
                     outgoing.extend_from_slice(&mqtt::puback(id));
                 }
-                match dev.core.handle(CloudFrame::Command { envelope: payload }, &mut MemoryStore, crate::plan::unix_now()) {
+                let t = std::time::Instant::now();
+                let answer = dev.core.handle(CloudFrame::Command { envelope: payload }, &mut MemoryStore, crate::plan::unix_now());
+                env.counters.core_us.fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
+                match answer {
                     Ok(frames) => {
                         for f in &frames {
                             publish(f, &mut outgoing)?;

@@ -47,7 +47,7 @@ struct RunArgs {
     #[arg(long, default_value_t = 1000)]
     devices: usize,
     /// Simulated controllers (one account each; devices dealt round-robin).
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 100)]
     controllers: usize,
     /// Worker processes (0: one per 5,000 devices).
     #[arg(long, default_value_t = 0)]
@@ -55,6 +55,12 @@ struct RunArgs {
     /// Commands per second, all controllers together (0: idle links only).
     #[arg(long, default_value_t = 100.0)]
     rate: f64,
+    /// The command: toggle (result + state report) or get-state (result only).
+    #[arg(long, default_value = "toggle")]
+    command: String,
+    /// Extra environment for the cloud process, KEY=VALUE (repeatable).
+    #[arg(long)]
+    cloud_env: Vec<String>,
     /// Length of the load phase, seconds.
     #[arg(long, default_value_t = 20.0)]
     seconds: f64,
@@ -122,7 +128,19 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                     other => anyhow::bail!("unknown target {other:?} (hearth, mosquitto)"),
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?;
+            let command = match a.command.as_str() {
+                "toggle" => hearth_bench::controller::Kind::Toggle,
+                "get-state" => hearth_bench::controller::Kind::GetState,
+                other => anyhow::bail!("unknown command {other:?} (toggle, get-state)"),
+            };
+            let cloud_env = a
+                .cloud_env
+                .iter()
+                .map(|kv| kv.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())).context("--cloud-env wants KEY=VALUE"))
+                .collect::<anyhow::Result<Vec<_>>>()?;
             let cfg = Config {
+                command,
+                cloud_env,
                 devices: a.devices,
                 controllers: a.controllers,
                 workers: a.workers,

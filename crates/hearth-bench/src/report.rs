@@ -57,12 +57,21 @@ pub fn markdown(cfg: &Config, command: &str, reports: &[TargetReport]) -> String
     let _ = writeln!(s, "\n```\n{command}\n```\n");
     let _ = writeln!(
         s,
-        "{} devices in {} worker process(es), {} controllers, {} commands/s for {} s (toggle; every answer opened and verified).\n",
+        "{} devices in {} worker process(es), {} controllers, {} commands/s for {} s ({}; every answer opened and verified){}.\n",
         cfg.devices,
         if cfg.workers == 0 { cfg.devices.div_ceil(crate::run::DEVICES_PER_WORKER).max(1) } else { cfg.workers },
         cfg.controllers,
         cfg.rate,
-        cfg.seconds
+        cfg.seconds,
+        match cfg.command {
+            crate::controller::Kind::Toggle => "toggle: a sealed result and a sealed state report per command",
+            crate::controller::Kind::GetState => "get-state: a sealed result per command",
+        },
+        if cfg.cloud_env.is_empty() {
+            String::new()
+        } else {
+            format!("; cloud environment {}", cfg.cloud_env.iter().map(|(k, v)| format!("`{k}={v}`")).collect::<Vec<_>>().join(" "))
+        }
     );
     let hearth = reports.iter().find(|r| r.target == Target::Hearth);
     let mqtt = reports.iter().find(|r| r.target == Target::Mqtt);
@@ -96,6 +105,8 @@ pub fn markdown(cfg: &Config, command: &str, reports: &[TargetReport]) -> String
         ("round trip max, ms", |r| r.load.as_ref().map(|l| l.hist.max() as f64 / 1000.0), |v| format!("{v:.2}")),
         ("lost (no answer in 5 s)", |r| r.load.as_ref().map(|l| l.lost as f64), |v| format!("{v:.0}")),
         ("errors", |r| r.load.as_ref().map(|l| (l.errors + r.device_errors) as f64), |v| format!("{v:.0}")),
+        ("simulator: device core per command, ms", |r| r.load.as_ref().map(|_| r.device_core_us / 1000.0), |v| format!("{v:.2}")),
+        ("simulator: controller sign + open per command, ms", |r| r.load.as_ref().map(|l| (l.sign_us + l.check_us) / 1000.0), |v| format!("{v:.2}")),
         ("reconnect all after restart, s", |r| r.reconnect_secs, |v| format!("{v:.1}")),
         ("failed attempts while reconnecting", |r| r.reconnect_secs.map(|_| r.reconnect_failures as f64), |v| format!("{v:.0}")),
     ];

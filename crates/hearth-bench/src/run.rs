@@ -38,6 +38,10 @@ pub struct Config {
     pub workers: usize,
     /// Commands per second, all controllers together (0: no load phase).
     pub rate: f64,
+    /// Which command the controllers send.
+    pub command: controller::Kind,
+    /// Extra environment for the cloud process (e.g. allocator settings).
+    pub cloud_env: Vec<(String, String)>,
     /// Length of the load phase, seconds.
     pub seconds: f64,
     /// Concurrent first connections per worker.
@@ -82,6 +86,8 @@ pub struct TargetReport {
     pub device_commands: u64,
     /// Device-side protocol errors.
     pub device_errors: u64,
+    /// Mean time the device core took per command, µs.
+    pub device_core_us: f64,
     /// Seconds from the restarted server accepting to every device linked.
     pub reconnect_secs: Option<f64>,
     /// Failed attempts while reconnecting (server down or refusing).
@@ -171,6 +177,7 @@ impl Workers {
                 sum.drops += s.drops;
                 sum.commands += s.commands;
                 sum.errors += s.errors;
+                sum.core_us += s.core_us;
             }
         }
         Ok(sum)
@@ -254,6 +261,7 @@ impl Setup<'_> {
                 let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("cloud.log"))?;
                 let mut child = Command::new(program)
                     .args(prefix)
+                    .envs(self.cfg.cloud_env.iter().map(|(k, v)| (k, v)))
                     .arg("--pki")
                     .arg(&self.material.pki_dir)
                     .arg("--data-dir")
@@ -322,6 +330,7 @@ fn write_mosquitto_conf(dir: &Path, material: &Material, port: u16) -> anyhow::R
          acl_file {acl}\n\
          persistence false\n\
          max_connections -1\n\
+         set_tcp_nodelay true\n\
          log_dest stderr\n\
          log_type error\n\
          log_type warning\n",
@@ -391,7 +400,7 @@ async fn run_target(setup: &Setup<'_>, plan_path: &Path, target: Target) -> anyh
 
     let load = if cfg.rate > 0.0 && cfg.seconds > 0.0 {
         let plan = crate::plan::Plan::load(plan_path)?;
-        let l = controller::run_load(&plan, Server { target, addr: server.controllers }, cfg.rate, cfg.seconds).await?;
+        let l = controller::run_load(&plan, Server { target, addr: server.controllers }, cfg.command, cfg.rate, cfg.seconds).await?;
         eprintln!(
             "hearth-bench: {target:?}: {} sent, {} answered, p99 {} µs",
             l.sent,
@@ -432,6 +441,7 @@ async fn run_target(setup: &Setup<'_>, plan_path: &Path, target: Target) -> anyh
         load,
         device_commands: after_load.commands,
         device_errors: after_load.errors,
+        device_core_us: after_load.core_us as f64 / after_load.commands.max(1) as f64,
         reconnect_secs,
         reconnect_failures,
     })

@@ -23,6 +23,8 @@ async fn a_small_run_links_every_device_answers_every_command_and_reconnects_aft
         // Two workers, so the process split is exercised too.
         workers: 2,
         rate: 50.0,
+        command: hearth_bench::controller::Kind::Toggle,
+        cloud_env: Vec::new(),
         seconds: 2.0,
         ramp: 16,
         settle: 0.3,
