@@ -553,6 +553,7 @@ pub(crate) struct CommandAnswer {
     request_body = CommandBody,
     responses(
         (status = 200, description = "The device's answer", body = CommandAnswer),
+        (status = 202, description = "The device is offline and the command is a revoke: the cloud holds it and sends it before anything else when the device reconnects", body = ErrorBody),
         (status = 404, description = "No such device on this account", body = ErrorBody),
         (status = 409, description = "A command with this counter is already waiting", body = ErrorBody),
         (status = 503, description = "The device is offline or its queue is full", body = ErrorBody),
