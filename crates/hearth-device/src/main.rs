@@ -26,7 +26,8 @@ struct Cli {
 enum Cmd {
     /// Run the agent: dial the cloud and serve commands until Ctrl-C or
     /// SIGTERM. SIGUSR1 = physical reset, SIGUSR2 = local button
-    /// (on a motion sensor: someone walks past).
+    /// (on a motion sensor: someone walks past); on Linux SIGRTMIN+1 = a
+    /// long press and SIGRTMIN+2 = a double press (the owner's button rules).
     Run {
         /// The provisioned state directory.
         #[arg(long, env = "HEARTH_DEVICE_STATE_DIR")]
@@ -182,6 +183,8 @@ async fn run(opts: AgentOptions, lan: Option<lan::Bound>) -> anyhow::Result<()> 
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut usr1 = signal(SignalKind::user_defined1()).context("installing the SIGUSR1 handler")?;
     let mut usr2 = signal(SignalKind::user_defined2()).context("installing the SIGUSR2 handler")?;
+    let mut long_press = press_signal(1).context("installing the SIGRTMIN+1 handler")?;
+    let mut double_press = press_signal(2).context("installing the SIGRTMIN+2 handler")?;
     let state_dir = opts.state_dir.clone();
     let handle: AgentHandle = hearth_device::spawn(opts)?;
     if let Some(bound) = lan {
@@ -201,6 +204,14 @@ async fn run(opts: AgentOptions, lan: Option<lan::Bound>) -> anyhow::Result<()> 
                 break;
             }
             _ = usr1.recv() => handle.press_reset().await?,
+            _ = recv_opt(&mut long_press) => {
+                let state = handle.press(hearth_rules::model::Press::Long).await?;
+                tracing::info!(?state, "long button press (SIGRTMIN+1)");
+            }
+            _ = recv_opt(&mut double_press) => {
+                let state = handle.press(hearth_rules::model::Press::Double).await?;
+                tracing::info!(?state, "double button press (SIGRTMIN+2)");
+            }
             // A motion sensor has no button: SIGUSR2 is a person walking
             // past it (how the simulator is driven from outside, e.g. by
             // the web app's tests).
@@ -215,6 +226,27 @@ async fn run(opts: AgentOptions, lan: Option<lan::Bound>) -> anyhow::Result<()> 
     }
     tracing::info!("shutting down");
     handle.shutdown().await
+}
+
+/// The simulator's long and double presses: real-time signals
+/// `SIGRTMIN + offset` (Linux; elsewhere there is none).
+#[cfg(target_os = "linux")]
+fn press_signal(offset: i32) -> std::io::Result<Option<tokio::signal::unix::Signal>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    signal(SignalKind::from_raw(libc::SIGRTMIN() + offset)).map(Some)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn press_signal(_offset: i32) -> std::io::Result<Option<tokio::signal::unix::Signal>> {
+    Ok(None)
+}
+
+/// The next delivery of an optional signal (never, without one).
+async fn recv_opt(s: &mut Option<tokio::signal::unix::Signal>) -> Option<()> {
+    match s {
+        Some(s) => s.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Locks the agent in (`sandbox.rs`) and returns the path it must use for

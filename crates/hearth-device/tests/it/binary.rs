@@ -105,3 +105,39 @@ async fn a_rejected_cloud_certificate_is_logged_clearly() {
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(log.contains("certificate was rejected") && log.contains("NotValidForName"), "{log}");
 }
+
+/// The simulator's long and double presses (issue 5, button actions):
+/// SIGRTMIN+1 and SIGRTMIN+2 run the owner's button rules.
+#[tokio::test]
+async fn real_time_signals_are_long_and_double_presses() {
+    use hearth_proto::message::{Command as Cmd, Outcome};
+    let pki = Pki::new();
+    let cloud = FakeCloud::genuine(&pki).await;
+    let dev = Device::new(&pki, DeviceKind::Plug);
+    let mut child = Command::new(BIN)
+        .args(["run", "--cloud", &cloud.addr.to_string(), "--state-dir"])
+        .arg(dev.dir.path())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let key = dev.public_key();
+    let mut link = cloud.accept().await;
+    link.greeting(&key).await;
+    let mut owner = crate::support::Controller::new();
+    owner.pair(&mut link, 1, dev.secret()).await;
+    let rules = serde_json::json!({"version": 1, "timezone": "UTC", "rules": [
+        {"id": 1, "name": "long", "kind": {"button": {"press": "long", "action": "on"}}},
+        {"id": 2, "name": "double", "kind": {"button": {"press": "double", "action": "off"}}}]});
+    let set = Cmd::SetRules { base_version: 0, rules: rules.to_string() };
+    assert_eq!(link.command(owner.sign(dev.id(), set), &key).await.outcome, Outcome::Done);
+    let rt = |offset: i32| (libc::SIGRTMIN() + offset).to_string();
+    signal(&child, &rt(1));
+    assert_eq!(link.state(&key).await.state.relay, Some(true));
+    signal(&child, &rt(2));
+    assert_eq!(link.state(&key).await.state.relay, Some(false));
+    signal(&child, "TERM");
+    let status = tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap();
+    assert!(status.success(), "{status:?}");
+}
