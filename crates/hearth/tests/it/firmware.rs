@@ -438,7 +438,16 @@ fn kill_9_during_download_slot_write_and_switch_always_starts_a_verified_image()
     assert_eq!(assert_boots_verified_image(&plug), "1.0.0", "a half-written slot is never started");
     dev = fw.start(&plug);
 
-    wait_phase(&plug, "restarting", false);
+    // The switch: the device reports "restarting" between the rename of
+    // boot.json and the supervisor starting the trial; the recorded slot B
+    // image is the same moment seen from the disk, should the poll miss it.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while local_status(&plug)["phase"] != "restarting"
+        && !std::fs::read(plug.state.join("boot.json")).ok().and_then(|b| serde_json::from_slice::<Value>(&b).ok()).is_some_and(|r| r["b"]["version"] == "2.0.0")
+    {
+        assert!(Instant::now() < deadline, "the device never switched to 2.0.0; status {}", local_status(&plug));
+        std::thread::sleep(Duration::from_millis(5));
+    }
     dev.kill9();
     // Either the switch had happened (trial of 2.0.0 pending) or the trial
     // was cut short (reverted to 1.0.0 on this start): verified either way.
