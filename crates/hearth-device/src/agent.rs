@@ -84,6 +84,8 @@ enum Event {
     Button(oneshot::Sender<DeviceState>),
     /// A short, long or double press (button rules, issue 5).
     Press(hearth_rules::model::Press, oneshot::Sender<DeviceState>),
+    /// The simulated appliance on an energy plug.
+    Load(hearth_rules::energy::LoadProfile, oneshot::Sender<()>),
     WalkPast(oneshot::Sender<()>),
     Snapshot(oneshot::Sender<Snapshot>),
     Shutdown,
@@ -146,6 +148,12 @@ impl AgentHandle {
     /// state once it is persisted.
     pub async fn press(&self, press: hearth_rules::model::Press) -> anyhow::Result<DeviceState> {
         self.ask(|done| Event::Press(press, done)).await
+    }
+
+    /// Plugs a simulated appliance into an energy plug (see
+    /// `DeviceCore::set_load_profile`); the noise is seeded by the device id.
+    pub async fn set_load_profile(&self, profile: hearth_rules::energy::LoadProfile) -> anyhow::Result<()> {
+        self.ask(|done| Event::Load(profile, done)).await
     }
 
     /// A person walks past the motion sensor (no-op on other kinds).
@@ -432,6 +440,13 @@ impl Agent {
                 let frames = logged(self.core.press_button(store, now));
                 let _ = done.send(self.core.report());
                 Some(frames)
+            }
+            Event::Load(profile, done) => {
+                let id = self.core.device().as_str().as_bytes();
+                let seed = id.iter().fold(0u64, |h, b| h.rotate_left(8) ^ u64::from(*b));
+                self.core.set_load_profile(profile, seed);
+                let _ = done.send(());
+                None
             }
             Event::Press(press, done) => {
                 let frames = logged(self.core.press(press, store, now));

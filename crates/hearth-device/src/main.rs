@@ -53,6 +53,11 @@ enum Cmd {
         /// one extra TCP port its sandbox may connect to). Default 8445.
         #[arg(long)]
         lan_peer_port: Option<u16>,
+        /// Energy plugs: the simulated appliance, `kettle` (2.2 kW until it
+        /// boils after 3 min, then 0 W), `tv` (120 W for 10 min, then 1.5 W
+        /// standby) or a constant draw like `60w`. Default: a 1.2 kW heater.
+        #[arg(long, value_parser = parse_load)]
+        load: Option<hearth_rules::energy::LoadProfile>,
     },
     /// Physical reset of a stopped device: forget every controller and reopen setup mode.
     Reset {
@@ -131,7 +136,7 @@ fn main() -> ExitCode {
 
 fn real_main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Cmd::Run { state_dir, cloud, server_name, user, lan_listen, lan_peer_port } => {
+        Cmd::Run { state_dir, cloud, server_name, user, lan_listen, lan_peer_port, load } => {
             // Bound before the sandbox and the privilege drop (Landlock then
             // refuses any further bind); std sockets need no runtime yet.
             let lan = match lan_listen {
@@ -146,7 +151,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
-            rt.block_on(run(AgentOptions { state_dir, cloud_addr_override: cloud, server_name_override: server_name }, lan))
+            rt.block_on(run(AgentOptions { state_dir, cloud_addr_override: cloud, server_name_override: server_name }, lan, load))
         }
         Cmd::Reset { state_dir } => reset(&state_dir),
         Cmd::EnableUpdates { state_dir, root, repository, hardware_model, check_every, max_rate, factory_version } => {
@@ -178,7 +183,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-async fn run(opts: AgentOptions, lan: Option<lan::Bound>) -> anyhow::Result<()> {
+async fn run(opts: AgentOptions, lan: Option<lan::Bound>, load: Option<hearth_rules::energy::LoadProfile>) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut usr1 = signal(SignalKind::user_defined1()).context("installing the SIGUSR1 handler")?;
@@ -187,6 +192,9 @@ async fn run(opts: AgentOptions, lan: Option<lan::Bound>) -> anyhow::Result<()> 
     let mut double_press = press_signal(2).context("installing the SIGRTMIN+2 handler")?;
     let state_dir = opts.state_dir.clone();
     let handle: AgentHandle = hearth_device::spawn(opts)?;
+    if let Some(profile) = load {
+        handle.set_load_profile(profile).await?;
+    }
     if let Some(bound) = lan {
         let addr = handle.serve_lan(&state_dir, bound.listener)?;
         lan::advertise(&handle, addr, bound.mdns);
@@ -226,6 +234,22 @@ async fn run(opts: AgentOptions, lan: Option<lan::Bound>) -> anyhow::Result<()> 
     }
     tracing::info!("shutting down");
     handle.shutdown().await
+}
+
+/// Parses `--load`: `kettle`, `tv`, or a constant draw such as `60w`.
+fn parse_load(text: &str) -> Result<hearth_rules::energy::LoadProfile, String> {
+    use hearth_rules::energy::LoadProfile;
+    Ok(match text {
+        "kettle" => LoadProfile::Kettle { watts: 2200.0, boil_secs: 180 },
+        "tv" => LoadProfile::TvStandby { active_watts: 120.0, standby_watts: 1.5, active_secs: 600 },
+        other => {
+            let watts: f32 = other.trim_end_matches(['w', 'W']).parse().map_err(|_| format!("{other:?}: use kettle, tv or watts like 60w"))?;
+            if !(0.0..=hearth_device::rules::HW_LIMIT_W as f32 * 2.0).contains(&watts) {
+                return Err(format!("{other:?}: between 0 and {} W", hearth_device::rules::HW_LIMIT_W * 2));
+            }
+            LoadProfile::Constant { watts }
+        }
+    })
 }
 
 /// The simulator's long and double presses: real-time signals

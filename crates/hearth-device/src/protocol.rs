@@ -55,6 +55,9 @@ pub struct DeviceCore {
     fade_ms: u32,
     /// The latest clock reading any entry point was given (unix seconds).
     clock: u64,
+    /// A simulated appliance behind an energy plug (kettle, TV, …) and
+    /// since when the relay has been on; `None`: a constant `load_mw`.
+    load_sim: Option<(hearth_rules::energy::LoadSim, Option<u64>)>,
     /// When the scheduler's bookkeeping was last saved (see [`DeviceCore::tick`]).
     last_tick_save: u64,
     /// The update client's status (`update.rs`), reported in the state;
@@ -118,13 +121,21 @@ impl DeviceCore {
             // only when the two disagree.
             let _ = state.rules.interlock.request(state.relay, Source::Local, jiff::Timestamp::UNIX_EPOCH);
         }
-        Self { device, kind, key, secret, state, motion: false, load_mw: SIMULATED_LOAD_MW, safety_events: Vec::new(), last_tick_save: 0, energy: kind.has(Capability::EnergyMeter).then(|| crate::energy::DeviceEnergy::new(None)), driver: Box::new(crate::driver::Simulated::new()), fade_ms: 0, clock: 0, firmware: None, update_requests: Vec::new() }
+        Self { device, kind, key, secret, state, motion: false, load_mw: SIMULATED_LOAD_MW, safety_events: Vec::new(), last_tick_save: 0, energy: kind.has(Capability::EnergyMeter).then(|| crate::energy::DeviceEnergy::new(None)), driver: Box::new(crate::driver::Simulated::new()), fade_ms: 0, clock: 0, load_sim: None, firmware: None, update_requests: Vec::new() }
     }
 
     /// Sets the simulated load an energy plug draws while on (the
     /// simulator's stand-in for a kettle or a heater), in milliwatts.
     pub fn set_simulated_load_mw(&mut self, mw: u64) {
         self.load_mw = mw;
+    }
+
+    /// Simulates an appliance on an energy plug (issue 5: "the simulator
+    /// takes a load profile"): from the next tick the metered power follows
+    /// `profile` (a kettle that switches itself off when it boils, a TV
+    /// left in standby, …), with deterministic noise from `seed`.
+    pub fn set_load_profile(&mut self, profile: hearth_rules::energy::LoadProfile, seed: u64) {
+        self.load_sim = Some((hearth_rules::energy::LoadSim::new(profile, seed), None));
     }
 
     /// The safety events (max on-time, over-power, …) since the last call.
@@ -583,6 +594,17 @@ impl DeviceCore {
     /// then reported with its cause.
     pub fn tick(&mut self, store: &mut dyn StateStore, now: u64) -> Result<Vec<DeviceFrame>, Error> {
         self.clock = now;
+        if let Some((sim, on_since)) = self.load_sim.as_mut() {
+            // The simulated appliance's draw now, for the meter, the
+            // interlock and the reports (what a metering chip would read).
+            if self.state.relay {
+                let since = *on_since.get_or_insert(now);
+                let watts = sim.watts(true, now.saturating_sub(since));
+                self.load_mw = (f64::from(watts) * 1000.0).round() as u64;
+            } else {
+                *on_since = None;
+            }
+        }
         let mut next = self.state.clone();
         let mut reports: Vec<Cause> = Vec::new();
         // A grant's on-time limit (ADR 0006 scopes).

@@ -258,3 +258,27 @@ async fn a_restarted_agent_serves_the_history_it_had() {
     assert!(report.total_mwh >= stored.0.total_mwh, "{} < {}", report.total_mwh, stored.0.total_mwh);
     agent.shutdown().await.unwrap();
 }
+
+/// The simulator's load profiles (issue 5: "the simulator takes a load
+/// profile (e.g. a kettle, a TV on standby)"): a kettle draws 2.2 kW until
+/// it boils, then nothing with the relay still on, which the meter reports
+/// as standby; its energy is what 2.2 kW for three minutes makes.
+#[test]
+fn a_simulated_kettle_boils_then_stands_by() {
+    let mut plug = Plug::new(DeviceKind::EnergyPlug);
+    plug.set_rules(serde_json::json!({"version": 1, "timezone": "UTC", "energy": {"standby_below_mw": 5000}}));
+    plug.core.set_load_profile(hearth_rules::energy::LoadProfile::Kettle { watts: 2200.0, boil_secs: 180 }, 7);
+    let owner = plug.owner.clone();
+    assert_eq!(plug.send(&owner, Command::SetRelay { on: true }, NOW).outcome, Outcome::Done);
+    let boiling = plug.run(NOW, NOW + 100);
+    assert!(boiling.is_empty(), "{boiling:?}");
+    let power = plug.core.report().power_mw.unwrap();
+    assert!((2_150_000..=2_250_000).contains(&power), "{power} mW while boiling (±2 % noise)");
+    let causes = plug.run(NOW + 100, NOW + 300);
+    assert_eq!(causes, vec![Cause::Energy { event: "entered standby".into() }]);
+    assert_eq!(plug.core.report().power_mw, Some(0));
+    let r = plug.energy(NOW, None, NOW + 300);
+    // 2.2 kW × 180 s = 110 Wh, ±2 % noise.
+    assert!((107_000..=113_000).contains(&r.total_mwh), "{}", r.total_mwh);
+    assert!(r.standby && r.total_on_secs >= 290);
+}
