@@ -669,6 +669,54 @@ mod tests {
         assert!(!rollout_includes(Some(&serde_json::json!({ "group": "beta" })), &ids[0], "2.0.0"), "unknown forms admit nobody");
     }
 
+    /// Serves one HTTPS request with `server`'s certificate, answering `body`.
+    fn one_shot_server(server: &hearth_pki::CertifiedKey, body: &'static [u8]) -> (u16, std::thread::JoinHandle<()>) {
+        let config = Arc::new(hearth_pki::server_config(server, None, &[]).unwrap());
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let t = std::thread::spawn(move || {
+            let (tcp, _) = listener.accept().unwrap();
+            tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let conn = rustls::ServerConnection::new(config).unwrap();
+            let mut tls = rustls::StreamOwned::new(conn, tcp);
+            // Read the request head; a client that rejects the certificate
+            // never sends one (the handshake fails first).
+            let mut req = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                match tls.read(&mut buf) {
+                    Ok(n) if n > 0 => req.extend_from_slice(&buf[..n]),
+                    _ => return,
+                }
+            }
+            let _ = write!(tls, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len());
+            let _ = tls.write_all(body);
+            let _ = tls.flush();
+        });
+        (port, t)
+    }
+
+    /// CVE-2013-6951: the update client trusts only the provisioned CA.
+    #[test]
+    fn the_repository_is_reached_only_over_tls_from_the_provisioned_ca() {
+        let days = hearth_pki::Validity::days(1);
+        let cloud_ca = hearth_pki::generate_ca("cloud CA", days).unwrap();
+        let rogue_ca = hearth_pki::generate_ca("rogue CA", days).unwrap();
+        let names = ["127.0.0.1".to_owned()];
+        let genuine = hearth_pki::issue_server_cert(&cloud_ca, &names, days).unwrap();
+        let rogue = hearth_pki::issue_server_cert(&rogue_ca, &names, days).unwrap();
+
+        let mut fetcher = TlsFetcher::new(&cloud_ca.cert_pem).unwrap();
+        let (port, t) = one_shot_server(&genuine, b"metadata");
+        assert_eq!(fetcher.fetch(&format!("https://127.0.0.1:{port}/tuf/metadata/timestamp.json"), 100).unwrap(), b"metadata");
+        t.join().unwrap();
+
+        let (port, t) = one_shot_server(&rogue, b"forged");
+        let err = fetcher.fetch(&format!("https://127.0.0.1:{port}/tuf/metadata/timestamp.json"), 100).unwrap_err();
+        assert!(err.to_string().to_lowercase().contains("certificate"), "{err}");
+        t.join().unwrap();
+    }
+
     #[test]
     fn window_wraps_midnight() {
         use hearth_proto::message::UpdateWindow;
