@@ -15,6 +15,7 @@ before(async () => {
     ["plug", "plug"],
     ["heater", "energy-plug"],
     ["hall", "motion-sensor"],
+    ["desk", "dimmer"],
   ]);
   b = await browser();
   owner = await phone(b);
@@ -42,7 +43,11 @@ async function pair(page, code, name, room) {
   await page.getByLabel("Name").fill(name);
   await page.getByLabel("Room").fill(room);
   await page.getByRole("button", { name: "Pair" }).click();
-  await page.getByRole("heading", { name }).waitFor({ timeout: T });
+  try {
+    await page.getByRole("heading", { name }).waitFor({ timeout: T });
+  } catch (e) {
+    throw new Error(`pairing ${name} did not finish; the app says: ${await page.locator("#flash").innerText()}`);
+  }
 }
 
 // Waits for the message line to say something matching `re`; on timeout
@@ -63,10 +68,11 @@ test("sign up and pair a plug, an energy plug (QR payload) and a motion sensor",
   await pair(owner, w.devices.plug.code, "Lamp", "Living room");
   await pair(owner, w.devices.heater.qr, "Heater", "Office");
   await pair(owner, w.devices.hall.code, "Hall sensor", "Hall");
+  await pair(owner, w.devices.desk.code, "Desk light", "Office");
   await owner.getByRole("link", { name: "Home" }).click();
-  for (const name of ["Lamp", "Heater", "Hall sensor"]) await owner.getByRole("link", { name }).waitFor({ timeout: T });
+  for (const name of ["Lamp", "Heater", "Hall sensor", "Desk light"]) await owner.getByRole("link", { name }).waitFor({ timeout: T });
   for (const room of ["Living room", "Office", "Hall"]) await owner.getByRole("heading", { name: room, exact: true }).waitFor();
-  assert.equal(await owner.locator("article.tile").count(), 3);
+  assert.equal(await owner.locator("article.tile").count(), 4);
   assert.equal(await tileState(owner, w.devices.plug.id).innerText(), "Off");
   await screenshot(owner, "02-home");
   await owner.setViewportSize({ width: 1280, height: 800 });
@@ -197,6 +203,15 @@ test("a schedule created in the web app is on the device, as the CLI reads it", 
   assert.ok(after.rules.some((r) => r.name === "wake up"), "the schedule is still there");
 });
 
+test("a dimmer's brightness is set with the slider and confirmed by the device", async () => {
+  await owner.getByRole("link", { name: "Home" }).click();
+  await owner.locator('main[data-ready="#/home"]').waitFor({ timeout: T });
+  await owner.getByLabel("Desk light brightness").fill("40");
+  await owner.waitForFunction((id) => /^On · 40 %$/.test(document.querySelector(`[data-state="${id}"]`)?.textContent || ""), w.devices.desk.id, { timeout: T });
+  assert.equal(await owner.getByLabel("Desk light brightness").inputValue(), "40");
+  await screenshot(owner, "05b-dimmer");
+});
+
 test("a member invited from the web app can switch but not share", async () => {
   const member = await phone(b);
   await signup(member, "member@example.com");
@@ -204,6 +219,8 @@ test("a member invited from the web app can switch but not share", async () => {
   const code = (await member.locator("[data-share-code]").inputValue()).trim();
   assert.match(code, /^hearth-controller:1:/);
 
+  await owner.getByRole("link", { name: "Lamp", exact: true }).click();
+  await owner.locator(`main[data-ready="#/device/${w.devices.plug.id}"]`).waitFor({ timeout: T });
   await owner.getByLabel("The other person's share code").fill(code);
   await owner.getByLabel("Role").selectOption("member");
   await owner.getByRole("button", { name: "Share", exact: true }).click();

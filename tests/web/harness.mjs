@@ -37,9 +37,24 @@ export function start(name, cmd, args, ready, env = {}, timeoutMs = 30000) {
     let buf = "";
     let err = "";
     const timer = setTimeout(() => reject(new Error(`${name}: not ready within ${timeoutMs} ms\n${err}`)), timeoutMs);
+    // `ready` sees stdout and stderr (log) lines alike.
+    const check = (line) => {
+      if (ready && ready(line, child)) {
+        clearTimeout(timer);
+        ready = null;
+        resolve(child);
+      }
+    };
+    let errBuf = "";
     child.stderr.on("data", (d) => {
       err += d;
       if (err.length > 20000) err = err.slice(-20000);
+      errBuf += d;
+      let i;
+      while ((i = errBuf.indexOf("\n")) >= 0) {
+        check(errBuf.slice(0, i));
+        errBuf = errBuf.slice(i + 1);
+      }
     });
     child.stdout.on("data", (d) => {
       buf += d;
@@ -48,11 +63,7 @@ export function start(name, cmd, args, ready, env = {}, timeoutMs = 30000) {
         const line = buf.slice(0, i);
         buf = buf.slice(i + 1);
         child.lines.push(line);
-        if (ready && ready(line, child)) {
-          clearTimeout(timer);
-          ready = null;
-          resolve(child);
-        }
+        check(line);
       }
     });
     child.on("exit", (code) => {
@@ -115,7 +126,8 @@ async function startWorld(kinds) {
     const out = hearth(["device", "provision", "--pki", pki, "--state-dir", stateDir, "--kind", kind, "--cloud", devices]);
     const id = /^Provisioned \S+ ([0-9a-f]{24}) /m.exec(out)[1];
     const code = /^Setup code: (\S+)/m.exec(out)[1];
-    const proc = await start(name, DEVICE, ["run", "--state-dir", stateDir, "--cloud", devices], (l) => l.includes(" running"));
+    // Ready once its link is up (the log line), so pairing never races the first connection.
+    const proc = await start(name, DEVICE, ["run", "--state-dir", stateDir, "--cloud", devices], (l) => l.includes("connected to the cloud"), { RUST_LOG: "info" });
     devs[name] = { id, code, qr: `HEARTH:1:${id}:${code.replace(/-/g, "")}`, proc, stateDir };
   }
   return {

@@ -113,6 +113,7 @@ function describe(dev) {
   if (!st) return { text: "unknown", cls: "" };
   const parts = [];
   if (st.relay !== undefined) parts.push(st.relay ? "On" : "Off");
+  if (st.brightness !== undefined) parts.push(`${st.brightness} %`);
   if (st.motion !== undefined) parts.push(st.motion ? "Motion" : "No motion");
   if (st.power_mw !== undefined) parts.push(`${(st.power_mw / 1000).toFixed(1)} W`);
   return { text: parts.join(" · ") || "–", cls: st.relay === true ? "on" : st.relay === false ? "off" : "" };
@@ -146,6 +147,24 @@ function switchButton(dev) {
   b.addEventListener("click", () => busy(b, () => switchDevice(dev, !(dev.state && dev.state.relay))));
   b.disabled = !dev.online || !dev.verifyKey;
   return b;
+}
+
+// A brightness slider for dimmers: the device fades to the level and
+// switches on if it was off (through its safety interlock).
+function brightnessSlider(dev) {
+  const level = (dev.state && dev.state.brightness) || 100;
+  const input = h("input", { type: "range", min: 1, max: 100, step: 1, value: level, "aria-label": `${dev.name} brightness`, "data-brightness": dev.id });
+  input.addEventListener("change", () =>
+    busy(input, async () => {
+      const r = await ctl.send(dev, { op: "set_brightness", percent: Number(input.value) });
+      if (r.outcome.outcome === "refused") flash(refusalMessage(dev, r.outcome.reason), "error");
+      dev.state = r.state;
+      dev.problem = null;
+      if (screenUpdate) screenUpdate(dev);
+    }),
+  );
+  input.disabled = !dev.online || !dev.verifyKey;
+  return input;
 }
 
 // ---- screens ----
@@ -185,6 +204,7 @@ function tile(dev) {
     h("div", { class: `state ${d.cls}`, "data-state": dev.id, "aria-live": "polite" }, d.text),
     h("span", { class: `badge ${dev.online ? "online" : "offline"}`, "data-online": dev.id }, dev.online ? "online" : "offline"),
     hasRelay(dev) ? switchButton(dev) : null,
+    dev.kind === "dimmer" ? brightnessSlider(dev) : null,
   );
   return t;
 }
@@ -330,7 +350,7 @@ async function deviceScreen(id) {
     head.replaceChildren(
       h("h1", {}, dev.name),
       h("p", { class: "muted" }, KIND_NAMES[dev.kind] || dev.kind, dev.shared ? " · shared with you" : " · you own it", dev.keyHow === "certified" ? " · key from its certificate" : ""),
-      h("div", { class: "tile" }, h("div", { class: `state ${d.cls}`, "data-state": dev.id, "aria-live": "polite" }, d.text), h("span", { class: `badge ${dev.online ? "online" : "offline"}`, "data-online": dev.id }, dev.online ? "online" : "offline"), hasRelay(dev) ? switchButton(dev) : null),
+      h("div", { class: "tile" }, h("div", { class: `state ${d.cls}`, "data-state": dev.id, "aria-live": "polite" }, d.text), h("span", { class: `badge ${dev.online ? "online" : "offline"}`, "data-online": dev.id }, dev.online ? "online" : "offline"), hasRelay(dev) ? switchButton(dev) : null, dev.kind === "dimmer" ? brightnessSlider(dev) : null),
     );
   };
   renderHead();
