@@ -282,3 +282,56 @@ fn a_simulated_kettle_boils_then_stands_by() {
     assert!((107_000..=113_000).contains(&r.total_mwh), "{}", r.total_mwh);
     assert!(r.standby && r.total_on_secs >= 290);
 }
+
+/// The largest energy answer the device can build — 2,160 buckets of the
+/// largest values, sealed for a full access list — still fits one link
+/// frame (64 KiB, base64 inside JSON), so no history read can be dropped
+/// for its size.
+#[test]
+fn the_largest_energy_answer_fits_a_frame() {
+    let key = keys::generate();
+    let device = DeviceId::random();
+    let report = EnergyReport {
+        resolution: Some(EnergyResolution::Hour),
+        first: i64::MAX,
+        energy_mwh: vec![u32::MAX; hearth_proto::message::MAX_ENERGY_BUCKETS],
+        on_secs: vec![u32::MAX; hearth_proto::message::MAX_ENERGY_BUCKETS],
+        today_mwh: u64::MAX,
+        today_on_secs: u64::MAX,
+        total_mwh: u64::MAX,
+        total_on_secs: u64::MAX,
+        power_mw: u64::MAX,
+        standby: true,
+        timezone: "America/Argentina/ComodRivadavia".into(),
+        price_per_kwh_milli: Some(u32::MAX),
+        currency: Some("EUR".into()),
+    };
+    let payload = ResultPayload {
+        v: 1,
+        device: device.clone(),
+        controller: PublicKey::from(&key).controller_id(),
+        counter: u64::MAX,
+        outcome: Outcome::Energy { report },
+        state: hearth_proto::message::DeviceState { relay: Some(true), power_mw: Some(u64::MAX), ..Default::default() },
+        at: u64::MAX,
+        access: None,
+    };
+    let inner = message::sign_result(&key, &payload).unwrap();
+    let recipients: Vec<_> = (0..hearth_proto::e2e::MAX_RECIPIENTS)
+        .map(|i| {
+            let k = EncSecretKey::derive(&[i as u8; 32]);
+            (PublicKey::from(&keys::generate()).controller_id(), k.public().clone())
+        })
+        .collect();
+    let header = e2e::SealedHeader {
+        v: 1,
+        device,
+        content: e2e::Content::Result,
+        seq: 0,
+        to: Some(e2e::Addressed { controller: payload.controller.clone(), counter: u64::MAX }),
+        at: u64::MAX,
+    };
+    let sealed = e2e::seal(&key, header, &inner, &recipients, &mut rand::rngs::OsRng).unwrap();
+    let frame = hearth_proto::link::encode_frame(&DeviceFrame::Result { envelope: sealed }).expect("fits a frame");
+    assert!(frame.len() <= hearth_proto::MAX_FRAME_LEN + 4, "{} bytes", frame.len());
+}
