@@ -157,7 +157,7 @@ pub struct Acceptor {
 /// task with its own tracing span.
 async fn accept_loop<F, Fut>(listener: TcpListener, acc: Acceptor, kind: &'static str, handle: F)
 where
-    F: Fn(tokio_rustls::server::TlsStream<TcpStream>, SocketAddr, ConnGuard) -> Fut + Clone + Send + 'static,
+    F: Fn(Box<tokio_rustls::server::TlsStream<TcpStream>>, SocketAddr, ConnGuard) -> Fut + Clone + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let mut stop = acc.stop.clone();
@@ -213,13 +213,21 @@ where
         // cannot hold up the accept loop.
         tokio::spawn(
             async move {
-                let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(tcp));
                 // At shutdown a client still in its handshake has nothing to
                 // lose: dropped at once, so it cannot delay the exit by up to
-                // HANDSHAKE_TIMEOUT.
-                let outcome = tokio::select! {
-                    r = handshake => r,
-                    () = crate::stopped(&mut conn_stop) => return,
+                // HANDSHAKE_TIMEOUT. The handshake and the TLS stream are
+                // boxed: every async layer that held a 1.2 KiB stream (or the
+                // handshake's state) by value would keep a slot for it in
+                // this task for the link's whole life (issue 8: idle links
+                // must be cheap).
+                let outcome = {
+                    let handshake = Box::pin(async move {
+                        tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(tcp)).await.map(|r| r.map(Box::new))
+                    });
+                    tokio::select! {
+                        r = handshake => r,
+                        () = crate::stopped(&mut conn_stop) => return,
+                    }
                 };
                 let stream = match outcome {
                     Ok(Ok(stream)) => stream,
