@@ -93,6 +93,14 @@ enum Event {
     Update(crate::update::Notice),
     /// A signed command from the LAN endpoint (`lan.rs`).
     Lan(crate::lan::LanCommand),
+    /// A frame for the cloud link from the motion sender (`lan.rs`).
+    ToCloud(DeviceFrame),
+}
+
+impl From<crate::lan::ToCloud> for Event {
+    fn from(f: crate::lan::ToCloud) -> Self {
+        Event::ToCloud(f.0)
+    }
 }
 
 impl From<crate::lan::LanCommand> for Event {
@@ -218,12 +226,16 @@ pub fn spawn(opts: AgentOptions) -> anyhow::Result<AgentHandle> {
     let (device, kind) = (config.device.clone(), config.kind);
     let mut store = store;
     let update_prefs = state.update.clone();
-    // A motion sensor's rules may switch other devices over the LAN (`lan.rs`).
-    let motion = kind.has(hearth_proto::capability::Capability::Motion).then(|| crate::lan::spawn_motion_sender(device.clone(), identity.key.clone()));
+    let sensor_key = identity.key.clone();
     let mut core = DeviceCore::new(device.clone(), kind, identity.key, identity.secret, state);
     // Once, before any command: the power-on policy through the interlock.
     core.boot(&mut store, unix_now())?;
     let (events_tx, events) = mpsc::channel(16);
+    // A motion sensor's rules may switch other devices (`lan.rs`): over the
+    // LAN, or through this agent's cloud link.
+    let motion = kind
+        .has(hearth_proto::capability::Capability::Motion)
+        .then(|| crate::lan::spawn_motion_sender(device.clone(), sensor_key, events_tx.clone()));
     // Issue 4: the firmware update client, if this device has one.
     let notices = events_tx.clone();
     let updater = crate::update::start(dir, device.clone(), &identity.cloud_ca_pem, update_prefs, move |n| {
@@ -466,6 +478,8 @@ impl Agent {
                 let _ = done.send(());
                 Some(frames)
             }
+            // Written on the link when it is up; dropped otherwise.
+            Event::ToCloud(frame) => Some(vec![frame]),
             Event::Lan(crate::lan::LanCommand { envelope, reply }) => {
                 // The same path as a command from the cloud: decide, replay
                 // counter, interlock, signed and sealed answer.

@@ -312,8 +312,8 @@ pub struct Target {
     pub device: DeviceId,
     /// Its key (pinned by the owner's CLI from pairing).
     pub key: PublicKey,
-    /// Its LAN address, `HOST:PORT`.
-    pub addr: String,
+    /// Its LAN address, `HOST:PORT`, if it serves the LAN.
+    pub addr: Option<String>,
     /// Seconds without motion before switching it off.
     pub off_after_secs: u32,
 }
@@ -326,17 +326,28 @@ pub struct MotionSeen {
     pub targets: Vec<Target>,
 }
 
+/// A frame the motion sender wants written on the cloud link (the agent
+/// owns the link; dropped while it is down).
+#[derive(Debug)]
+pub struct ToCloud(pub DeviceFrame);
+
 /// The sensor's side of a motion rule across devices (issue 5): it signs
 /// `SetRelay` commands with its own device key, which the owner added to
 /// the target's access list as a member (may switch; may not share,
 /// revoke or change rules — `AccessList::decide` step 7), and sends them
-/// over the LAN. The target verifies them like any controller's.
+/// to the target's LAN endpoint. The target verifies them like any
+/// controller's. When the target has no LAN address or cannot be reached
+/// on the LAN, the same signed envelope goes over the cloud link instead
+/// (`DeviceFrame::Command`; the cloud forwards it only between devices of
+/// one owner). The same envelope, so a command the LAN did deliver is
+/// refused as replayed rather than executed twice; no answer comes back
+/// that way.
 ///
 /// Counters: `max(last + 1, unix milliseconds)`, so they grow across
 /// restarts without being stored (as long as the clock does not jump back
 /// by more than the gap; then the target refuses them as replayed, which
 /// is the safe failure).
-pub fn spawn_motion_sender(device: DeviceId, key: SigningKey) -> mpsc::Sender<MotionSeen> {
+pub fn spawn_motion_sender<T: From<ToCloud> + Send + 'static>(device: DeviceId, key: SigningKey, to_agent: mpsc::Sender<T>) -> mpsc::Sender<MotionSeen> {
     let (tx, mut rx) = mpsc::channel::<MotionSeen>(8);
     tokio::spawn(async move {
         let me = PublicKey::from(&key).controller_id();
@@ -386,14 +397,33 @@ pub fn spawn_motion_sender(device: DeviceId, key: SigningKey) -> mpsc::Sender<Mo
                     cmds.push(Command::GetState);
                 }
                 cmds.push(Command::SetRelay { on });
+                // After one LAN failure the rest of this batch goes straight to the cloud.
+                let mut lan_up = t.addr.is_some();
                 for command in cmds {
+                    let switch = matches!(command, Command::SetRelay { .. });
+                    if !lan_up && !switch {
+                        // Key registration and the state check need an answer,
+                        // which only the LAN gives.
+                        continue;
+                    }
                     counter = (counter + 1).max(unix_ms());
                     let kind = match command {
                         Command::RegisterKey { .. } => 0,
                         Command::GetState => 1,
                         _ => 2,
                     };
-                    match send_signed(&key, &me, &enc, &t, counter, command).await {
+                    let envelope = match sign(&key, &me, &t.device, counter, command) {
+                        Ok(e) => e,
+                        Err(e) => {
+                            warn!("motion rule: could not sign: {e}");
+                            break;
+                        }
+                    };
+                    let answer = match (&t.addr, lan_up) {
+                        (Some(addr), true) => send_lan(&me, &enc, &t, addr, counter, envelope.clone()).await,
+                        _ => Err(anyhow::anyhow!("no LAN address")),
+                    };
+                    match answer {
                         Ok((Outcome::Done, _)) if kind == 0 => registered.push(t.device.clone()),
                         Ok((Outcome::Done, state)) if kind == 1 => {
                             if state.relay == Some(true) {
@@ -402,10 +432,22 @@ pub fn spawn_motion_sender(device: DeviceId, key: SigningKey) -> mpsc::Sender<Mo
                                 break;
                             }
                         }
-                        Ok((Outcome::Done, _)) => info!(target = %t.device, on, "motion rule: switched the target"),
+                        Ok((Outcome::Done, _)) => info!(target = %t.device, on, "motion rule: switched the target over the LAN"),
                         Ok((Outcome::Refused { reason }, _)) => warn!(target = %t.device, on, %reason, "motion rule: the target refused"),
                         Ok((other, _)) => warn!(target = %t.device, ?other, "motion rule: unexpected answer"),
-                        Err(e) => warn!(target = %t.device, on, "motion rule: could not reach the target on the LAN: {e:#}"),
+                        Err(e) => {
+                            if lan_up {
+                                warn!(target = %t.device, on, "motion rule: the target is not reachable on the LAN ({e:#}); using the cloud link");
+                            }
+                            lan_up = false;
+                            if switch {
+                                let frame = DeviceFrame::Command { to: t.device.clone(), envelope };
+                                if to_agent.send(T::from(ToCloud(frame))).await.is_err() {
+                                    return;
+                                }
+                                info!(target = %t.device, on, "motion rule: sent over the cloud link (no answer comes back that way)");
+                            }
+                        }
                     }
                 }
             }
@@ -414,18 +456,21 @@ pub fn spawn_motion_sender(device: DeviceId, key: SigningKey) -> mpsc::Sender<Mo
     tx
 }
 
-async fn send_signed(key: &SigningKey, me: &ControllerId, enc: &EncSecretKey, t: &Target, counter: u64, command: Command) -> anyhow::Result<(Outcome, hearth_proto::message::DeviceState)> {
+fn sign(key: &SigningKey, me: &ControllerId, device: &DeviceId, counter: u64, command: Command) -> anyhow::Result<Vec<u8>> {
     let payload = CommandPayload {
         v: PROTOCOL_VERSION,
-        device: t.device.clone(),
+        device: device.clone(),
         controller: me.clone(),
         counter,
         issued_at: unix_ms() / 1000,
         command,
     };
-    let envelope = message::sign_command(key, &payload)?;
+    Ok(message::sign_command(key, &payload)?)
+}
+
+async fn send_lan(me: &ControllerId, enc: &EncSecretKey, t: &Target, addr: &str, counter: u64, envelope: Vec<u8>) -> anyhow::Result<(Outcome, hearth_proto::message::DeviceState)> {
     let pin = DevicePin { device: t.device.clone(), key: Some(t.key.clone()), manufacturer_ca_pem: None };
-    let (answer, _) = exchange(&t.addr, pin, envelope).await?;
+    let (answer, _) = exchange(addr, pin, envelope).await?;
     let r: ResultPayload = if e2e::is_sealed(&answer) {
         e2e::open_result(&answer, &t.device, &t.key, me, enc)?
     } else {

@@ -32,6 +32,8 @@ pub const MAX_PACKET: usize = 1500;
 pub const MAX_RECORDS: usize = 32;
 /// Most compression pointers followed in one name.
 pub const MAX_POINTERS: usize = 16;
+/// Most replies the responder sends per second (see [`respond`]).
+pub const MAX_REPLIES_PER_SEC: u32 = 20;
 /// TTL of the records we announce, seconds (RFC 6762 section 10: 120 s for host records).
 pub const TTL: u32 = 120;
 
@@ -347,6 +349,11 @@ pub fn local_ip_towards(peer: SocketAddr) -> Option<Ipv4Addr> {
 /// to one; otherwise the address towards each asker is announced.
 pub fn respond(socket: UdpSocket, service: Service, fixed_ip: Option<Ipv4Addr>) {
     let mut buf = [0u8; MAX_PACKET];
+    // A reply is a few times larger than a query, and legacy-unicast
+    // replies go to whatever source the query claims: at most
+    // MAX_REPLIES_PER_SEC replies, so the device is no useful amplifier.
+    let mut window = Instant::now();
+    let mut replies = 0u32;
     loop {
         let (n, from) = match socket.recv_from(&mut buf) {
             Ok(r) => r,
@@ -358,6 +365,14 @@ pub fn respond(socket: UdpSocket, service: Service, fixed_ip: Option<Ipv4Addr>) 
         let Some(ip) = fixed_ip.or_else(|| local_ip_towards(from)) else { continue };
         let legacy = from.port() != PORT;
         let Some(reply) = answer(&buf[..n], &service, ip, legacy) else { continue };
+        if window.elapsed() >= Duration::from_secs(1) {
+            window = Instant::now();
+            replies = 0;
+        }
+        replies += 1;
+        if replies > MAX_REPLIES_PER_SEC {
+            continue;
+        }
         // RFC 6762 sections 6 and 6.7: legacy queriers get a unicast reply, others the group.
         let to = if legacy { from } else { SocketAddr::V4(SocketAddrV4::new(GROUP, PORT)) };
         if let Err(e) = socket.send_to(&reply, to) {

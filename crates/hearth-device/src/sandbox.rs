@@ -12,8 +12,10 @@
 //!    directory means its parents need not be reachable by that user.
 //! 2. **Landlock.** Filesystem access is limited to the state directory
 //!    (read-write) plus the few resolver files name lookup reads; TCP bind
-//!    is refused and TCP connect is allowed only to the cloud's port (and 53
-//!    for resolvers that fall back to TCP); signals and abstract Unix sockets
+//!    is refused (the opt-in LAN listener, ADR 0009, is bound before this)
+//!    and TCP connect is allowed only to the cloud's port (and 53 for
+//!    resolvers that fall back to TCP, the firmware repository's port, and
+//!    a motion sensor's LAN peer port); signals and abstract Unix sockets
 //!    are scoped to the agent. On a kernel without Landlock the agent warns
 //!    and runs on with the other two layers.
 //! 3. **seccomp.** `execve`, `execveat`, `fork`, `vfork` and `clone`

@@ -61,6 +61,17 @@ pub enum DeviceFrame {
         /// The ping's number.
         n: u64,
     },
+    /// A command this device signed as a controller of device `to` (a
+    /// motion sensor's rule, ADR 0009). The cloud forwards it only to a
+    /// device of the same owner account; `to` decides with its own access
+    /// list, and its result goes to the owner's controllers as usual.
+    Command {
+        /// The target device.
+        to: DeviceId,
+        /// The signed command envelope.
+        #[serde(with = "crate::b64::bytes")]
+        envelope: Vec<u8>,
+    },
 }
 
 /// A device's answer to a pairing request.

@@ -277,8 +277,10 @@ pub struct MotionTarget {
     /// learned it at pairing; the sensor accepts the target's TLS
     /// certificate and signed answers only with this key.
     pub key: String,
-    /// The target's LAN endpoint, `HOST:PORT`.
-    pub lan: String,
+    /// The target's LAN endpoint, `HOST:PORT`; without one the sensor
+    /// sends through its cloud link only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lan: Option<String>,
 }
 
 /// Longest accepted base64url key text in a [`MotionTarget`].
@@ -523,9 +525,14 @@ impl RuleSet {
                     if let Some(t) = &m.target {
                         check_len(|| f("target.device"), &t.device, MAX_ID_LEN)?;
                         check_len(|| f("target.key"), &t.key, MAX_KEY_LEN)?;
-                        check_len(|| f("target.lan"), &t.lan, MAX_ADDR_LEN)?;
-                        if t.device.is_empty() || t.key.is_empty() || !t.lan.contains(':') {
-                            return Err(range_err(f("target"), "needs the target's id, key and HOST:PORT"));
+                        if let Some(lan) = &t.lan {
+                            check_len(|| f("target.lan"), lan, MAX_ADDR_LEN)?;
+                            if !lan.contains(':') {
+                                return Err(range_err(f("target.lan"), "must be HOST:PORT"));
+                            }
+                        }
+                        if t.device.is_empty() || t.key.is_empty() {
+                            return Err(range_err(f("target"), "needs the target's id and key"));
                         }
                     }
                     if !(10..=86_400).contains(&m.off_after_secs) {

@@ -74,7 +74,8 @@ pub struct MotionArgs {
     #[arg(long)]
     pub window: Option<String>,
     /// The target's LAN endpoint as the sensor should dial it (default: the
-    /// address this controller knows from --lan, its cache or mDNS).
+    /// address this controller knows from its cache or mDNS; none: the
+    /// sensor uses its cloud link).
     #[arg(long, value_name = "ADDR")]
     pub target_lan: Option<String>,
 }
@@ -287,24 +288,20 @@ pub async fn motion_rule(cfg: &mut Config, sensor: &str, m: &MotionArgs, args: &
     let (sensor_name, sensor_key) = (s.name.clone(), s.key.clone());
     let (plug_id, p) = known(cfg, target)?;
     let (plug_name, plug_key) = (p.name.clone(), p.key.clone());
-    // Where the sensor will dial the target.
-    let target_lan = match (&m.target_lan, &args.lan) {
-        (Some(a), _) => a.clone(),
-        _ => match load_cache(cfg).get(&plug_id) {
-            Some(a) => a.clone(),
-            None => browse()
-                .await?
-                .into_iter()
-                .find(|f| f.device == plug_id)
-                .map(|f| f.addr.to_string())
-                .ok_or_else(|| anyhow!("{plug_name}'s LAN address is unknown: give --target-lan HOST:PORT (or run it with --lan-listen and let mDNS find it)"))?,
+    // Where the sensor will dial the target; without a LAN address it
+    // sends through its cloud link only.
+    let target_lan = match &m.target_lan {
+        Some(a) => Some(a.clone()),
+        None => match load_cache(cfg).get(&plug_id) {
+            Some(a) => Some(a.clone()),
+            None => browse().await.ok().and_then(|found| found.into_iter().find(|f| f.device == plug_id).map(|f| f.addr.to_string())),
         },
     };
     // 1. The grant on the target. The HPKE key is a placeholder whose secret
     //    is dropped at once; the sensor registers its own (derived from its
     //    device key) with its first command.
     let grant = Command::AddController { key: sensor_key, enc: EncSecretKey::generate().public().clone(), role: Role::Member, scope: Scope::default() };
-    let plug_args = LanArgs { via: args.via, lan: Some(target_lan.clone()).filter(|_| args.lan.is_some() || m.target_lan.is_some()) };
+    let plug_args = LanArgs { via: args.via, lan: args.lan.clone().or_else(|| m.target_lan.clone()) };
     let (r, path) = send_via(cfg, &plug_id, &plug_key, grant, &plug_args).await?;
     done(&plug_name, "the grant", &r, &path)?;
     println!("{plug_name}: {sensor_name} may switch it on and off, nothing else ({path})");
@@ -334,6 +331,10 @@ pub async fn motion_rule(cfg: &mut Config, sensor: &str, m: &MotionArgs, args: &
     let json = String::from_utf8(set.to_json()).context("rule set encoding")?;
     let (r, path) = send_via(cfg, &sensor_id, &sensor_key, Command::SetRules { base_version: base, rules: json }, &sensor_args).await?;
     done(&sensor_name, "the rule", &r, &path)?;
-    println!("{sensor_name}: motion switches {plug_name} on, off after {off_after_secs} s without motion (rule {id}, {path})");
+    let how = match &target_lan {
+        Some(a) => format!("over the LAN at {a}, else the cloud link"),
+        None => "over the cloud link (no LAN address known for it)".to_owned(),
+    };
+    println!("{sensor_name}: motion switches {plug_name} on, off after {off_after_secs} s without motion, {how} (rule {id}, {path})");
     Ok(0)
 }

@@ -103,3 +103,27 @@ fn walking_past_the_sensor_switches_the_plug_on_and_off_after_the_quiet_period()
     assert_eq!(attempt(Cmd::RemoveController { controller: owner }), Outcome::Refused { reason: Refusal::NotPermitted }, "the sensor cannot revoke the owner");
     assert!(!relay(&plug.state));
 }
+
+/// The same rule with no LAN at all: the plug does not serve the LAN, so
+/// the sensor's signed commands go over its cloud link, which forwards
+/// them only because both devices belong to the same account.
+#[test]
+fn without_a_lan_the_sensor_switches_the_plug_through_the_cloud() {
+    let w = World::new();
+    let plug = w.provision("plug", "plug");
+    let _plug_dev = w.run_device(&plug);
+    let sensor = w.provision("sensor", "motion-sensor");
+    let sensor_dev = w.run_device(&sensor);
+    let phone = w.controller("phone");
+    phone.signup("cloud-motion@example.com");
+    assert!(eventually(Duration::from_secs(10), || phone.run(&["pair", &plug.code, "--name", "lamp"]).status.success()));
+    assert!(eventually(Duration::from_secs(10), || phone.run(&["pair", &sensor.code, "--name", "hall"]).status.success()));
+    let out = phone.ok(&["rules", "motion", "hall", "--target", "lamp", "--off-after", "10s"]);
+    assert!(out.contains("over the cloud link (no LAN address known for it)"), "{out}");
+
+    walk_past(&sensor_dev);
+    let started = Instant::now();
+    assert!(eventually(Duration::from_secs(10), || relay(&plug.state)), "the plug did not go on at motion");
+    assert!(eventually(Duration::from_secs(25), || !relay(&plug.state)), "the plug did not go off after the quiet period");
+    assert!(started.elapsed() >= Duration::from_secs(9), "off before the quiet period");
+}
