@@ -341,6 +341,24 @@ impl Conn<'_> {
                 }
             }
             DeviceFrame::Pong { .. } => {}
+            // ADR 0009: a device commanding another (a motion sensor's
+            // rule). Routed only between devices of one owner account; the
+            // target's access list decides, as for any command.
+            DeviceFrame::Command { to, envelope } => {
+                let peek = hearth_proto::message::peek_command(&envelope);
+                let owners = (
+                    Box::pin(self.state.store.device_owner(self.id.clone())).await,
+                    Box::pin(self.state.store.device_owner(to.clone())).await,
+                );
+                match (peek, owners) {
+                    (Ok(p), (Ok(Some(a)), Ok(Some(b)))) if a == b && p.device == to => {
+                        if let Err(e) = self.state.route_send(&to, envelope).await {
+                            tracing::info!(%to, error = %e, "device-to-device command not delivered");
+                        }
+                    }
+                    _ => tracing::warn!(%to, "dropping a device-to-device command: not a signed command for a device of the same owner"),
+                }
+            }
         }
     }
 
