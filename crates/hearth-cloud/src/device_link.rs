@@ -196,6 +196,8 @@ async fn send_pending_revokes(
         return Ok(Vec::new());
     }
     let mut sent = Vec::new();
+    // A database error ends the link (fail closed): routing commands to a
+    // device whose held revokes could not be read would let them overtake.
     for p in state.store.pending_revokes(id.clone()).await? {
         let bytes = hearth_proto::link::encode_frame(&CloudFrame::Command { envelope: p.envelope })?;
         write_frame(tls, &bytes).await?;
