@@ -298,6 +298,16 @@ enum DeviceCmd {
         /// The name on the cloud's certificate.
         #[arg(long, default_value = "localhost")]
         server_name: String,
+        /// The firmware repository's root.json to ship with the device: enables
+        /// its update client (public keys only; see `hearth fw init`).
+        #[arg(long, requires_all = ["fw_repository", "hardware_model"])]
+        fw_root: Option<PathBuf>,
+        /// The firmware repository's URL, https://HOST:PORT/tuf (the cloud's API port).
+        #[arg(long, requires = "fw_root")]
+        fw_repository: Option<String>,
+        /// The device's hardware model, as firmware targets name it.
+        #[arg(long, requires = "fw_root")]
+        hardware_model: Option<String>,
     },
 }
 
@@ -410,7 +420,7 @@ async fn run(cli: Cli) -> Result<u8> {
             println!("Created the manufacturer CA, the cloud CA and a server certificate for {} in {}", names.join(", "), dir.display());
             println!("Keep manufacturer-ca.key and cloud-ca.key offline; the cloud needs cloud-server.* and manufacturer-ca.pem.");
         }
-        Cmd::Device(DeviceCmd::Provision { pki, state_dir, kind, cloud, server_name }) => {
+        Cmd::Device(DeviceCmd::Provision { pki, state_dir, kind, cloud, server_name, fw_root, fw_repository, hardware_model }) => {
             let pki = hearth_pki::PkiDir::open(pki);
             let p = hearth_device::provision(
                 &state_dir,
@@ -423,6 +433,19 @@ async fn run(cli: Cli) -> Result<u8> {
             println!("Provisioned {} {} in {}", kind.as_str(), p.device, state_dir.display());
             println!("Setup code: {}", p.label.secret.code());
             println!("QR label:   {}", p.label_svg.display());
+            if let (Some(root), Some(repository_url), Some(hardware_model)) = (fw_root, fw_repository, hardware_model) {
+                // Issue 4: the trusted root ships with the device; nothing private.
+                let root_json = std::fs::read(&root).with_context(|| format!("reading {}", root.display()))?;
+                let config = hearth_device::update::UpdateConfig {
+                    repository_url,
+                    hardware_model,
+                    check_every_secs: 6 * 3600,
+                    max_rate_bytes_per_sec: None,
+                    install_command: None,
+                };
+                hearth_device::update::provision(&state_dir, &root_json, &config, None)?;
+                println!("Updates:    from {} (trusted root {})", config.repository_url, root.display());
+            }
         }
         Cmd::Cloud(CloudCmd::Serve(args)) => server::serve(args).await?,
         Cmd::Demo(args) => demo::run(args).await?,

@@ -146,9 +146,27 @@ impl Fw {
         self.repo().publish(&self.snapshot, &self.timestamp, now()).unwrap();
     }
 
-    /// Provisions a device with the update client and slot A = 1.0.0.
+    /// Provisions a device with the update client and slot A = 1.0.0:
+    /// `hearth device provision --fw-root …` ships the trusted root, then
+    /// the device's own factory step sets the test's check interval and
+    /// rate and puts its binary in slot A.
     fn device(&self, name: &str, check_every: u64, max_rate: Option<u64>) -> Provisioned {
-        let p = self.w.provision(name, "plug");
+        let state = self.w.path(&format!("devices/{name}"));
+        let root = self.repo_dir.join("metadata/1.root.json");
+        let out = run(Command::new(hearth_bin())
+            .args(["device", "provision", "--pki"])
+            .arg(self.w.path("pki"))
+            .arg("--state-dir")
+            .arg(&state)
+            .args(["--kind", "plug", "--cloud", &self.w.device_addr, "--server-name", "localhost", "--fw-root"])
+            .arg(&root)
+            .args(["--fw-repository", &self.url(), "--hardware-model", MODEL]));
+        assert!(out.status.success(), "provision failed: {}", String::from_utf8_lossy(&out.stderr));
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let code = text.lines().find_map(|l| l.strip_prefix("Setup code: ")).expect("setup code").trim().to_owned();
+        let id = text.lines().next().and_then(|l| l.split_whitespace().nth(2)).expect("id").to_owned();
+        assert_eq!(std::fs::read(state.join("tuf/root.json")).unwrap(), std::fs::read(&root).unwrap(), "the trusted root ships with the device");
+        let p = Provisioned { state, code, id };
         let mut cmd = Command::new(device_bin());
         cmd.args(["enable-updates", "--state-dir"])
             .arg(&p.state)
