@@ -7,8 +7,8 @@
 //! round: a crash between the save and the call is healed by the boot
 //! call). The simulator's [`Simulated`] driver keeps the level in memory
 //! and models a linear fade; a GPIO driver would set a relay pin and a PWM
-//! duty cycle. Power readings for energy meters still come from the
-//! core's simulated load (not through this trait yet).
+//! duty cycle, and read a metering chip for [`Driver::power_mw`]. Without
+//! a reading the core uses its simulated load.
 
 use std::sync::{Arc, Mutex};
 
@@ -29,6 +29,14 @@ pub trait Driver: Send + Sync {
     /// milliseconds). Must not block for the fade: a real driver ramps in
     /// the background (a PWM timer), the simulator computes the level.
     fn apply(&mut self, output: Output, now_ms: u64);
+
+    /// The power the load draws now, in milliwatts, from a metering chip;
+    /// `None` when the hardware has no meter (or the simulator decides
+    /// the load, see `DeviceCore::set_load_profile`). Called once per tick.
+    fn power_mw(&mut self, now_ms: u64) -> Option<u64> {
+        let _ = now_ms;
+        None
+    }
 }
 
 /// The simulator's driver: remembers the last output and when it was

@@ -605,6 +605,10 @@ impl DeviceCore {
                 *on_since = None;
             }
         }
+        // A driver with a metering chip measures instead.
+        if let Some(mw) = self.driver.power_mw(now.saturating_mul(1000)) {
+            self.load_mw = mw;
+        }
         let mut next = self.state.clone();
         let mut reports: Vec<Cause> = Vec::new();
         // A grant's on-time limit (ADR 0006 scopes).

@@ -67,3 +67,27 @@ fn only_a_dimmer_dims_and_the_interlock_still_counts_switches() {
     assert_eq!(light.send(&owner, dim(90, 500), NOW + 61).outcome, Outcome::Done);
     assert_eq!(light.send(&owner, dim(10, 500), NOW + 62).outcome, Outcome::Done);
 }
+
+/// A driver that reads a (fake) metering chip: the energy plug reports
+/// and books what the driver measures, not the simulator's load.
+#[test]
+fn a_metering_driver_is_what_the_energy_plug_reports() {
+    struct Meter;
+    impl hearth_device::driver::Driver for Meter {
+        fn apply(&mut self, _: Output, _: u64) {}
+        fn power_mw(&mut self, _: u64) -> Option<u64> {
+            Some(60_000)
+        }
+    }
+    let mut plug = Plug::new(DeviceKind::EnergyPlug);
+    plug.core.set_driver(Box::new(Meter));
+    let owner = plug.owner.clone();
+    assert_eq!(plug.send(&owner, Command::SetRelay { on: true }, NOW).outcome, Outcome::Done);
+    plug.run(NOW, NOW + 61);
+    assert_eq!(plug.core.report().power_mw, Some(60_000));
+    let Outcome::Energy { report } = plug.send(&owner, Command::GetEnergy { since: NOW, resolution: None }, NOW + 61).outcome else {
+        panic!("no report")
+    };
+    // 60 W for 60 s = 1 Wh.
+    assert_eq!(report.total_mwh, 1_000);
+}
