@@ -144,17 +144,44 @@ fn an_unpaired_host_on_the_lan_is_refused() {
         let DeviceFrame::Result { envelope } = f else { panic!("{f:?}") };
         assert_eq!(message::verify_result(&envelope, &device, &dev_key).unwrap().outcome, Outcome::Refused { reason: Refusal::Malformed });
 
+        drop(s);
         let mut s = dial().await;
         let pending = hearth_proto::pairing::PendingPairing::start(hearth_proto::pairing::SetupSecret::random(), &stranger);
         hearth_device::lan::write_frame(&mut s, &CloudFrame::Pair { req: 1, request: pending.request().clone() }).await.unwrap();
         let end = hearth_device::lan::read_frame::<_, DeviceFrame>(&mut s, Duration::from_secs(5)).await;
         assert!(matches!(end, Ok(None) | Err(_)), "pairing is not offered on the LAN: {end:?}");
 
+        drop(s);
         let mut s = dial().await;
         tokio::io::AsyncWriteExt::write_all(&mut s, &[0xFF, 0xFF, 0xFF, 0xFF]).await.unwrap();
         tokio::io::AsyncWriteExt::flush(&mut s).await.unwrap();
         let end = hearth_device::lan::read_frame::<_, DeviceFrame>(&mut s, Duration::from_secs(5)).await;
         assert!(matches!(end, Ok(None) | Err(_)), "an oversized frame closes the connection: {end:?}");
+
+        // At most MAX_CONNECTIONS at once: the next one is closed before any
+        // handshake; once they are gone, a new one is served again.
+        drop(s);
+        let mut held = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while held.len() < hearth_device::lan::MAX_CONNECTIONS {
+            assert!(tokio::time::Instant::now() < deadline, "the device did not free its connection slots");
+            // Slots of the connections above free up as the device sees them close.
+            let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+            let name = rustls::pki_types::ServerName::IpAddress(tcp.peer_addr().unwrap().ip().into());
+            match tokio_rustls::TlsConnector::from(Arc::clone(&config)).connect(name, tcp).await {
+                Ok(tls) => held.push(tls),
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+        let mut extra = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let mut buf = [0u8; 16];
+        let n = tokio::time::timeout(Duration::from_secs(4), tokio::io::AsyncReadExt::read(&mut extra, &mut buf)).await;
+        assert!(matches!(n, Ok(Ok(0)) | Ok(Err(_))), "a connection over the limit is closed at once: {n:?}");
+        drop(held);
+        let ok = crate::harness::eventually(Duration::from_secs(5), || {
+            rt_probe(&addr, &config)
+        });
+        assert!(ok, "served again once the held connections closed");
 
         // Plain TCP without TLS: nothing but a closed connection.
         let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
@@ -290,4 +317,20 @@ fn the_cli_finds_the_device_by_mdns_across_a_veth_pair() {
     assert!(stdout.contains("via LAN 10.77.0.1:8445") && stdout.contains("lamp is ON"), "{stdout}");
     assert!(relay(&plug.state));
     drop(dev);
+}
+
+/// Whether a TLS handshake with the LAN endpoint completes (on its own
+/// runtime, so it can be polled from a blocking retry loop).
+fn rt_probe(addr: &str, config: &Arc<rustls::ClientConfig>) -> bool {
+    let (addr, config) = (addr.to_owned(), Arc::clone(config));
+    std::thread::spawn(move || {
+        rt().block_on(async {
+            let Ok(tcp) = tokio::net::TcpStream::connect(&addr).await else { return false };
+            let name = rustls::pki_types::ServerName::IpAddress(tcp.peer_addr().unwrap().ip().into());
+            let tls = tokio_rustls::TlsConnector::from(config).connect(name, tcp);
+            matches!(tokio::time::timeout(Duration::from_secs(2), tls).await, Ok(Ok(_)))
+        })
+    })
+    .join()
+    .unwrap()
 }
