@@ -49,8 +49,9 @@ pub const STATUS_FILE: &str = "update-status.json";
 const DOWNLOAD_FILE: &str = "update-download.part";
 /// The first check after start, so a trial boot reports health first.
 const FIRST_CHECK: Duration = Duration::from_secs(2);
-/// Progress is reported at most this often.
-const PROGRESS_EVERY: Duration = Duration::from_millis(250);
+/// Progress is reported at most this often (each report is a signed state
+/// report whose sequence number is persisted: gentle on flash).
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 /// Connect, read and write timeout of each repository request.
 const HTTP_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -600,6 +601,11 @@ impl Worker {
                 return Ok(Found::Nothing(format!("{v} is available and will be installed in the update window")));
             }
             _ => {}
+        }
+        // Without A/B slots (no supervisor) and no install command there is
+        // nowhere to install to: say so before downloading anything.
+        if self.config.install_command.is_none() && !hearth_updater::store::record_path(&self.dir).exists() {
+            return Ok(Found::Nothing(format!("{v} is available, but this device has no A/B slots to install it into (run it under hearth-device-supervisor)")));
         }
         // 5.7: the target's hardware model is checked again with the
         // length and sha256 the install verifies against.
