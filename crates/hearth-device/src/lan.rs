@@ -384,7 +384,7 @@ pub fn spawn_motion_sender<T: From<ToCloud> + Send + 'static>(device: DeviceId, 
                     }
                 }
             }
-            for (t, on) in sends {
+            for (mut t, on) in sends {
                 let mut cmds = Vec::new();
                 if !registered.contains(&t.device) {
                     // So the target seals its answers for us and we can
@@ -399,6 +399,8 @@ pub fn spawn_motion_sender<T: From<ToCloud> + Send + 'static>(device: DeviceId, 
                 cmds.push(Command::SetRelay { on });
                 // After one LAN failure the rest of this batch goes straight to the cloud.
                 let mut lan_up = t.addr.is_some();
+                // One mDNS look-up per batch when the stored address fails.
+                let mut browsed = false;
                 for command in cmds {
                     let switch = matches!(command, Command::SetRelay { .. });
                     if !lan_up && !switch {
@@ -422,6 +424,26 @@ pub fn spawn_motion_sender<T: From<ToCloud> + Send + 'static>(device: DeviceId, 
                     let answer = match (&t.addr, lan_up) {
                         (Some(addr), true) => send_lan(&me, &enc, &t, addr, counter, envelope.clone()).await,
                         _ => Err(anyhow::anyhow!("no LAN address")),
+                    };
+                    let answer = match answer {
+                        // The stored address may be stale (DHCP): ask the LAN
+                        // once; the pin still decides whether it is the target.
+                        Err(e) if !browsed => {
+                            browsed = true;
+                            match discover(&t.device).await {
+                                Some(addr) if t.addr.as_ref() != Some(&addr) => {
+                                    info!(target = %t.device, %addr, "motion rule: found the target on the LAN by mDNS");
+                                    if let Some((p, _)) = pending.get_mut(&t.device) {
+                                        p.addr = Some(addr.clone());
+                                    }
+                                    t.addr = Some(addr.clone());
+                                    lan_up = true;
+                                    send_lan(&me, &enc, &t, &addr, counter, envelope.clone()).await
+                                }
+                                _ => Err(e),
+                            }
+                        }
+                        other => other,
                     };
                     match answer {
                         Ok((Outcome::Done, _)) if kind == 0 => registered.push(t.device.clone()),
@@ -454,6 +476,17 @@ pub fn spawn_motion_sender<T: From<ToCloud> + Send + 'static>(device: DeviceId, 
         }
     }.instrument(tracing::error_span!("motion", sensor = %device)));
     tx
+}
+
+/// The target's LAN endpoint as its mDNS responder announces it (a one
+/// second browse; `HEARTH_MDNS_TO` overrides the group for tests).
+async fn discover(device: &DeviceId) -> Option<String> {
+    let to = std::env::var("HEARTH_MDNS_TO")
+        .ok()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(SocketAddr::from((crate::mdns::GROUP, crate::mdns::PORT)));
+    let found = tokio::task::spawn_blocking(move || crate::mdns::browse(to, Duration::from_secs(1))).await.ok()?.ok()?;
+    found.into_iter().find(|f| &f.device == device).map(|f| f.addr.to_string())
 }
 
 fn sign(key: &SigningKey, me: &ControllerId, device: &DeviceId, counter: u64, command: Command) -> anyhow::Result<Vec<u8>> {

@@ -127,3 +127,38 @@ fn without_a_lan_the_sensor_switches_the_plug_through_the_cloud() {
     assert!(eventually(Duration::from_secs(25), || !relay(&plug.state)), "the plug did not go off after the quiet period");
     assert!(started.elapsed() >= Duration::from_secs(9), "off before the quiet period");
 }
+
+/// Internet and cloud down, and the plug's address in the rule is stale
+/// (DHCP gave it another port here): the sensor finds the plug again by
+/// mDNS (legacy unicast to the plug's responder) and switches it over the
+/// LAN, on and off.
+#[test]
+fn with_the_cloud_down_a_stale_address_is_found_again_by_mdns() {
+    let mut w = World::new();
+    let plug = w.provision("plug", "plug");
+    let (port, mdns_port, stale) = (free_port(), free_port(), free_port());
+    let mut cmd = Command::new(device_bin());
+    cmd.args(["run", "--state-dir"]).arg(&plug.state).args(["--cloud", &w.device_addr, "--lan-listen", &format!("127.0.0.1:{port}")]);
+    cmd.env("HEARTH_MDNS_PORT", mdns_port.to_string());
+    let plug_dev = Proc::spawn("plug", cmd);
+    plug_dev.wait_line(Duration::from_secs(20), |l| l.contains("running"));
+    let sensor = w.provision("sensor", "motion-sensor");
+    let mut cmd = Command::new(device_bin());
+    cmd.args(["run", "--state-dir"]).arg(&sensor.state).args(["--cloud", &w.device_addr, "--lan-peer-port", &port.to_string()]);
+    cmd.env("HEARTH_MDNS_TO", format!("127.0.0.1:{mdns_port}"));
+    let sensor_dev = Proc::spawn("sensor", cmd);
+    sensor_dev.wait_line(Duration::from_secs(20), |l| l.contains("running"));
+
+    let phone = w.controller("phone");
+    phone.signup("stale@example.com");
+    assert!(eventually(Duration::from_secs(10), || phone.run(&["pair", &plug.code, "--name", "lamp"]).status.success()));
+    assert!(eventually(Duration::from_secs(10), || phone.run(&["pair", &sensor.code, "--name", "hall"]).status.success()));
+    phone.ok(&["rules", "motion", "hall", "--target", "lamp", "--off-after", "10s", "--target-lan", &format!("127.0.0.1:{stale}")]);
+    w.stop_cloud();
+
+    walk_past(&sensor_dev);
+    let started = Instant::now();
+    assert!(eventually(Duration::from_secs(10), || relay(&plug.state)), "the plug did not go on at motion");
+    assert!(eventually(Duration::from_secs(25), || !relay(&plug.state)), "the plug did not go off after the quiet period");
+    assert!(started.elapsed() >= Duration::from_secs(9), "off before the quiet period");
+}
