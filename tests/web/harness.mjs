@@ -91,27 +91,30 @@ export function hearthTry(args, env = {}) {
 // A cloud with a fresh PKI and database, and the given devices running.
 // If any part fails to start, everything started so far is stopped, so a
 // failed setup ends the test run instead of leaving it waiting on children.
-export async function world(kinds) {
+// `opts.setup(dir)` may return extra `cloud serve` arguments; `opts.beforeRun(device)`
+// runs after a device is provisioned and before it starts.
+export async function world(kinds, opts = {}) {
   try {
-    return await startWorld(kinds);
+    return await startWorld(kinds, opts);
   } catch (e) {
     for (const c of children) c.kill("SIGKILL");
     throw e;
   }
 }
 
-async function startWorld(kinds) {
+async function startWorld(kinds, opts) {
   for (const bin of [HEARTH, DEVICE]) {
     if (!existsSync(bin)) throw new Error(`${bin} is missing: cargo build -p hearth -p hearth-device`);
   }
   const dir = mkdtempSync(path.join(tmpdir(), "hearth-web-"));
   const pki = path.join(dir, "pki");
   hearth(["pki", "init", "--dir", pki]);
+  const extra = opts.setup ? opts.setup(dir) : [];
   let api, devices, web;
   const cloud = await start(
     "cloud",
     HEARTH,
-    ["cloud", "serve", "--pki", pki, "--data-dir", path.join(dir, "cloud"), "--api-listen", "127.0.0.1:0", "--device-listen", "127.0.0.1:0", "--web-listen", "127.0.0.1:0"],
+    ["cloud", "serve", "--pki", pki, "--data-dir", path.join(dir, "cloud"), "--api-listen", "127.0.0.1:0", "--device-listen", "127.0.0.1:0", "--web-listen", "127.0.0.1:0", ...extra],
     (line) => {
       let m = /^hearth cloud: api https:\/\/(\S+) devices (\S+)/.exec(line);
       if (m) [, api, devices] = m;
@@ -126,6 +129,7 @@ async function startWorld(kinds) {
     const out = hearth(["device", "provision", "--pki", pki, "--state-dir", stateDir, "--kind", kind, "--cloud", devices]);
     const id = /^Provisioned \S+ ([0-9a-f]{24}) /m.exec(out)[1];
     const code = /^Setup code: (\S+)/m.exec(out)[1];
+    if (opts.beforeRun) opts.beforeRun({ name, stateDir, api: `https://${api}` });
     // Ready once its link is up (the log line), so pairing never races the first connection.
     const proc = await start(name, DEVICE, ["run", "--state-dir", stateDir, "--cloud", devices], (l) => l.includes("connected to the cloud"), { RUST_LOG: "info" });
     devs[name] = { id, code, qr: `HEARTH:1:${id}:${code.replace(/-/g, "")}`, proc, stateDir };

@@ -420,6 +420,18 @@ async function deviceScreen(id) {
     if (approve) approve.addEventListener("click", () => busy(approve, () => firmwareAction({ op: "approve_update", version: f.offered }, `Approved ${f.offered}; the device verifies and installs it.`)));
     const check = h("button", { type: "button", class: "secondary" }, "Check for updates");
     check.addEventListener("click", () => busy(check, () => firmwareAction({ op: "check_update" }, "The device is checking for updates.")));
+    const mode = f.policy && f.policy.mode === "approval" ? "approval" : "automatic";
+    const policy = h(
+      "select",
+      { name: "update-policy" },
+      h("option", { value: "automatic", selected: mode === "automatic" }, "automatic"),
+      h("option", { value: "approval", selected: mode === "approval" }, "after my approval"),
+    );
+    policy.addEventListener("change", () =>
+      busy(policy, () =>
+        firmwareAction({ op: "set_update_policy", policy: { mode: policy.value } }, `Update policy: ${policy.value === "approval" ? "after my approval" : "automatic"} (the device confirmed).`),
+      ),
+    );
     const progress = f.progress ? `${Math.floor((100 * f.progress.done) / Math.max(f.progress.total, 1))} %` : null;
     fw.replaceChildren(
       h("h2", { id: "fw-title" }, "Firmware"),
@@ -427,7 +439,7 @@ async function deviceScreen(id) {
         "ul",
         { class: "list", "data-firmware": dev.id },
         h("li", {}, "Version", h("strong", {}, f.version)),
-        h("li", {}, "Updates", h("span", {}, f.policy && f.policy.mode === "approval" ? "after my approval" : "automatic")),
+        h("li", {}, ...field("Install updates", policy)),
         h("li", {}, "Status", h("span", {}, f.phase.replace(/_/g, " "), f.offered ? ` (${f.offered})` : "", progress ? ` ${progress}` : "")),
         f.last_result ? h("li", {}, "Last install", h("span", {}, f.last_result)) : null,
         f.last_check ? h("li", {}, "Last check", h("span", {}, f.last_check)) : null,
