@@ -214,9 +214,25 @@ export async function pair(label, name, room) {
   return paired.device;
 }
 
+// Commands to one device go one at a time: the device refuses a counter
+// that is not above the last one it accepted from this controller, so two
+// commands in flight at once (a tap while the list refreshes) could arrive
+// in the wrong order and the earlier-signed one be refused as a replay.
+const queues = new Map();
+
 // Signs `command` for `dev`, sends it, and returns the device's verified
 // (and decrypted) answer. Like the CLI's send().
-export async function send(dev, command) {
+export function send(dev, command) {
+  const prev = queues.get(dev.id) || Promise.resolve();
+  const run = prev.catch(() => {}).then(() => sendNow(dev, command));
+  queues.set(dev.id, run);
+  run.finally(() => {
+    if (queues.get(dev.id) === run) queues.delete(dev.id);
+  }).catch(() => {});
+  return run;
+}
+
+async function sendNow(dev, command) {
   const id = await getIdentity();
   const counter = await store.nextCounter();
   const payload = {
