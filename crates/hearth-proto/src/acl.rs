@@ -44,6 +44,12 @@ pub struct Scope {
     /// off again after this many seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_on_secs: Option<u64>,
+    /// May switch the relay on and off (and read the state, and register
+    /// its own key), nothing else: no rules, energy history, access list
+    /// or updates. A motion sensor's grant on the device it switches
+    /// (issue 5, ADR 0009).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub switch_only: bool,
 }
 
 impl Scope {
@@ -401,6 +407,10 @@ impl AccessList {
         }
         let own_key = matches!(cmd.command, Command::RegisterKey { .. });
         if entry.scope.read_only && cmd.command.is_write() && !own_key {
+            return Err(refuse(Refusal::NotPermitted, Some(&claimed), counter));
+        }
+        let switching = matches!(cmd.command, Command::SetRelay { .. } | Command::Toggle | Command::GetState);
+        if entry.scope.switch_only && !switching && !own_key {
             return Err(refuse(Refusal::NotPermitted, Some(&claimed), counter));
         }
         let is_member_or_new = |c: &ControllerId| self.get(c).is_none_or(|t| t.role == Role::Member);

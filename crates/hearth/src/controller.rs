@@ -913,6 +913,9 @@ fn describe_scope(s: &hearth_proto::acl::Scope) -> String {
     if s.read_only {
         parts.push("read-only".to_owned());
     }
+    if s.switch_only {
+        parts.push("switch only".to_owned());
+    }
     if let Some(m) = s.max_on_secs {
         parts.push(format!("on for at most {} min", m / 60));
     }

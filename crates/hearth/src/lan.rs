@@ -300,7 +300,7 @@ pub async fn motion_rule(cfg: &mut Config, sensor: &str, m: &MotionArgs, args: &
     // 1. The grant on the target. The HPKE key is a placeholder whose secret
     //    is dropped at once; the sensor registers its own (derived from its
     //    device key) with its first command.
-    let grant = Command::AddController { key: sensor_key, enc: EncSecretKey::generate().public().clone(), role: Role::Member, scope: Scope::default() };
+    let grant = Command::AddController { key: sensor_key, enc: EncSecretKey::generate().public().clone(), role: Role::Member, scope: Scope { switch_only: true, ..Scope::default() } };
     let plug_args = LanArgs { via: args.via, lan: args.lan.clone().or_else(|| m.target_lan.clone()) };
     let (r, path) = send_via(cfg, &plug_id, &plug_key, grant, &plug_args).await?;
     done(&plug_name, "the grant", &r, &path)?;

@@ -351,6 +351,7 @@ async fn run(cli: Cli) -> Result<u8> {
                 until: until.as_deref().map(controller::parse_until).transpose()?,
                 read_only,
                 max_on_secs: max_on_minutes.map(|m| m.saturating_mul(60)),
+                switch_only: false,
             };
             return controller::share(&mut Config::load(&dir()?)?, &device, &code, role, scope).await;
         }

@@ -232,3 +232,20 @@ fn an_old_revoke_is_refused_once_a_later_command_was_accepted() {
     assert_eq!(acl.decide(ctx, &replay, &held).unwrap_err().reason, Refusal::Replayed);
     assert_eq!(acl.decide(ctx, &ReplayState::default(), &held).unwrap().counter, 5);
 }
+
+#[test]
+fn a_switch_only_grant_may_switch_and_nothing_else() {
+    let mut acl = access_list();
+    let scope = hearth_proto::acl::Scope { switch_only: true, ..Default::default() };
+    assert!(acl.set_scope(&controller(MEMBER), scope));
+    let device = device(0x11);
+    let ctx = hearth_proto::acl::DeviceContext { device: &device, kind: DeviceKind::EnergyPlug, now: NOW };
+    let replay = ReplayState::default();
+    let decide = |n: u64, cmd: Command| acl.decide(ctx, &replay, &sign(MEMBER, &command(MEMBER, n, cmd))).map(|_| ()).map_err(|r| r.reason);
+    assert_eq!(decide(1, Command::SetRelay { on: true }), Ok(()));
+    assert_eq!(decide(2, Command::Toggle), Ok(()));
+    assert_eq!(decide(3, Command::GetState), Ok(()));
+    for cmd in [Command::GetRules, Command::GetAccess, Command::GetEnergy { since: 0, resolution: None }, Command::CheckUpdate] {
+        assert_eq!(decide(4, cmd.clone()), Err(Refusal::NotPermitted), "{cmd:?}");
+    }
+}

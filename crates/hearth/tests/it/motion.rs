@@ -99,6 +99,8 @@ fn walking_past_the_sensor_switches_the_plug_on_and_off_after_the_quiet_period()
     assert_eq!(attempt(share), Outcome::Refused { reason: Refusal::NotPermitted }, "the sensor cannot share the plug");
     let rules = Cmd::SetRules { base_version: 0, rules: r#"{"version":0,"timezone":"UTC","rules":[]}"#.into() };
     assert_eq!(attempt(rules), Outcome::Refused { reason: Refusal::NotPermitted }, "the sensor cannot change the plug's rules");
+    assert_eq!(attempt(Cmd::GetRules), Outcome::Refused { reason: Refusal::NotPermitted }, "nor read them (a switch-only grant)");
+    assert_eq!(attempt(Cmd::GetAccess), Outcome::Refused { reason: Refusal::NotPermitted }, "nor read the access list");
     let owner = hearth_proto::ids::ControllerId::of_key(&PublicKey::from(&p256::ecdsa::SigningKey::from_pkcs8_pem(&phone.key_pem()).unwrap()));
     assert_eq!(attempt(Cmd::RemoveController { controller: owner }), Outcome::Refused { reason: Refusal::NotPermitted }, "the sensor cannot revoke the owner");
     assert!(!relay(&plug.state));
