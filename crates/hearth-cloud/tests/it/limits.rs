@@ -150,3 +150,54 @@ async fn the_device_port_limits_addresses_too() {
     }
     cloud.shutdown().await.unwrap();
 }
+
+/// `device_link::IDLE_LIMIT` and `PING_EVERY`: the cloud pings every 15 s
+/// and drops a device it has heard nothing from for 45 s.
+const DEVICE_IDLE: Duration = Duration::from_secs(45);
+const DEVICE_PING: Duration = Duration::from_secs(15);
+/// `controller_link::IDLE_LIMIT` and `PING_EVERY`: checked at each 20 s ping.
+const CONTROLLER_IDLE: Duration = Duration::from_secs(60);
+const CONTROLLER_PING: Duration = Duration::from_secs(20);
+
+#[tokio::test]
+async fn a_device_link_that_goes_silent_is_closed_at_the_idle_limit() {
+    let cloud = Cloud::start().await;
+    let dev = crate::support::TestDevice::new(&cloud.manufacturer);
+    let mut conn = dev.connect(&cloud).await.unwrap();
+    conn.hello(None).await;
+    tokio::time::pause();
+    let start = Instant::now();
+    // Pings arrive and are read, never answered: a device that hung.
+    let waited = tokio::time::timeout(DEVICE_IDLE * 4, closed_at(&mut conn.s)).await.expect("never closed") - start;
+    assert!(waited >= DEVICE_IDLE && waited <= DEVICE_IDLE + DEVICE_PING + Duration::from_secs(2), "{waited:?}");
+    cloud.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_controller_link_that_goes_silent_is_closed_at_the_idle_limit() {
+    let cloud = Cloud::start().await;
+    let token = cloud.account("silent@example.com").await;
+    let mut tls = cloud.tls(cloud.api, None).await.unwrap();
+    // A raw upgrade, so nothing on this side answers the cloud's pings.
+    let head = format!(
+        "GET /api/v1/link HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\nUpgrade: websocket\r\n\
+         Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    tls.write_all(head.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        let mut b = [0u8; 512];
+        let n = tls.read(&mut b).await.unwrap();
+        assert!(n > 0, "closed during the upgrade");
+        got.extend_from_slice(&b[..n]);
+    }
+    assert!(got.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&got));
+    tokio::time::pause();
+    let start = Instant::now();
+    let waited = tokio::time::timeout(CONTROLLER_IDLE * 4, closed_at(&mut tls)).await.expect("never closed") - start;
+    assert!(
+        waited >= CONTROLLER_IDLE && waited <= CONTROLLER_IDLE + CONTROLLER_PING + Duration::from_secs(2),
+        "{waited:?}"
+    );
+    cloud.shutdown().await.unwrap();
+}

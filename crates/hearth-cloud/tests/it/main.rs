@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod api;
+mod backpressure;
 mod device_to_device;
 mod devices;
 mod fuzz_bodies;
