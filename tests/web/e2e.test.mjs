@@ -176,6 +176,26 @@ test("a switch the safety interlock refuses says so", async () => {
   await screenshot(owner, "04b-interlock");
 });
 
+test("a read-only grant from the share form: the CLI sees the heater but cannot switch it", async () => {
+  const code = /share code: (\S+)/.exec(laptop.run(["key"]))[1];
+  await owner.getByLabel("The other person's share code").fill(code);
+  await owner.getByLabel("Read only (may see, may not switch)").check();
+  await owner.getByLabel("Access ends after this many days").fill("7");
+  await owner.getByRole("button", { name: "Share", exact: true }).click();
+  await expectFlash(owner, /Shared Heater as member \(the device confirmed, signed\)/);
+  const laptopId = /controller: ([0-9a-f]{32})/.exec(laptop.run(["key"]))[1];
+  const row = owner.locator(`[data-access] li[data-controller="${laptopId}"]`);
+  await row.waitFor({ timeout: T });
+  assert.match(await row.innerText(), /member \(read-only, until /);
+  // It may read from the device (the access list, signed and sealed to it)...
+  const access = laptop.run(["access", w.devices.heater.id]);
+  assert.match(access, new RegExp(`${laptopId}\\s+member .*read-only.*\\(this controller\\)`), access);
+  // ...but not switch it.
+  const on = laptop.try(["on", w.devices.heater.id]);
+  assert.equal(on.status, 3, on.stdout + on.stderr);
+  assert.match(on.stderr, /refused: this controller's role does not allow that/);
+});
+
 test("a schedule created in the web app is on the device, as the CLI reads it", async () => {
   await owner.getByRole("link", { name: "Home" }).click();
   await owner.getByRole("link", { name: "Lamp" }).click();

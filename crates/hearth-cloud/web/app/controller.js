@@ -289,10 +289,17 @@ export function explain(reason) {
 
 // ---- sharing ----
 
-export async function share(dev, code, role) {
+// `scope` is the grant's limits (acl::Scope): {until (unix s), read_only, max_on_secs}, each optional.
+export async function share(dev, code, role, scope = {}) {
   const { key, enc } = parseShareCode(code);
   const controller = toHex((await sha256(key)).slice(0, 16));
-  const r = await send(dev, { op: "add_controller", key: b64url(key), enc, role });
+  const limits = {};
+  if (scope.until) limits.until = scope.until;
+  if (scope.read_only) limits.read_only = true;
+  if (scope.max_on_secs) limits.max_on_secs = scope.max_on_secs;
+  const command = { op: "add_controller", key: b64url(key), enc, role };
+  if (Object.keys(limits).length) command.scope = limits;
+  const r = await send(dev, command);
   if (r.outcome.outcome === "refused") return { refused: explain(r.outcome.reason) };
   // Only now, on the device's signed word, ask the cloud to route for the
   // account that registered that controller. Routing grants nothing.

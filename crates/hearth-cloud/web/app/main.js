@@ -559,11 +559,27 @@ function sharingSection(dev) {
   const sec = h("section", { "aria-labelledby": "share-title" });
   const code = h("textarea", { name: "share-code", required: true, spellcheck: "false", placeholder: "hearth-controller:1:…" });
   const role = h("select", { name: "role" }, h("option", { value: "member" }, "Member (may switch, may not share)"), h("option", { value: "admin" }, "Admin (may share as member)"));
-  const form = h("form", { "aria-label": "Share" }, field("The other person's share code", code), field("Role", role), h("div", { class: "row" }, h("button", { type: "submit" }, "Share")));
+  const readOnly = h("input", { type: "checkbox", name: "read-only" });
+  const maxOn = h("input", { type: "number", min: 1, max: 1440, name: "max-on", placeholder: "no limit" });
+  const days = h("input", { type: "number", min: 1, max: 3650, name: "days", placeholder: "no end" });
+  const limits = h(
+    "fieldset",
+    {},
+    h("legend", {}, "Limits (checked by the device)"),
+    h("label", {}, readOnly, "Read only (may see, may not switch)"),
+    ...field("Switch off after this many minutes when they switch it on", maxOn),
+    ...field("Access ends after this many days", days),
+  );
+  const form = h("form", { "aria-label": "Share" }, field("The other person's share code", code), field("Role", role), limits, h("div", { class: "row" }, h("button", { type: "submit" }, "Share")));
   form.addEventListener("submit", (ev) => {
     ev.preventDefault();
-    busy(form.querySelector("button"), async () => {
-      const r = await ctl.share(dev, code.value, role.value);
+    busy(form.querySelector("button[type=submit]"), async () => {
+      const scope = {
+        read_only: readOnly.checked,
+        max_on_secs: maxOn.value ? Number(maxOn.value) * 60 : undefined,
+        until: days.value ? Math.floor(Date.now() / 1000) + Number(days.value) * 86400 : undefined,
+      };
+      const r = await ctl.share(dev, code.value, role.value, scope);
       if (r.refused) flash(`${dev.name} refused: ${r.refused}`, "error");
       else {
         flash(r.warning || `Shared ${dev.name} as ${role.value} (the device confirmed, signed).`, r.warning ? "error" : "ok");
@@ -598,7 +614,9 @@ function sharingSection(dev) {
               }),
             );
           }
-          return h("li", { "data-controller": e.controller }, h("span", {}, h("span", { class: "mono" }, e.controller.slice(0, 12)), ` ${e.role}`, isMe ? " (this browser)" : "", e.enc ? "" : " (no encryption key yet)"), revoke);
+          const sc = e.scope || {};
+          const lim = [sc.read_only ? "read-only" : null, sc.max_on_secs ? `on for at most ${Math.round(sc.max_on_secs / 60)} min` : null, sc.until ? `until ${new Date(sc.until * 1000).toLocaleString()}` : null].filter(Boolean);
+          return h("li", { "data-controller": e.controller }, h("span", {}, h("span", { class: "mono" }, e.controller.slice(0, 12)), ` ${e.role}`, lim.length ? ` (${lim.join(", ")})` : "", isMe ? " (this browser)" : "", e.enc ? "" : " (no encryption key yet)"), revoke);
         }),
       ),
     );
