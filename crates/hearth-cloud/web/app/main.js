@@ -227,7 +227,7 @@ async function homeScreen() {
     const sections = [...rooms.entries()]
       .sort(([a], [b]) => (a === "No room") - (b === "No room") || a.localeCompare(b))
       .map(([room, ds]) => h("section", { class: "room", "aria-label": room }, h("h2", {}, room), h("div", { class: "tiles" }, ds.map(tile))));
-    mount(h("h1", {}, "Home"), ...sections);
+    mount(h("h1", {}, "Home"), h("div", { class: "rooms" }, sections));
   };
   render();
   screenUpdate = () => render();
