@@ -14,3 +14,4 @@ mod motion;
 mod rules;
 mod sharing;
 mod tidy;
+mod tls_posture;
