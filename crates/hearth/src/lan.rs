@@ -205,20 +205,37 @@ fn cloud_unreachable(e: &anyhow::Error) -> bool {
 }
 
 /// `hearth on|off|toggle DEVICE` with `--via`: the cloud path of
-/// [`controller::switch`], the LAN, or the cloud and then the LAN.
+/// [`controller::switch`], the LAN, or (auto) the cloud unless it cannot
+/// be reached or lists the device offline, then the LAN. The fallback is
+/// decided before anything is sent through the cloud, so a command is
+/// never sent twice (a toggle could otherwise flip back).
 pub async fn switch(cfg: &mut Config, wanted: &str, command: Command, args: &LanArgs) -> Result<u8> {
     let mut cloud_err = None;
     if args.via != Via::Lan {
-        match controller::switch(cfg, wanted, command.clone()).await {
-            Ok(code) => {
-                println!("via cloud");
-                return Ok(code);
-            }
-            Err(e) if args.via == Via::Auto && cloud_unreachable(&e) && known(cfg, wanted).is_ok() => {
-                eprintln!("the cloud path failed ({e:#}); trying the LAN");
+        // Only a device this controller paired can take the LAN path.
+        let lan_possible = args.via == Via::Auto && known(cfg, wanted).is_ok();
+        let use_cloud = match controller::list(cfg).await {
+            Ok(devices) => match controller::resolve(&devices, wanted) {
+                Ok(d) if !d.online && lan_possible => {
+                    cloud_err = Some(anyhow!("{} is offline for the cloud", d.name));
+                    false
+                }
+                // Groups, unknown names and online devices: the cloud path says what happens.
+                _ => true,
+            },
+            Err(e) if lan_possible => {
                 cloud_err = Some(e);
+                false
             }
             Err(e) => return Err(e),
+        };
+        if use_cloud {
+            let code = controller::switch(cfg, wanted, command).await?;
+            println!("via cloud");
+            return Ok(code);
+        }
+        if let Some(e) = &cloud_err {
+            eprintln!("the cloud path is not available ({e:#}); trying the LAN");
         }
     }
     let (id, dev) = known(cfg, wanted)?;
