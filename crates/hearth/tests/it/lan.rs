@@ -73,30 +73,46 @@ fn paired_plug(w: &World) -> (Provisioned, Proc, String, Controller) {
 #[test]
 fn with_the_cloud_down_a_plug_is_switched_over_the_lan_and_the_cli_says_so() {
     let mut w = World::new();
-    let (plug, _dev, addr, phone) = paired_plug(&w);
+    let (plug, mut dev, addr, phone) = paired_plug(&w);
     let out = phone.ok(&["on", "lamp"]);
     assert!(out.contains("via cloud"), "{out}");
+
+    // The cloud is up but the plug cannot reach it (its uplink is down):
+    // the cloud lists it offline, so the CLI goes to the LAN before
+    // sending anything through the cloud.
+    dev.terminate();
+    let mut cmd = Command::new(device_bin());
+    cmd.args(["run", "--state-dir"]).arg(&plug.state).args(["--cloud", "127.0.0.1:1", "--lan-listen", &addr]);
+    cmd.env("HEARTH_MDNS_PORT", free_port().to_string());
+    let _dev = Proc::spawn("plug without uplink", cmd);
+    _dev.wait_line(Duration::from_secs(20), |l| l.contains("running"));
+    assert!(eventually(Duration::from_secs(10), || phone.ok(&["ls"]).contains("offline")));
+    let out = phone.run(&["off", "lamp", "--lan", &addr]);
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && stdout.contains(&format!("via LAN {addr}")), "{stdout}{stderr}");
+    assert!(stderr.contains("offline for the cloud"), "{stderr}");
+    assert!(!relay(&plug.state));
     w.stop_cloud();
 
     // --lan names the endpoint; the answer is the device's signed result.
-    let out = phone.ok(&["off", "lamp", "--lan", &addr]);
-    assert!(out.contains(&format!("via LAN {addr}")) && out.contains("lamp is off"), "{out}");
-    assert!(!relay(&plug.state));
-    // --via auto (the default): the cloud is unreachable, the cached LAN address is used.
-    let out = phone.ok(&["on", "lamp"]);
+    let out = phone.ok(&["on", "lamp", "--lan", &addr]);
     assert!(out.contains(&format!("via LAN {addr}")) && out.contains("lamp is ON"), "{out}");
     assert!(relay(&plug.state));
+    // --via auto (the default): the cloud is unreachable, the cached LAN address is used.
+    let out = phone.ok(&["off", "lamp"]);
+    assert!(out.contains(&format!("via LAN {addr}")) && out.contains("lamp is off"), "{out}");
+    assert!(!relay(&plug.state));
     // --via cloud does not fall back.
-    let out = phone.run(&["off", "lamp", "--via", "cloud"]);
+    let out = phone.run(&["on", "lamp", "--via", "cloud"]);
     assert!(!out.status.success());
-    assert!(relay(&plug.state));
+    assert!(!relay(&plug.state));
 
     // The same replay counters as the cloud path: a captured LAN command
     // played again is refused.
     let key = p256::ecdsa::SigningKey::from_pkcs8_pem(&phone.key_pem()).unwrap();
     let device: DeviceId = plug.id.parse().unwrap();
     let counter = u64::MAX / 2;
-    let envelope = sign(&key, &device, counter, Cmd::SetRelay { on: false });
+    let envelope = sign(&key, &device, counter, Cmd::SetRelay { on: true });
     let rt = rt();
     let first = rt.block_on(exchange(&addr, pin(&w, &device), envelope.clone())).unwrap().0;
     let again = rt.block_on(exchange(&addr, pin(&w, &device), envelope)).unwrap().0;
@@ -104,7 +120,7 @@ fn with_the_cloud_down_a_plug_is_switched_over_the_lan_and_the_cli_says_so() {
     // Sealed for the owner: check only the outer signature and the addressing.
     let outer = hearth_proto::e2e::verify_sealed(&first, &device, &dev_key).unwrap();
     assert_eq!(outer.header.to.as_ref().map(|t| t.counter), Some(counter));
-    assert!(!relay(&plug.state));
+    assert!(relay(&plug.state));
     let me = PublicKey::from(&key).controller_id();
     let enc = hearth_proto::e2e::EncSecretKey::for_controller(&key);
     let replayed = hearth_proto::e2e::open_result(&again, &device, &dev_key, &me, &enc).unwrap();
