@@ -78,7 +78,7 @@ fn state(dev: &TestDevice, seq: u64) -> DeviceFrame {
         kind: DeviceKind::Plug,
         seq,
         at: now(),
-        state: DeviceState { relay: Some(seq % 2 == 0), ..Default::default() },
+        state: DeviceState { relay: Some(seq.is_multiple_of(2)), ..Default::default() },
         // A long (signed) interlock message makes each report about 40 KiB
         // on the controller link, so the socket buffers fill quickly.
         cause: Cause::Interlock { event: "x".repeat(30_000) },
