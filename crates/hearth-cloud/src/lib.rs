@@ -12,6 +12,7 @@
 //!   | `POST /signup` | – | `{email, password}` → 201 `{"account": "<id>"}`; 409 if the email is taken |
 //!   | `POST /login` | – | `{email, password}` → `{"token", "expires_at"}` (Unix seconds); 401; 429 + `Retry-After` |
 //!   | `POST /logout` | bearer | → 204 |
+//!   | `POST /password` | bearer | `{old_password, new_password}` → 204, every session of the account ended; 403 wrong current password; 429 |
 //!   | `POST /controllers` | bearer | `{public_key, name}` → 201 `{"controller": "<id>"}` (idempotent) |
 //!   | `GET /devices` | bearer | → `{"devices": [{id, name, kind, online, certificate, last_state, shared, role}]}`: owned and shared-with-this-account devices |
 //!   | `POST /pair` | bearer | `{code_lookup, name, request}` → `{device, response}`; 404; 409 `{error, pair_error}`; 502; 504 |
@@ -20,6 +21,9 @@
 //!   | `POST /devices/{id}/members` | bearer (owner) | `{controller}` → 201 `{"routing": "member"}` / 200 `{"routing": "owner"}`; 404; 409 |
 //!   | `DELETE /devices/{id}/members/{controller}` | bearer (owner) | → 204; 404 |
 //!   | `GET /link` | bearer, or `?token=` for browsers | WebSocket: `ControllerPush` down, `ControllerFrame` up |
+//!
+//!   `GET /openapi.json` (outside `/api/v1`) is this table as an OpenAPI 3.1 document, generated
+//!   from the handlers (`openapi.rs`). Every answer carries the security headers of `headers.rs`.
 //!
 //!   With `tuf` configured, also `GET /tuf/metadata/{file}` and `GET
 //!   /tuf/targets/{path}`: the firmware repository as static files (no auth;
