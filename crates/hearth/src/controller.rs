@@ -136,6 +136,40 @@ pub async fn logout(cfg: &mut Config) -> Result<()> {
     Ok(())
 }
 
+/// `hearth passwd`: changes the account password on the cloud, which ends
+/// every session of the account (issue 7), then logs this controller in
+/// again with the new one. The current password is required, so a stolen
+/// session token alone cannot take the account over.
+pub async fn passwd(cfg: &mut Config) -> Result<()> {
+    let email = cfg.settings.email.clone().context("not logged in; run hearth login first")?;
+    let old = password("Current password: ")?;
+    let new = match std::env::var("HEARTH_NEW_PASSWORD") {
+        Ok(p) => p,
+        Err(_) => {
+            let first = rpassword::prompt_password("New password: ").context("reading the new password")?;
+            let again = rpassword::prompt_password("New password again: ").context("reading the new password")?;
+            if first != again {
+                bail!("the two new passwords differ; nothing was changed");
+            }
+            first
+        }
+    };
+    api(cfg)?.call(Method::POST, "/api/v1/password", Some(json!({ "old_password": old, "new_password": new }))).await?;
+    // The cloud ended every session, this one included.
+    cfg.settings.token = None;
+    cfg.save()?;
+    let (url, ca_pem) = cfg.cloud()?;
+    let session = Cloud::new(url, ca_pem, None)?
+        .call(Method::POST, "/api/v1/login", Some(json!({ "email": email, "password": new })))
+        .await
+        .context("the password was changed, but logging in again failed; run hearth login")?;
+    let token = session.get("token").and_then(Value::as_str).context("the cloud sent no token")?.to_owned();
+    cfg.settings.token = Some(token);
+    cfg.save()?;
+    println!("Password changed for {email}; every other session of the account was logged out.");
+    Ok(())
+}
+
 /// `hearth pair`.
 pub async fn pair(cfg: &mut Config, label: &str, name: Option<String>) -> Result<()> {
     let label = SetupLabel::parse(label).context("reading the setup code")?;

@@ -90,6 +90,9 @@ enum Cmd {
     Login(LoginArgs),
     /// Forget the session.
     Logout,
+    /// Change the account password (the current one is required); every session of the account
+    /// ends, and this controller logs in again ($HEARTH_PASSWORD and $HEARTH_NEW_PASSWORD, or prompts).
+    Passwd,
     /// Pair with a device in setup mode, using its label's QR payload or typed code.
     Pair {
         /// `HEARTH:1:…` from the QR code, or the typed code `XXXX-XXXX-…`.
@@ -336,6 +339,7 @@ async fn run(cli: Cli) -> Result<u8> {
             controller::login(&mut cfg, a.cloud, a.ca, a.manufacturer_ca, a.email, false).await?;
         }
         Cmd::Logout => controller::logout(&mut Config::load(&dir()?)?).await?,
+        Cmd::Passwd => controller::passwd(&mut Config::load(&dir()?)?).await?,
         Cmd::Pair { code, name } => controller::pair(&mut Config::load(&dir()?)?, &code, name).await?,
         Cmd::Ls => controller::ls(&Config::load(&dir()?)?).await?,
         Cmd::Key => controller::show_key(&Config::load(&dir()?)?)?,
