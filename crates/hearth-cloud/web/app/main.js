@@ -28,7 +28,17 @@ function connectLink() {
     ws = null;
     document.body.dataset.link = "down";
     if (api.loggedIn()) {
-      setTimeout(connectLink, backoff);
+      // Reconnect with a capped backoff; first check the session with one
+      // call, so an ended session (logged out elsewhere, password changed)
+      // goes to the login screen instead of retrying forever.
+      setTimeout(async () => {
+        try {
+          await api.call("GET", "/api/v1/devices");
+        } catch {
+          // A 401 logs out (api.js); anything else: the cloud is restarting, retry.
+        }
+        connectLink();
+      }, backoff);
       backoff = Math.min(backoff * 2, 10000);
     }
   });
