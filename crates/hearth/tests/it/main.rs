@@ -11,6 +11,7 @@ mod energy;
 mod groups;
 mod lan;
 mod motion;
+mod pairing_race;
 mod passwd;
 mod rules;
 mod sharing;
