@@ -5,7 +5,8 @@
 
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
-import { world, browser, phone, cli, screenshot } from "./harness.mjs";
+import path from "node:path";
+import { world, browser, phone, cli, screenshot, hearth } from "./harness.mjs";
 
 let w, b, owner, laptop;
 const T = 20000;
@@ -292,8 +293,29 @@ test("an offline device is shown offline and cannot be switched", async () => {
   await screenshot(owner, "08-offline");
 });
 
-test("change the password, log in with the new one, log out", async () => {
+test("the account's controllers: rename this browser, remove another", async () => {
+  // The owner also logs in from a CLI: a second controller on the account.
+  const env = { HEARTH_CONFIG_DIR: path.join(w.dir, "owner-cli"), HEARTH_PASSWORD: "correct horse battery staple" };
+  hearth(["login", "--cloud", w.api, "--ca", path.join(w.pki, "cloud-ca.pem"), "--email", "owner@example.com"], env);
+  const cliId = /controller: ([0-9a-f]{32})/.exec(hearth(["key"], env))[1];
+  const me = await owner.evaluate(async () => (await (await import("/app/controller.js")).getIdentity()).controller);
   await owner.getByRole("link", { name: "Settings" }).click();
+  await owner.locator('main[data-ready="#/settings"]').waitFor({ timeout: T });
+  const rows = owner.locator("[data-controllers] li");
+  assert.equal(await rows.count(), 2);
+  const mine = owner.locator(`[data-controllers] li[data-controller="${me}"]`);
+  assert.match(await mine.innerText(), /this browser/);
+  await mine.getByRole("textbox").fill("Owner's phone");
+  await mine.getByRole("button", { name: "Rename" }).click();
+  await expectFlash(owner, /Renamed to Owner's phone/);
+  assert.equal(await owner.locator(`[data-controllers] li[data-controller="${me}"]`).getByRole("textbox").inputValue(), "Owner's phone");
+  await owner.locator(`[data-controllers] li[data-controller="${cliId}"]`).getByRole("button", { name: /Remove/ }).click();
+  await expectFlash(owner, /Removed .* from this account/);
+  await owner.locator(`[data-controllers] li[data-controller="${cliId}"]`).waitFor({ state: "detached", timeout: T });
+  assert.equal(await owner.locator("[data-controllers] li").count(), 1);
+});
+
+test("change the password, log in with the new one, log out", async () => {
   await screenshot(owner, "09-settings");
   await owner.getByLabel("Current password").fill("correct horse battery staple");
   await owner.getByLabel("New password (8 characters or more)").fill("a new horse battery staple");

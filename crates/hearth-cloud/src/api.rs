@@ -63,7 +63,8 @@ pub fn app(state: AppState) -> axum::Router {
         .route("/api/v1/signup", post(signup))
         .route("/api/v1/login", post(login))
         .route("/api/v1/logout", post(logout))
-        .route("/api/v1/controllers", post(register_controller))
+        .route("/api/v1/controllers", post(register_controller).get(list_controllers))
+        .route("/api/v1/controllers/{id}", delete(remove_controller))
         .route("/api/v1/devices", get(list_devices))
         .route("/api/v1/devices/{id}/command", post(command))
         .route("/api/v1/devices/{id}/events", get(events))
@@ -436,6 +437,66 @@ pub(crate) async fn register_controller(
     let id = body.public_key.controller_id();
     s.store.upsert_controller(session.account, id.to_string(), body.public_key.to_sec1(), name).await?;
     Ok((StatusCode::CREATED, Json(ControllerAnswer { controller: id })).into_response())
+}
+
+/// One controller in `GET /controllers`.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct ControllerInfo {
+    /// The controller id (hash of the key).
+    #[schema(value_type = String)]
+    id: ControllerId,
+    /// Its P-256 signing key, SEC1 uncompressed, base64url (to rename it with `POST /controllers`).
+    public_key: String,
+    /// The name it registered with.
+    name: String,
+    /// Unix seconds when it was first registered.
+    created_at: u64,
+}
+
+/// Answer of `GET /controllers`.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct ControllerList {
+    /// Oldest first.
+    controllers: Vec<ControllerInfo>,
+}
+
+/// `GET /controllers`: the controllers this account registered (the web
+/// app's controllers page). The cloud's list, for people: what each may do
+/// is on the devices' access lists.
+#[utoipa::path(get, path = "/api/v1/controllers", tag = "accounts", security(("bearer" = [])),
+    responses((status = 200, description = "This account's controllers", body = ControllerList)))]
+pub(crate) async fn list_controllers(State(s): State<AppState>, session: Session) -> Result<Json<ControllerList>, ApiError> {
+    let rows = s.store.controllers_of(session.account).await?;
+    let controllers = rows
+        .into_iter()
+        .filter_map(|r| {
+            Some(ControllerInfo { id: r.id.parse().ok()?, public_key: b64::encode(&r.public_key), name: r.name, created_at: r.created_at })
+        })
+        .collect();
+    Ok(Json(ControllerList { controllers }))
+}
+
+/// `DELETE /controllers/{id}`: forget one of this account's controllers.
+/// Its access on devices is unchanged: revoking is the devices' business.
+#[utoipa::path(delete, path = "/api/v1/controllers/{id}", tag = "accounts", security(("bearer" = [])),
+    params(("id" = String, Path, description = "Controller id (32 lowercase hex digits)")),
+    responses(
+        (status = 204, description = "The account no longer lists the controller"),
+        (status = 404, description = "This account has no controller with this id", body = ErrorBody),
+    ))]
+pub(crate) async fn remove_controller(
+    State(s): State<AppState>,
+    session: Session,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<StatusCode, ApiError> {
+    let not_found = || ApiError::not_found("this account has no controller with this id");
+    let Ok(Path(raw)) = path else { return Err(not_found()) };
+    let id: ControllerId = raw.parse().map_err(|_| not_found())?;
+    if s.store.delete_controller(session.account, id.to_string()).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(not_found())
+    }
 }
 
 // ---- devices ----

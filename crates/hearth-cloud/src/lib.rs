@@ -13,7 +13,9 @@
 //!   | `POST /login` | – | `{email, password}` → `{"token", "expires_at"}` (Unix seconds); 401; 429 + `Retry-After` |
 //!   | `POST /logout` | bearer | → 204 |
 //!   | `POST /password` | bearer | `{old_password, new_password}` → 204, every session of the account ended; 403 wrong current password; 429 |
-//!   | `POST /controllers` | bearer | `{public_key, name}` → 201 `{"controller": "<id>"}` (idempotent) |
+//!   | `POST /controllers` | bearer | `{public_key, name}` → 201 `{"controller": "<id>"}` (idempotent; renames) |
+//!   | `GET /controllers` | bearer | → `{"controllers": [{id, public_key, name, created_at}]}`: this account's (web app, ADR 0007) |
+//!   | `DELETE /controllers/{id}` | bearer | → 204; 404 (the account stops listing it; devices keep their own lists) |
 //!   | `GET /devices` | bearer | → `{"devices": [{id, name, kind, online, certificate, last_state, shared, role}]}`: owned and shared-with-this-account devices |
 //!   | `POST /pair` | bearer | `{code_lookup, name, request}` → `{device, response}`; 404; 409 `{error, pair_error}`; 502; 504 |
 //!   | `POST /devices/{id}/command` | bearer | `{envelope}` → `{"result": "<envelope>"}` (owner or member account; the device decides); 404; 503; 504 |

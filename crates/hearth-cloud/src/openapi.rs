@@ -54,6 +54,8 @@ const BEARER: &str = "bearer";
         crate::api::logout,
         crate::api::change_password,
         crate::api::register_controller,
+        crate::api::list_controllers,
+        crate::api::remove_controller,
         crate::api::list_devices,
         crate::api::command,
         crate::api::events,

@@ -305,6 +305,19 @@ pub struct DeviceRow {
     pub shared: bool,
 }
 
+/// One of an account's registered controllers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControllerRow {
+    /// Its id (hex).
+    pub id: String,
+    /// Its public key, SEC1.
+    pub public_key: Vec<u8>,
+    /// The name it registered with.
+    pub name: String,
+    /// Unix seconds when it was first registered.
+    pub created_at: u64,
+}
+
 /// How an account may reach a device through the cloud. Routing only: the
 /// device checks every command against its own access list.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -727,6 +740,65 @@ impl Store {
                     .await?;
                 Ok(())
             }
+        }
+    }
+
+    /// The controllers an account registered, oldest first (the web app's
+    /// controllers page). Listing them grants nothing: devices decide.
+    pub async fn controllers_of(&self, account: AccountId) -> Result<Vec<ControllerRow>, StoreError> {
+        const SQLITE: &str = "SELECT id, public_key, name, created_at FROM controllers WHERE account_id = ?1 ORDER BY created_at, id";
+        const PG: &str = "SELECT id, public_key, name, created_at FROM controllers WHERE account_id = $1 ORDER BY created_at, id";
+        match &self.backend {
+            Backend::Sqlite(conn) => {
+                Self::run(conn, move |c| {
+                    let mut stmt = c.prepare(SQLITE)?;
+                    let rows = stmt.query_map(params![account.as_str()], |r| {
+                        Ok(ControllerRow {
+                            id: r.get(0)?,
+                            public_key: r.get(1)?,
+                            name: r.get(2)?,
+                            created_at: u64::try_from(r.get::<_, i64>(3)?).unwrap_or(0),
+                        })
+                    })?;
+                    Ok(rows.collect::<Result<Vec<_>, _>>()?)
+                })
+                .await
+            }
+            Backend::Postgres(pool) => Ok(pool
+                .client()
+                .await?
+                .query(PG, &[&account.as_str()])
+                .await?
+                .iter()
+                .map(|r| ControllerRow {
+                    id: r.get(0),
+                    public_key: r.get(1),
+                    name: r.get(2),
+                    created_at: u64::try_from(r.get::<_, i64>(3)).unwrap_or(0),
+                })
+                .collect()),
+        }
+    }
+
+    /// Forgets one of an account's controllers; false if it had none by
+    /// that id. Its access on devices is untouched (only they can revoke).
+    pub async fn delete_controller(&self, account: AccountId, controller: String) -> Result<bool, StoreError> {
+        match &self.backend {
+            Backend::Sqlite(conn) => {
+                Self::run(conn, move |c| {
+                    Ok(c.execute(
+                        "DELETE FROM controllers WHERE account_id = ?1 AND id = ?2",
+                        params![account.as_str(), controller],
+                    )? > 0)
+                })
+                .await
+            }
+            Backend::Postgres(pool) => Ok(pool
+                .client()
+                .await?
+                .execute("DELETE FROM controllers WHERE account_id = $1 AND id = $2", &[&account.as_str(), &controller])
+                .await?
+                > 0),
         }
     }
 
@@ -1568,6 +1640,28 @@ mod tests {
             let a = store.create_account("a@example.com".into(), "h".into()).await.unwrap().unwrap();
             store.upsert_controller(a.clone(), "c1".into(), vec![1], "laptop".into()).await.unwrap();
             store.upsert_controller(a, "c1".into(), vec![1], "renamed".into()).await.unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn controllers_are_listed_and_deleted_per_account() {
+        for db in test_dbs("controllers_are_listed_and_deleted_per_account").await {
+            let store = &db.store;
+            let a = store.create_account("a@example.com".into(), "h".into()).await.unwrap().unwrap();
+            let b = store.create_account("b@example.com".into(), "h".into()).await.unwrap().unwrap();
+            store.upsert_controller(a.clone(), "c1".into(), vec![1], "laptop".into()).await.unwrap();
+            store.upsert_controller(a.clone(), "c2".into(), vec![2], "phone".into()).await.unwrap();
+            store.upsert_controller(b.clone(), "c3".into(), vec![3], "other".into()).await.unwrap();
+            store.upsert_controller(a.clone(), "c1".into(), vec![1], "renamed".into()).await.unwrap();
+            let names = |rows: Vec<ControllerRow>| rows.into_iter().map(|r| (r.id, r.name, r.public_key)).collect::<Vec<_>>();
+            let listed = names(store.controllers_of(a.clone()).await.unwrap());
+            assert_eq!(listed, [("c1".into(), "renamed".into(), vec![1]), ("c2".into(), "phone".into(), vec![2])], "{}", db.name());
+            // Another account's controller cannot be deleted through this one.
+            assert!(!store.delete_controller(a.clone(), "c3".into()).await.unwrap(), "{}", db.name());
+            assert!(store.delete_controller(a.clone(), "c1".into()).await.unwrap(), "{}", db.name());
+            assert!(!store.delete_controller(a.clone(), "c1".into()).await.unwrap(), "{}", db.name());
+            assert_eq!(names(store.controllers_of(a).await.unwrap()).len(), 1, "{}", db.name());
+            assert_eq!(names(store.controllers_of(b).await.unwrap()).len(), 1, "{}", db.name());
         }
     }
 

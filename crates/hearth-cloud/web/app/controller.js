@@ -78,6 +78,20 @@ export async function login(email, password, signup) {
   await api.call("POST", "/api/v1/controllers", { public_key: b64url(id.pub), name: `web@${navigator.platform || "browser"}`.slice(0, 64) });
 }
 
+// The account's controllers as the cloud lists them (for people: what
+// each may do is on the devices' access lists).
+export async function controllers() {
+  return (await api.call("GET", "/api/v1/controllers")).controllers || [];
+}
+
+export async function renameController(c, name) {
+  await api.call("POST", "/api/v1/controllers", { public_key: c.public_key, name });
+}
+
+export async function removeController(c) {
+  await api.call("DELETE", `/api/v1/controllers/${c.id}`);
+}
+
 // Changing the password ends every session of the account (this one too).
 export async function changePassword(oldPassword, newPassword) {
   await api.call("POST", "/api/v1/password", { old_password: oldPassword, new_password: newPassword });

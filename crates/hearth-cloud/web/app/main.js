@@ -656,9 +656,50 @@ async function settingsScreen() {
     h("div", { class: "card" }, h("p", {}, "Account: ", h("strong", {}, (session && session.email) || "?")), h("p", {}, "This browser's controller id: ", h("span", { class: "mono", "data-controller-id": "" }, id.controller)), h("p", {}, "Encryption key fingerprint: ", h("span", { class: "mono" }, await ctl.encFingerprint()))),
     h("section", { "aria-labelledby": "sc-title" }, h("h2", { id: "sc-title" }, "Your share code"), h("p", { class: "muted" }, "Give this to a device's owner so they can share it with you. Compare the fingerprint with them."), ...field("Share code", codeBox)),
     h("p", { class: "muted" }, "Keys are kept in this browser and cannot be exported; clearing the site's data removes this controller from your devices' point of view."),
+    await controllersSection(id.controller),
     passwordForm(),
     out,
   );
+}
+
+// This account's controllers (phones, browsers, CLIs): rename, remove.
+async function controllersSection(me) {
+  const sec = h("section", { "aria-labelledby": "ctl-title" });
+  const render = async () => {
+    const list = await ctl.controllers();
+    sec.replaceChildren(
+      h("h2", { id: "ctl-title" }, "Your controllers"),
+      h("p", { class: "muted" }, "Removing one here only stops this account listing it; to take away its access to a device, revoke it on that device (Sharing → Who has access)."),
+      h(
+        "ul",
+        { class: "list", "data-controllers": "" },
+        list.map((c) => {
+          const name = h("input", { value: c.name, maxlength: 64, "aria-label": `Name of controller ${c.id.slice(0, 8)}` });
+          const save = h("button", { type: "button", class: "secondary" }, "Rename");
+          save.addEventListener("click", () =>
+            busy(save, async () => {
+              await ctl.renameController(c, name.value.trim());
+              flash(`Renamed to ${name.value.trim()}.`);
+              await render();
+            }),
+          );
+          const remove = c.id === me ? null : h("button", { type: "button", class: "secondary", "aria-label": `Remove ${c.name}` }, "Remove");
+          if (remove) {
+            remove.addEventListener("click", () =>
+              busy(remove, async () => {
+                await ctl.removeController(c);
+                flash(`Removed ${c.name} from this account.`);
+                await render();
+              }),
+            );
+          }
+          return h("li", { "data-controller": c.id }, h("span", {}, h("span", { class: "mono" }, c.id.slice(0, 12)), c.id === me ? " (this browser)" : ""), name, h("div", { class: "row" }, save, remove));
+        }),
+      ),
+    );
+  };
+  await render();
+  return sec;
 }
 
 function passwordForm() {
