@@ -911,8 +911,14 @@ pub(crate) async fn link(
     let upgrade = upgrade
         .map_err(|_| ApiError::bad_request("this route needs a WebSocket upgrade (GET with `Upgrade: websocket`)"))?;
     let guard = guard.map(|Extension(g)| g);
+    // Cluster mode (ADR 0008): subscribe to the account's pushes before the
+    // client learns its link is up, so it misses nothing sent after that.
+    let account_sub = match &s.cluster {
+        Some(c) => Some(c.account_up(&session.account).await),
+        None => None,
+    };
     Ok(upgrade
         .max_message_size(MAX_FRAME_LEN)
         .max_frame_size(MAX_FRAME_LEN)
-        .on_upgrade(move |socket| crate::controller_link::run(s, socket, session, guard)))
+        .on_upgrade(move |socket| crate::controller_link::run(s, socket, session, guard, account_sub)))
 }

@@ -581,23 +581,40 @@ impl Cluster {
 
     // ---- controller links on this node ----
 
-    /// Starts receiving pushes for `account` (a controller link of it
-    /// opened on this node); one subscription per account, however many
-    /// links it has here. Dropping the guard ends the interest.
-    pub fn account_up(self: &Arc<Self>, account: &AccountId) -> AccountGuard {
+    /// Starts receiving pushes for `account` (a controller link of it is
+    /// opening on this node); one subscription per account, however many
+    /// links it has here. Returns once NATS has the subscription, so the
+    /// caller can tell the client its link is up and miss nothing sent
+    /// after that. Dropping the guard ends the interest.
+    pub async fn account_up(self: &Arc<Self>, account: &AccountId) -> AccountGuard {
+        let mut guard = AccountGuard { cluster: self.clone(), account: account.clone(), counted: false };
+        if let Some(entry) = self.lock_accounts().get_mut(account) {
+            entry.links += 1;
+            guard.counted = true;
+            return guard;
+        }
+        // Not under the lock: subscribing waits for NATS.
+        let subscribed = tokio::time::timeout(QUICK_TIMEOUT, async {
+            let sub = self.client.subscribe(self.account_subject(account)).await.ok()?;
+            // The server has the subscription once it answered a ping sent after it.
+            self.client.flush().await.ok()?;
+            Some(sub)
+        })
+        .await
+        .ok()
+        .flatten();
+        let Some(mut sub) = subscribed else {
+            tracing::warn!("could not subscribe to an account's pushes; this link gets none from other nodes");
+            self.metrics.error(ErrorKind::Cluster);
+            return guard;
+        };
         let mut accounts = self.lock_accounts();
+        // Another link of the account may have subscribed meanwhile; then
+        // this subscription is dropped (which unsubscribes) and its is used.
         let entry = accounts.entry(account.clone()).or_insert_with(|| {
             let this = self.clone();
             let account = account.clone();
             let task = tokio::spawn(async move {
-                let mut sub = match this.client.subscribe(this.account_subject(&account)).await {
-                    Ok(s) => s,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "could not subscribe to an account's pushes");
-                        this.metrics.error(ErrorKind::Cluster);
-                        return;
-                    }
-                };
                 while let Some(msg) = sub.next().await {
                     this.metrics.cluster_in();
                     if msg.payload.len() > MAX_MESSAGE {
@@ -612,7 +629,8 @@ impl Cluster {
             AccountSub { links: 0, task }
         });
         entry.links += 1;
-        AccountGuard { cluster: self.clone(), account: account.clone() }
+        guard.counted = true;
+        guard
     }
 }
 
@@ -632,10 +650,15 @@ impl Drop for DeviceSub {
 pub struct AccountGuard {
     cluster: Arc<Cluster>,
     account: AccountId,
+    /// False when subscribing failed: then this link holds no share.
+    counted: bool,
 }
 
 impl Drop for AccountGuard {
     fn drop(&mut self) {
+        if !self.counted {
+            return;
+        }
         let mut accounts = self.cluster.lock_accounts();
         if let Some(entry) = accounts.get_mut(&self.account) {
             entry.links -= 1;

@@ -52,16 +52,29 @@ async fn push_text(socket: &mut WebSocket, msg: &ControllerPush) -> bool {
 
 /// Serves one controller link until it closes, the server shuts down, or
 /// the router drops it for being too slow.
-pub async fn run(state: AppState, socket: WebSocket, session: Session, guard: Option<ConnGuard>) {
+///
+/// In cluster mode `account_sub` is the account's push subscription, taken
+/// before the upgrade was answered (`Cluster::account_up`); it is held for
+/// the link's life.
+pub async fn run(
+    state: AppState,
+    socket: WebSocket,
+    session: Session,
+    guard: Option<ConnGuard>,
+    account_sub: Option<crate::cluster::AccountGuard>,
+) {
     let span = tracing::info_span!("controller_link", account = %session.account);
-    serve(state, socket, session, guard).instrument(span).await;
+    serve(state, socket, session, (guard, account_sub)).instrument(span).await;
 }
 
-async fn serve(state: AppState, mut socket: WebSocket, session: Session, _guard: Option<ConnGuard>) {
+async fn serve(
+    state: AppState,
+    mut socket: WebSocket,
+    session: Session,
+    _held: (Option<ConnGuard>, Option<crate::cluster::AccountGuard>),
+) {
     let account = session.account.clone();
     let mut handle = state.router.add_controller(&account);
-    // Cluster mode: receive the account's pushes from every node.
-    let _account_sub = state.cluster.as_ref().map(|c| c.account_up(&account));
     let mut stop = state.stop.clone();
     let mut ping = tokio::time::interval_at(Instant::now() + PING_EVERY, PING_EVERY);
     ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
