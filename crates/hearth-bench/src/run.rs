@@ -355,6 +355,11 @@ pub async fn run(cfg: &Config) -> anyhow::Result<Vec<TargetReport>> {
     let setup = Setup { cfg, dir, material: &material, api_port: free_port()?, device_port: free_port()?, mqtt_port: free_port()? };
     write_mosquitto_conf(dir, &material, setup.mqtt_port)?;
 
+    // HEARTH_BENCH_KEEP keeps the run's directory (server logs, configuration) for a look afterwards.
+    let _kept = std::env::var_os("HEARTH_BENCH_KEEP").map(|_| {
+        eprintln!("hearth-bench: keeping {}", dir.display());
+        dir.to_owned()
+    });
     let mut reports = Vec::new();
     for &target in &cfg.targets {
         if target == Target::Hearth {
@@ -365,6 +370,9 @@ pub async fn run(cfg: &Config) -> anyhow::Result<Vec<TargetReport>> {
             eprintln!("hearth-bench: seeded the cloud database in {:.1} s", t.elapsed().as_secs_f64());
         }
         reports.push(run_target(&setup, &plan_path, target).await.with_context(|| format!("{target:?} run"))?);
+    }
+    if _kept.is_some() {
+        let _ = tmp.keep();
     }
     Ok(reports)
 }
