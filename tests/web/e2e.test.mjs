@@ -134,7 +134,8 @@ test("a motion event appears in the sensor's timeline as it happens", async () =
   await owner.getByRole("heading", { name: "Motion timeline" }).waitFor({ timeout: T });
   const before = await owner.locator("[data-timeline] li").count();
   w.devices.hall.proc.kill("SIGUSR2");
-  await owner.waitForFunction((n) => document.querySelectorAll("[data-timeline] li").length > n, before, { timeout: T });
+  // A sensor may report on a fixed cadence (30 s by default, ADR 0011), so allow for one period.
+  await owner.waitForFunction((n) => document.querySelectorAll("[data-timeline] li").length > n, before, { timeout: 45000 });
   assert.match(await owner.locator("[data-timeline] li").first().innerText(), /Motion/);
   await screenshot(owner, "03-motion");
 });
@@ -222,6 +223,17 @@ test("a schedule created in the web app is on the device, as the CLI reads it", 
   const after = JSON.parse(laptop.run(["rules", w.devices.plug.id]));
   assert.deepEqual(after.rules.filter((r) => r.kind.countdown).map((r) => r.kind.countdown.off_after_secs), [2700]);
   assert.ok(after.rules.some((r) => r.name === "wake up"), "the schedule is still there");
+
+  await owner.getByLabel("Window starts").fill("20:00");
+  await owner.getByLabel("Window ends").fill("00:30");
+  await owner.getByLabel("Longest on-period (minutes)").fill("60");
+  await owner.getByRole("button", { name: "Add away mode" }).click();
+  await expectFlash(owner, /Away mode set: 20:00–00:30/);
+  await owner.locator("[data-rules] li", { hasText: "away mode 20:00–00:30" }).waitFor({ timeout: T });
+  const away = JSON.parse(laptop.run(["rules", w.devices.plug.id])).rules.find((r) => r.kind.away);
+  assert.ok(away, "the away rule is on the device");
+  assert.deepEqual([away.kind.away.start, away.kind.away.end, away.kind.away.min_on_mins, away.kind.away.max_on_mins], [{ clock: "20:00" }, { clock: "00:30" }, 30, 60]);
+  assert.ok(Number.isSafeInteger(away.kind.away.seed) && away.kind.away.seed > 0);
 });
 
 test("a dimmer's brightness is set with the slider and confirmed by the device", async () => {

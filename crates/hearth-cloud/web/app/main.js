@@ -384,7 +384,16 @@ async function deviceScreen(id) {
   const renderHistory = () => {
     const all = [...history, ...(dev.live || []).filter((l) => !history.some((x) => x.seq === l.seq))];
     if (dev.kind === "motion_sensor") {
-      const motions = all.filter((e) => e.state && e.state.motion === true).reverse();
+      // Motion comes either as a report with motion=true, or (ADR 0011) as
+      // the times listed in a fixed-cadence report, which a sensor sends on
+      // schedule whether or not anything happened.
+      const motions = [];
+      for (const e of all) {
+        const batch = e.cause && e.cause.by === "cadence" && Array.isArray(e.cause.motion_at) ? e.cause.motion_at : null;
+        if (batch) batch.forEach((at, i) => motions.push({ at, seq: `${e.seq}.${i}` }));
+        else if (e.state && e.state.motion === true) motions.push({ at: e.at, seq: `${e.seq}` });
+      }
+      motions.sort((a, b) => b.at - a.at);
       timeline.replaceChildren(
         h("h2", { id: "tl-title" }, "Motion timeline"),
         motions.length === 0
@@ -559,9 +568,43 @@ function rulesSection(dev) {
     });
   });
 
+  // Away mode: random on-periods in a nightly window, planned on the device
+  // from a seed drawn here (a 52-bit integer, exact in JSON).
+  const awayStart = h("input", { type: "time", required: true, value: "19:00", name: "away-start" });
+  const awayEnd = h("input", { type: "time", required: true, value: "23:30", name: "away-end" });
+  const awayMin = h("input", { type: "number", min: 30, max: 720, required: true, value: 30, name: "away-min" });
+  const awayMax = h("input", { type: "number", min: 30, max: 720, required: true, value: 90, name: "away-max" });
+  const awayForm = h(
+    "form",
+    { "aria-label": "Away mode" },
+    h("h3", {}, "Away mode"),
+    h("p", { class: "muted" }, "Switches on and off at random in the window every day, so the home looks lived in."),
+    field("Window starts", awayStart),
+    field("Window ends", awayEnd),
+    field("Shortest on-period (minutes)", awayMin),
+    field("Longest on-period (minutes)", awayMax),
+    h("div", { class: "row" }, h("button", { type: "submit" }, "Add away mode")),
+  );
+  awayForm.addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    busy(awayForm.querySelector("button"), async () => {
+      if (!current) await load();
+      const r = new Uint32Array(2);
+      crypto.getRandomValues(r);
+      const seed = (r[0] & 0xfffff) * 2 ** 32 + r[1];
+      const rule = {
+        id: nextId(),
+        name: "away",
+        enabled: true,
+        kind: { away: { days: DAYS, start: { clock: awayStart.value }, end: { clock: awayEnd.value }, min_on_mins: Number(awayMin.value), max_on_mins: Number(awayMax.value), seed } },
+      };
+      await save({ ...current, rules: [...current.rules.filter((x) => !x.kind.away), rule] }, `Away mode set: ${awayStart.value}–${awayEnd.value}.`);
+    });
+  });
+
   const loadBtn = h("button", { type: "button", class: "secondary" }, "Load schedules");
   loadBtn.addEventListener("click", () => busy(loadBtn, load));
-  sec.append(h("h2", { id: "rules-title" }, "Schedules and timers"), h("p", { class: "muted" }, "Rules run on the device itself, even when the cloud is unreachable."), loadBtn, list, schedForm, timerForm);
+  sec.append(h("h2", { id: "rules-title" }, "Schedules and timers"), h("p", { class: "muted" }, "Rules run on the device itself, even when the cloud is unreachable."), loadBtn, list, schedForm, timerForm, awayForm);
   return sec;
 }
 
