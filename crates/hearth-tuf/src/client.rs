@@ -306,6 +306,33 @@ pub fn quote(name: &str) -> String {
     out
 }
 
+/// Percent-encodes a target path for the URL of spec 5.7.3 ("download the
+/// target ... from the target URL"), leaving `/` as the separator.
+///
+/// A target path is any string the targets role signed (spec 4.5
+/// "TARGETPATH"), so it may hold spaces, non-ASCII or control characters
+/// that are not allowed in an HTTP request line (RFC 9112 3.2, RFC 3986
+/// 3.3): sent raw they break the request (a space ends the request-target)
+/// or, with CR/LF, would add header lines. Every byte outside RFC 3986's
+/// unreserved, sub-delims, `:`, `@`, `/` and `?` is encoded as `%XX`; an
+/// existing `%XX` escape and `?` are kept as they are, which is the URL the
+/// reference client (python-tuf over urllib3) requests for the same path.
+pub fn encode_target_path(path: &str) -> String {
+    let bytes = path.as_bytes();
+    let mut out = String::with_capacity(bytes.len());
+    for (i, &b) in bytes.iter().enumerate() {
+        let keep = b.is_ascii_alphanumeric()
+            || b"-._~!$&'()*+,;=:@/?".contains(&b)
+            || (b == b'%' && bytes.get(i + 1..i + 3).is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)));
+        if keep {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 /// Drives [`TrustedSet`] with local storage and a fetcher.
 pub struct Updater<F, S> {
     fetcher: F,
@@ -519,7 +546,7 @@ impl<F: Fetcher, S: MetadataStore> Updater<F, S> {
         } else {
             info.path.clone()
         };
-        format!("{base}{rel}")
+        format!("{base}{}", encode_target_path(&rel))
     }
 }
 
@@ -594,6 +621,16 @@ impl MetadataStore for MemStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn target_paths_are_encoded_for_the_request_line() {
+        assert_eq!(encode_target_path("dir/a b.bin"), "dir/a%20b.bin");
+        assert_eq!(encode_target_path("x\r\nHost: evil"), "x%0D%0AHost:%20evil");
+        assert_eq!(encode_target_path("\u{e4}#"), "%C3%A4%23");
+        assert_eq!(encode_target_path("100%.bin"), "100%25.bin");
+        assert_eq!(encode_target_path("%41?q=1&r"), "%41?q=1&r");
+        assert_eq!(encode_target_path("plain/fw-1.2_x~.bin"), "plain/fw-1.2_x~.bin");
+    }
 
     #[test]
     fn quote_like_python() {

@@ -300,6 +300,35 @@ fn consistent_snapshot_requests_versioned_metadata_and_hash_prefixed_targets() {
     assert!(log.contains(&format!("{TARGETS}/dir/{h}.file.bin")), "{log:?}");
 }
 
+/// Spec 5.7.3 with spec 4.5 TARGETPATH: a target path holding a space,
+/// non-ASCII or CR/LF is requested percent-encoded, so no raw byte of it
+/// reaches the HTTP request line (where CR/LF would start a new header).
+#[test]
+fn target_paths_with_spaces_and_control_characters_are_percent_encoded_in_the_url() {
+    for consistent in [true, false] {
+        let mut r = TestRepo::new(consistent);
+        let path = "fw images/v2 \u{e4}\r\nX-Injected: 1.bin";
+        r.add_target(path, b"odd name", None);
+        // Serve it where a static server would find it: under the encoded URL.
+        let h = hex::encode(ring_sha256(b"odd name"));
+        let raw = if consistent { format!("{TARGETS}/fw images/{h}.v2 \u{e4}\r\nX-Injected: 1.bin") } else { format!("{TARGETS}/{path}") };
+        let data = r.server.files.remove(&raw).unwrap();
+        let encoded = if consistent {
+            format!("{TARGETS}/fw%20images/{h}.v2%20%C3%A4%0D%0AX-Injected:%201.bin")
+        } else {
+            format!("{TARGETS}/fw%20images/v2%20%C3%A4%0D%0AX-Injected:%201.bin")
+        };
+        r.server.files.insert(encoded.clone(), data);
+        r.publish();
+        let mut up = r.client();
+        let info = up.target_info(path).unwrap().unwrap();
+        assert_eq!(up.download_target(&info, TARGETS).unwrap(), b"odd name");
+        let log = r.server.log.borrow().clone();
+        assert_eq!(log.last(), Some(&encoded), "{log:?}");
+        assert!(log.iter().all(|u| !u.contains(['\r', '\n', ' '])), "{log:?}");
+    }
+}
+
 #[test]
 fn same_timestamp_version_with_changed_content_is_discarded() {
     let mut r = TestRepo::new(false);
@@ -530,7 +559,8 @@ fn serve_dir(dir: std::path::PathBuf, chunked: bool) -> String {
             let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
             let mut line = String::new();
             reader.read_line(&mut line).unwrap();
-            let path = line.split_whitespace().nth(1).unwrap_or("/").to_owned();
+            // Like any static file server: the request-target is percent-decoded.
+            let path = percent_decode(line.split_whitespace().nth(1).unwrap_or("/"));
             loop {
                 let mut h = String::new();
                 if reader.read_line(&mut h).unwrap() == 0 || h == "\r\n" {
@@ -560,6 +590,26 @@ fn serve_dir(dir: std::path::PathBuf, chunked: bool) -> String {
     base
 }
 
+/// `%XX` → byte; the test server's half of RFC 3986 2.1.
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match (b[i], b.get(i + 1..i + 3).and_then(|h| u8::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok())) {
+            (b'%', Some(v)) => {
+                out.push(v);
+                i += 3;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 fn run_cli(args: &[&str]) -> std::process::Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_hearth-tuf-conformance")).args(args).output().unwrap()
 }
@@ -575,6 +625,10 @@ fn conformance_cli_over_real_http_with_and_without_chunked_bodies() {
         let repo_dir = tmp.path().join("repo");
         let repo = repo::RepoDir::init(&repo_dir, &roles, &[&root_keys[0]], &[&t[0]], &s[0], &ts[0], now).unwrap();
         repo.add_target("dir/fw.bin", b"firmware over http", Some(repo::firmware_custom("2.0.0", "plug-a1")), &[&t[0]], now).unwrap();
+        // A target path with a space and non-ASCII (spec 4.5 TARGETPATH is
+        // any string): its URL must be percent-encoded, or the space ends
+        // the HTTP request-target and the server answers for another file.
+        repo.add_target("dir/fw image ä.bin", b"spaced firmware", None, &[&t[0]], now).unwrap();
         repo.publish(&s[0], &ts[0], now).unwrap();
         // init (no network), refresh (root 2 → 404, timestamp, snapshot, targets), download (again + target).
         let base = serve_dir(repo_dir.clone(), chunked);
@@ -591,6 +645,9 @@ fn conformance_cli_over_real_http_with_and_without_chunked_bodies() {
         let out = run_cli(&["--metadata-dir", md, "--metadata-url", &murl, "--target-name", "dir/fw.bin", "--target-base-url", &turl, "--target-dir", tdir.to_str().unwrap(), "download"]);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         assert_eq!(std::fs::read(tdir.join("dir%2Ffw.bin")).unwrap(), b"firmware over http");
+        let out = run_cli(&["--metadata-dir", md, "--metadata-url", &murl, "--target-name", "dir/fw image ä.bin", "--target-base-url", &turl, "--target-dir", tdir.to_str().unwrap(), "download"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(std::fs::read(tdir.join("dir%2Ffw%20image%20%C3%A4.bin")).unwrap(), b"spaced firmware");
     }
 }
 
