@@ -55,18 +55,25 @@ pub fn markdown(cfg: &Config, command: &str, reports: &[TargetReport]) -> String
     let mut s = String::new();
     let _ = writeln!(s, "Run {} on {}.", utc_now(), machine());
     let _ = writeln!(s, "\n```\n{command}\n```\n");
+    let load = if cfg.rate > 0.0 && cfg.seconds > 0.0 {
+        format!(
+            "{} commands/s for {} s ({}; every answer opened and verified)",
+            cfg.rate,
+            cfg.seconds,
+            match cfg.command {
+                crate::controller::Kind::Toggle => "toggle: a sealed result and a sealed state report per command",
+                crate::controller::Kind::GetState => "get-state: a sealed result per command",
+            }
+        )
+    } else {
+        "no load phase (idle links only)".to_owned()
+    };
     let _ = writeln!(
         s,
-        "{} devices in {} worker process(es), {} controllers, {} commands/s for {} s ({}; every answer opened and verified){}.\n",
+        "{} devices in {} worker process(es), {} controllers, {load}{}.\n",
         cfg.devices,
         if cfg.workers == 0 { cfg.devices.div_ceil(crate::run::DEVICES_PER_WORKER).max(1) } else { cfg.workers },
         cfg.controllers,
-        cfg.rate,
-        cfg.seconds,
-        match cfg.command {
-            crate::controller::Kind::Toggle => "toggle: a sealed result and a sealed state report per command",
-            crate::controller::Kind::GetState => "get-state: a sealed result per command",
-        },
         if cfg.cloud_env.is_empty() {
             String::new()
         } else {
