@@ -59,7 +59,10 @@ async function onPush(text) {
   const dev = devices.get(push.device);
   if (!dev) {
     // A device this screen does not know yet (just shared with us): reload the list.
-    if (push.type === "state" || push.type === "presence") await refresh();
+    if (push.type === "state" || push.type === "presence") {
+      await refresh();
+      if (screenUpdate) screenUpdate({ id: push.device });
+    }
     return;
   }
   if (push.type === "presence") {
