@@ -468,7 +468,7 @@ impl Agent {
             Event::WalkPast(done) => {
                 let frames = logged(self.core.walk_past(store, now));
                 if let Some(motion) = &self.motion {
-                    let targets = crate::rules::motion_targets(self.core.rules(), now);
+                    let targets = crate::rules::motion_targets(self.core.rules(), now, self.core.report_every().is_some());
                     // Full queue: the sender is busy with the last motion, which
                     // already keeps the targets on.
                     if !targets.is_empty() && motion.try_send(crate::lan::MotionSeen { targets }).is_err() {
@@ -530,12 +530,22 @@ impl Agent {
         // ADR 0004 "Trial boot": the cloud is reached and the state saved.
         crate::update::report_healthy(&self.state_dir);
         let mut idle_deadline = Instant::now() + IDLE_TIMEOUT;
+        // ADR 0011: scheduled reports, counted from the link's start on a
+        // fixed grid (each from the previous deadline, not from when it
+        // was written), so their timing depends on nothing that happened.
+        let mut next_report: Option<Instant> = None;
         loop {
             enum Step {
                 Local(Option<Event>),
                 Read(std::io::Result<usize>),
                 Idle,
                 OffTimer,
+                Cadence,
+            }
+            match self.core.report_every() {
+                None => next_report = None,
+                Some(secs) if next_report.is_none() => next_report = Some(Instant::now() + Duration::from_secs(secs)),
+                Some(_) => {}
             }
             let off = self.off_deadline();
             let step = tokio::select! {
@@ -543,10 +553,19 @@ impl Agent {
                 r = link.read_more() => Step::Read(r),
                 _ = sleep_until(idle_deadline) => Step::Idle,
                 () = sleep_opt(off) => Step::OffTimer,
+                () = sleep_opt(next_report) => Step::Cadence,
             };
             let out = match step {
                 Step::Idle => return LinkEnd::Closed(format!("nothing received for {IDLE_TIMEOUT:?}")),
                 Step::OffTimer => self.tick(),
+                Step::Cadence => {
+                    let due = next_report.unwrap_or_else(Instant::now);
+                    next_report = self.core.report_every().map(|secs| due + Duration::from_secs(secs));
+                    self.core.cadence_report(&mut self.store, unix_now()).unwrap_or_else(|e| {
+                        error!("could not save the device state; the scheduled report waits for the next period: {e}");
+                        Vec::new()
+                    })
+                }
                 Step::Local(ev) => match self.local_event(ev) {
                     Some(frames) => frames,
                     None => {

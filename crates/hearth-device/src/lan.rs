@@ -316,6 +316,10 @@ pub struct Target {
     pub addr: Option<String>,
     /// Seconds without motion before switching it off.
     pub off_after_secs: u32,
+    /// Whether the cloud link may carry its commands when the LAN fails.
+    /// False on a sensor with fixed-cadence reporting (ADR 0011) unless
+    /// the owner's rule allows it: those commands leave at motion time.
+    pub cloud_path: bool,
 }
 
 /// A motion rule fired on the sensor: switch these targets on (or keep
@@ -462,7 +466,10 @@ pub fn spawn_motion_sender<T: From<ToCloud> + Send + 'static>(device: DeviceId, 
                                 warn!(target = %t.device, on, "motion rule: the target is not reachable on the LAN ({e:#}); using the cloud link");
                             }
                             lan_up = false;
-                            if switch {
+                            if switch && !t.cloud_path {
+                                // ADR 0011: the cloud would learn when motion happened.
+                                warn!(target = %t.device, on, "motion rule: the target is not reachable on the LAN and the rule does not allow the cloud path (it reveals motion timing); not sent");
+                            } else if switch {
                                 let frame = DeviceFrame::Command { to: t.device.clone(), envelope };
                                 if to_agent.send(T::from(ToCloud(frame))).await.is_err() {
                                     return;

@@ -65,7 +65,21 @@ pub struct DeviceCore {
     firmware: Option<message::FirmwareStatus>,
     /// Update commands accepted since the last [`DeviceCore::take_update_requests`].
     update_requests: Vec<crate::update::UpdateRequest>,
+    /// Fixed-cadence reporting (ADR 0011): when motion was seen since the
+    /// last cadence report (unix seconds), at most [`message::MAX_MOTION_BATCH`].
+    motion_batch: Vec<u64>,
 }
+
+/// A motion sensor's reporting cadence when its owner set none (ADR 0011):
+/// privacy by default, at the cost of up to this much delay for live motion.
+pub const DEFAULT_MOTION_REPORT_EVERY_SECS: u64 = 30;
+
+/// The least padded body length of a sealed state report on a fixed
+/// cadence (ADR 0011). The actual length is this or, when the report would
+/// not fit, the padded length of the same report with a full batch of
+/// motion, so it never depends on how much motion there was
+/// (`a_full_motion_batch_has_the_length_of_none`).
+pub const CADENCE_BODY_LEN: usize = 512;
 
 /// How often [`DeviceCore::tick`] saves the scheduler's bookkeeping when
 /// nothing switched. Losing up to this much after a crash only means the
@@ -121,7 +135,7 @@ impl DeviceCore {
             // only when the two disagree.
             let _ = state.rules.interlock.request(state.relay, Source::Local, jiff::Timestamp::UNIX_EPOCH);
         }
-        Self { device, kind, key, secret, state, motion: false, load_mw: SIMULATED_LOAD_MW, safety_events: Vec::new(), last_tick_save: 0, energy: kind.has(Capability::EnergyMeter).then(|| crate::energy::DeviceEnergy::new(None)), driver: Box::new(crate::driver::Simulated::new()), fade_ms: 0, clock: 0, load_sim: None, firmware: None, update_requests: Vec::new() }
+        Self { device, kind, key, secret, state, motion: false, load_mw: SIMULATED_LOAD_MW, safety_events: Vec::new(), last_tick_save: 0, energy: kind.has(Capability::EnergyMeter).then(|| crate::energy::DeviceEnergy::new(None)), driver: Box::new(crate::driver::Simulated::new()), fade_ms: 0, clock: 0, load_sim: None, firmware: None, update_requests: Vec::new(), motion_batch: Vec::new() }
     }
 
     /// Sets the simulated load an energy plug draws while on (the
@@ -302,8 +316,64 @@ impl DeviceCore {
         let inner = message::sign_state(&self.key, &payload)?;
         let header =
             SealedHeader { v: PROTOCOL_VERSION, device: self.device.clone(), content: Content::State, seq: next.seq, to: None, at: now };
-        let sealed = e2e::seal(&self.key, header, &inner, &next.access.recipients_at(now), &mut rand::rngs::OsRng)?;
+        let recipients = next.access.recipients_at(now);
+        let sealed = if self.report_every().is_some() {
+            // ADR 0011: on a fixed cadence the length must not depend on
+            // motion, so it is sized for the same report with a full batch
+            // of the largest timestamps (ECDSA P-256 signatures are fixed
+            // length, so signing that twin measures it exactly).
+            let mut full = payload;
+            full.state.motion = Some(true);
+            full.cause = Cause::Cadence { motion_at: vec![u64::MAX; message::MAX_MOTION_BATCH] };
+            let full_len = message::sign_state(&self.key, &full)?.len();
+            let size = ((full_len.max(inner.len()) + 2).div_ceil(e2e::PAD_TO) * e2e::PAD_TO).max(CADENCE_BODY_LEN);
+            e2e::seal_fixed(&self.key, header, &inner, &recipients, size, &mut rand::rngs::OsRng)?
+        } else {
+            e2e::seal(&self.key, header, &inner, &recipients, &mut rand::rngs::OsRng)?
+        };
         Ok(DeviceFrame::State { envelope: sealed })
+    }
+
+    /// Fixed-cadence reporting (ADR 0011): how often this device sends its
+    /// scheduled report, in seconds, or `None` when it reports each change
+    /// at once. The owner's `report_every_secs` decides (0: immediate);
+    /// unset, motion sensors use [`DEFAULT_MOTION_REPORT_EVERY_SECS`] and
+    /// other kinds report at once.
+    pub fn report_every(&self) -> Option<u64> {
+        match self.state.rules.set.report_every_secs {
+            Some(0) => None,
+            Some(n) => Some(u64::from(n)),
+            None if self.kind.has(Capability::Motion) => Some(DEFAULT_MOTION_REPORT_EVERY_SECS),
+            None => None,
+        }
+    }
+
+    /// The scheduled report of a device on a fixed cadence (ADR 0011): the
+    /// agent calls this every [`DeviceCore::report_every`] seconds of its
+    /// link, whether or not anything happened. It carries the motion seen
+    /// since the previous one, so nothing motion-related leaves the device
+    /// at any other time. Empty when the device is not on a cadence.
+    pub fn cadence_report(&mut self, store: &mut dyn StateStore, now: u64) -> Result<Vec<DeviceFrame>, Error> {
+        self.clock = now;
+        if self.report_every().is_none() {
+            return Ok(Vec::new());
+        }
+        let batch = std::mem::take(&mut self.motion_batch);
+        let mut next = self.state.clone();
+        let seen = !batch.is_empty() || self.motion;
+        let report = match self.state_frame(&mut next, seen, Cause::Cadence { motion_at: batch.clone() }, now) {
+            Ok(r) => r,
+            Err(e) => {
+                // Not lost: the events go out with the next report.
+                self.motion_batch = batch;
+                return Err(e);
+            }
+        };
+        if let Err(e) = self.save(store, next) {
+            self.motion_batch = batch;
+            return Err(e);
+        }
+        Ok(vec![report])
     }
 
     /// The link came up: `Hello`, then a signed state report.
@@ -559,6 +629,8 @@ impl DeviceCore {
     /// counters, and reopen setup mode with a fresh attempt budget. The
     /// relay keeps its state.
     pub fn reset(&mut self, store: &mut dyn StateStore) -> Result<Vec<DeviceFrame>, Error> {
+        // Motion not yet reported belongs to the previous owner.
+        self.motion_batch.clear();
         let mut next = self.state.clone();
         next.access.clear();
         next.replay = Default::default();
@@ -767,8 +839,21 @@ impl DeviceCore {
 
     /// The motion sensor sees someone walk past: reports motion, then
     /// (the person gone) no motion.
+    /// On a fixed cadence (ADR 0011) nothing is sent now: the motion is
+    /// kept for the next scheduled report.
     pub fn walk_past(&mut self, store: &mut dyn StateStore, now: u64) -> Result<Vec<DeviceFrame>, Error> {
         if !self.kind.has(Capability::Motion) {
+            return Ok(Vec::new());
+        }
+        self.clock = now;
+        if self.report_every().is_some() {
+            if self.motion_batch.len() < message::MAX_MOTION_BATCH {
+                self.motion_batch.push(now);
+            } else if let Some(last) = self.motion_batch.last_mut() {
+                // Bounded: the first ones and the latest are kept.
+                *last = now;
+                tracing::info!("more motion than one report carries; kept the first and the latest");
+            }
             return Ok(Vec::new());
         }
         let mut next = self.state.clone();
@@ -1276,6 +1361,67 @@ mod tests {
         }
         plug.tick(&mut store, NOW + 60).unwrap();
         assert!(!plug.state().relay, "the refused countdown was lost");
+    }
+
+    /// The owner's view of the state reports among `frames`.
+    fn reports(frames: &[DeviceFrame], core: &DeviceCore, owner: &SigningKey) -> Vec<(usize, StatePayload)> {
+        let key = PublicKey::from(&core.key);
+        let me = PublicKey::from(owner).controller_id();
+        let enc = e2e::EncSecretKey::for_controller(owner);
+        frames
+            .iter()
+            .filter_map(|f| match f {
+                DeviceFrame::State { envelope } => Some((envelope.len(), e2e::open_state(envelope, core.device(), &key, &me, &enc).unwrap())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_full_motion_batch_has_the_length_of_none() {
+        // ADR 0011. Long firmware texts too: the fixed length grows with
+        // them, never with the motion.
+        let (mut sensor, mut store, owner) = owned(DeviceKind::MotionSensor);
+        assert_eq!(sensor.report_every(), Some(DEFAULT_MOTION_REPORT_EVERY_SECS), "on by default on a motion sensor");
+        for text_len in [0, 300, 2000] {
+            let status = message::FirmwareStatus { version: "1.0.0".into(), last_result: Some("x".repeat(text_len)), ..Default::default() };
+            sensor.set_firmware(status, &mut store, NOW).unwrap();
+            let quiet = reports(&sensor.cadence_report(&mut store, NOW).unwrap(), &sensor, &owner);
+            for i in 0..20 {
+                assert_eq!(sensor.walk_past(&mut store, NOW + i).unwrap(), Vec::new(), "motion sends nothing by itself");
+            }
+            let busy = reports(&sensor.cadence_report(&mut store, NOW + 20).unwrap(), &sensor, &owner);
+            assert_eq!((quiet.len(), busy.len()), (1, 1));
+            assert_eq!(quiet[0].0, busy[0].0, "a full batch has the length of an empty one (firmware text {text_len} B)");
+            assert_eq!(quiet[0].1.cause, Cause::Cadence { motion_at: Vec::new() });
+            assert_eq!(quiet[0].1.state.motion, Some(false));
+            let Cause::Cadence { motion_at } = &busy[0].1.cause else { panic!("{:?}", busy[0].1.cause) };
+            // Bounded: the first fifteen and the latest.
+            let mut want: Vec<u64> = (0..15).map(|i| NOW + i).collect();
+            want.push(NOW + 19);
+            assert_eq!(motion_at, &want);
+            assert_eq!(busy[0].1.state.motion, Some(true));
+        }
+    }
+
+    #[test]
+    fn the_owner_sets_the_cadence_or_immediate_reports() {
+        let (mut sensor, mut store, owner) = owned(DeviceKind::MotionSensor);
+        let rules = |every: u32| serde_json::json!({"version": 0, "timezone": "UTC", "report_every_secs": every});
+        for (counter, bad) in [1, 9, 601, 86_400].into_iter().enumerate() {
+            assert_eq!(set_rules(&mut sensor, &mut store, &owner, counter as u64 + 1, rules(bad)), Outcome::Refused { reason: Refusal::InvalidRules }, "{bad} s");
+        }
+        assert_eq!(set_rules(&mut sensor, &mut store, &owner, 10, rules(600)), Outcome::Done);
+        assert_eq!(sensor.report_every(), Some(600));
+        // Immediate: each motion has its own pair of reports, as before.
+        assert_eq!(set_rules(&mut sensor, &mut store, &owner, 11, rules(0)), Outcome::Done);
+        assert_eq!(sensor.report_every(), None);
+        let frames = sensor.walk_past(&mut store, NOW).unwrap();
+        assert_eq!(causes(&frames, &sensor, &owner), vec![Cause::Local, Cause::Local]);
+        assert_eq!(sensor.cadence_report(&mut store, NOW).unwrap(), Vec::new());
+        // Other kinds report at once unless their owner sets a cadence.
+        let (plug, _, _) = owned(DeviceKind::Plug);
+        assert_eq!(plug.report_every(), None);
     }
 
     #[test]

@@ -59,8 +59,11 @@ pub fn timestamp(now: u64) -> Timestamp {
 /// The armed cross-device motion rules on a sensor (issue 5), as targets
 /// for [`crate::lan::spawn_motion_sender`]. Targets whose id or key do not
 /// parse are skipped with a warning (the set was validated for shape, not
-/// for key encoding).
-pub fn motion_targets(set: &RuleSet, now: u64) -> Vec<crate::lan::Target> {
+/// for key encoding). `cadence`: the sensor reports on a fixed cadence
+/// (ADR 0011); then a target may be reached through the cloud link only
+/// if the owner allowed it in the rule (`allow_cloud`), since a command
+/// sent at motion time shows the cloud when someone walked past.
+pub fn motion_targets(set: &RuleSet, now: u64, cadence: bool) -> Vec<crate::lan::Target> {
     let tz = set.time_zone().unwrap_or(jiff::tz::TimeZone::UTC);
     hearth_rules::schedule::motion_targets(set, &tz, timestamp(now))
         .into_iter()
@@ -68,7 +71,13 @@ pub fn motion_targets(set: &RuleSet, now: u64) -> Vec<crate::lan::Target> {
             let device = t.device.parse().ok();
             let key = hearth_proto::b64::decode(&t.key).ok().and_then(|k| hearth_proto::keys::PublicKey::from_sec1(&k).ok());
             match (device, key) {
-                (Some(device), Some(key)) => Some(crate::lan::Target { device, key, addr: t.lan.clone(), off_after_secs }),
+                (Some(device), Some(key)) => Some(crate::lan::Target {
+                    device,
+                    key,
+                    addr: t.lan.clone(),
+                    off_after_secs,
+                    cloud_path: t.allow_cloud || !cadence,
+                }),
                 _ => {
                     tracing::warn!(target = %t.device, "motion rule: unreadable target id or key; skipped");
                     None

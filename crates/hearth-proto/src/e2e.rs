@@ -297,6 +297,17 @@ fn unpad(padded: &[u8]) -> Option<Vec<u8>> {
     padded.get(2..2 + len).map(<[u8]>::to_vec)
 }
 
+/// `len (u16 big-endian) ‖ inner ‖ zeros` of exactly `size` bytes, for
+/// reports whose length must not vary at all (ADR 0011).
+fn pad_exact(inner: &[u8], size: usize) -> Result<Vec<u8>, Error> {
+    if 2 + inner.len() > size {
+        return Err(Error::Encode("sealed body larger than its fixed size"));
+    }
+    let mut out = pad(inner)?;
+    out.resize(size, 0);
+    Ok(out)
+}
+
 /// Seals `inner` (a signed envelope) for `recipients` and signs the result
 /// with the device key. Steps 1–4 of the module documentation.
 pub fn seal<R: RngCore + CryptoRng>(
@@ -304,6 +315,32 @@ pub fn seal<R: RngCore + CryptoRng>(
     header: SealedHeader,
     inner: &[u8],
     recipients: &[(ControllerId, EncPublicKey)],
+    rng: &mut R,
+) -> Result<Vec<u8>, Error> {
+    seal_padded(device_key, header, inner, recipients, None, rng)
+}
+
+/// [`seal`] with the body padded to exactly `size` bytes instead of the
+/// next multiple of [`PAD_TO`]: every report of a fixed-cadence device
+/// (ADR 0011) then has one length, whether it carries motion events or
+/// none. Fails (nothing is sealed) when `inner` does not fit.
+pub fn seal_fixed<R: RngCore + CryptoRng>(
+    device_key: &SigningKey,
+    header: SealedHeader,
+    inner: &[u8],
+    recipients: &[(ControllerId, EncPublicKey)],
+    size: usize,
+    rng: &mut R,
+) -> Result<Vec<u8>, Error> {
+    seal_padded(device_key, header, inner, recipients, Some(size), rng)
+}
+
+fn seal_padded<R: RngCore + CryptoRng>(
+    device_key: &SigningKey,
+    header: SealedHeader,
+    inner: &[u8],
+    recipients: &[(ControllerId, EncPublicKey)],
+    size: Option<usize>,
     rng: &mut R,
 ) -> Result<Vec<u8>, Error> {
     use aes_gcm::aead::{Aead as _, KeyInit, Payload};
@@ -319,7 +356,10 @@ pub fn seal<R: RngCore + CryptoRng>(
     // nonce can never repeat under it.
     let aad = body_aad(&header)?;
     let cipher = aes_gcm::Aes128Gcm::new_from_slice(&cek).map_err(|_| Error::Encode("content key"))?;
-    let padded = pad(inner)?;
+    let padded = match size {
+        Some(size) => pad_exact(inner, size)?,
+        None => pad(inner)?,
+    };
     let body = cipher
         .encrypt(&nonce.into(), Payload { msg: &padded, aad: &aad })
         .map_err(|_| Error::Encode("sealed body"))?;
@@ -574,6 +614,9 @@ mod tests {
         assert_eq!(pad(&[0; 254]).unwrap().len(), PAD_TO);
         assert_eq!(pad(&[0; 255]).unwrap().len(), 2 * PAD_TO);
         assert_eq!(unpad(&[0, 9, 1]), None);
+        assert_eq!(pad_exact(b"abc", 1024).unwrap().len(), 1024);
+        assert_eq!(unpad(&pad_exact(b"abc", 1024).unwrap()).unwrap(), b"abc");
+        assert!(pad_exact(&[0; 1023], 1024).is_err(), "a body that does not fit is refused, not grown");
     }
 
     /// RFC 9180 Appendix A.3.1 (DHKEM(P-256, HKDF-SHA256), HKDF-SHA256,

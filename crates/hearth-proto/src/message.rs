@@ -435,6 +435,14 @@ pub enum Cause {
         /// What happened, for people.
         event: String,
     },
+    /// A fixed-cadence report (ADR 0011): sent on schedule whether or not
+    /// anything happened, so its timing tells the cloud nothing.
+    Cadence {
+        /// Device-clock times (unix seconds) of the motion seen since the
+        /// previous report, oldest first, at most [`MAX_MOTION_BATCH`].
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        motion_at: Vec<u64>,
+    },
 }
 
 /// Device → all controllers: the current state. Signed by the device.
@@ -457,6 +465,10 @@ pub struct StatePayload {
     /// Why this report was made.
     pub cause: Cause,
 }
+
+/// Most motion events one fixed-cadence report carries; a device that saw
+/// more in one period keeps the first ones and the latest (ADR 0011).
+pub const MAX_MOTION_BATCH: usize = 16;
 
 pub(crate) fn to_cbor<T: Serialize>(value: &T, what: &'static str) -> Result<Vec<u8>, Error> {
     let mut out = Vec::new();

@@ -281,6 +281,16 @@ pub struct MotionTarget {
     /// sends through its cloud link only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lan: Option<String>,
+    /// The owner allowed the cloud-link fallback while the sensor reports
+    /// on a fixed cadence (ADR 0011). A command sent through the cloud at
+    /// motion time tells the cloud when someone walked past, which the
+    /// cadence exists to hide, so without this the sensor uses the LAN only.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub allow_cloud: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// Longest accepted base64url key text in a [`MotionTarget`].
@@ -376,7 +386,20 @@ pub struct RuleSet {
     /// The rules.
     #[serde(default)]
     pub rules: Vec<Rule>,
+    /// Fixed-cadence reporting (ADR 0011): `None` is the device's default
+    /// (a fixed 30 s cadence on motion sensors, immediate reports
+    /// elsewhere); `Some(0)` reports every change at once (the owner's
+    /// explicit choice: the cloud then learns when motion happens);
+    /// `Some(n)` with n in [`MIN_REPORT_EVERY_SECS`]..=[`MAX_REPORT_EVERY_SECS`]
+    /// sends one fixed-size sealed report every n seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report_every_secs: Option<u32>,
 }
+
+/// Shortest reporting cadence the owner may set (seconds).
+pub const MIN_REPORT_EVERY_SECS: u32 = 10;
+/// Longest reporting cadence the owner may set (seconds).
+pub const MAX_REPORT_EVERY_SECS: u32 = 600;
 
 /// One change to a rule set; a batch of them applies atomically.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -444,6 +467,7 @@ impl RuleSet {
             interlocks: InterlockConfig::default(),
             energy: EnergyConfig::default(),
             rules: Vec::new(),
+            report_every_secs: None,
         }
     }
 
@@ -484,6 +508,11 @@ impl RuleSet {
         }
         self.interlocks.validate()?;
         self.energy.validate()?;
+        if let Some(n) = self.report_every_secs {
+            if n != 0 && !(MIN_REPORT_EVERY_SECS..=MAX_REPORT_EVERY_SECS).contains(&n) {
+                return Err(range_err("report_every_secs", "must be 0 (immediate) or 10 s … 10 min"));
+            }
+        }
         let has_loc = self.location.is_some();
         let mut ids: Vec<u32> = Vec::with_capacity(self.rules.len());
         let mut countdowns = 0;

@@ -238,6 +238,19 @@ pub fn device_key(cfg: &Config, dev: &ListedDevice) -> Option<(PublicKey, &'stat
 }
 
 /// A state in words ("ON, 12.0 W").
+/// Motion times from a fixed-cadence report (ADR 0011), as UTC clock times.
+fn motion_times(at: &[u64]) -> String {
+    at.iter()
+        .map(|&secs| {
+            i64::try_from(secs)
+                .ok()
+                .and_then(|s| hearth_rules::jiff::Timestamp::from_second(s).ok())
+                .map_or_else(|| secs.to_string(), |t| t.strftime("%H:%M:%S UTC").to_string())
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 pub fn describe_state(s: &DeviceState) -> String {
     let mut parts = Vec::new();
     if let Some(r) = s.relay {
@@ -515,6 +528,8 @@ pub async fn watch(cfg: &Config, json_lines: bool, count: Option<usize>, duratio
                         Cause::Rule { rule: None } => "by a rule on the device".into(),
                         Cause::Interlock { event } => format!("safety interlock: {event}"),
                         Cause::Energy { event } => format!("energy: {event}"),
+                        Cause::Cadence { motion_at } if motion_at.is_empty() => "scheduled report".into(),
+                        Cause::Cadence { motion_at } => format!("scheduled report; motion at {}", motion_times(motion_at)),
                     };
                     println!("{}: {} ({why})", dev.name, describe_state(&s.state));
                 }

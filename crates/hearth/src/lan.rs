@@ -78,6 +78,12 @@ pub struct MotionArgs {
     /// sensor uses its cloud link).
     #[arg(long, value_name = "ADDR")]
     pub target_lan: Option<String>,
+    /// Let the sensor switch the target through its cloud link when the
+    /// LAN does not reach it. This reveals to the cloud when motion
+    /// happened, which the sensor's fixed-cadence reports otherwise hide
+    /// (ADR 0011); without it the rule works over the LAN only.
+    #[arg(long)]
+    pub allow_cloud_path: bool,
 }
 
 fn cache_path(cfg: &Config) -> std::path::PathBuf {
@@ -335,7 +341,7 @@ pub async fn motion_rule(cfg: &mut Config, sensor: &str, m: &MotionArgs, args: &
         bail!("--after-sunset needs {sensor_name}'s location in its rule set (hearth rules {sensor_name} set FILE with \"location\")");
     }
     let base = set.version;
-    let target_field = MotionTarget { device: plug_id.to_string(), key: b64::encode(plug_key.to_sec1()), lan: target_lan.clone() };
+    let target_field = MotionTarget { device: plug_id.to_string(), key: b64::encode(plug_key.to_sec1()), lan: target_lan.clone(), allow_cloud: m.allow_cloud_path };
     // One rule per target: a new one replaces the old.
     set.rules.retain(|r| !matches!(&r.kind, RuleKind::Motion(x) if x.target.as_ref().is_some_and(|t| t.device == target_field.device)));
     let id = set.rules.iter().map(|r| r.id).max().unwrap_or(0) + 1;
@@ -348,9 +354,11 @@ pub async fn motion_rule(cfg: &mut Config, sensor: &str, m: &MotionArgs, args: &
     let json = String::from_utf8(set.to_json()).context("rule set encoding")?;
     let (r, path) = send_via(cfg, &sensor_id, &sensor_key, Command::SetRules { base_version: base, rules: json }, &sensor_args).await?;
     done(&sensor_name, "the rule", &r, &path)?;
-    let how = match &target_lan {
-        Some(a) => format!("over the LAN at {a}, else the cloud link"),
-        None => "over the cloud link (no LAN address known for it)".to_owned(),
+    let how = match (&target_lan, m.allow_cloud_path) {
+        (Some(a), true) => format!("over the LAN at {a}, else the cloud link (the cloud then sees when motion happens)"),
+        (Some(a), false) => format!("over the LAN at {a} only (--allow-cloud-path to fall back to the cloud link, which shows the cloud when motion happens)"),
+        (None, true) => "over the cloud link (no LAN address known for it; the cloud sees when motion happens)".to_owned(),
+        (None, false) => "over the LAN only, and no LAN address is known for it: the rule does nothing until the sensor finds it by mDNS (--allow-cloud-path to use the cloud link, which shows the cloud when motion happens)".to_owned(),
     };
     println!("{sensor_name}: motion switches {plug_name} on, off after {off_after_secs} s without motion, {how} (rule {id}, {path})");
     Ok(0)

@@ -134,7 +134,11 @@ async fn the_cloud_never_holds_plaintext_state_motion_or_energy() {
     recorded.append(&mut again.recorded);
     agent.shutdown().await.unwrap();
 
-    let (_pki, _cloud, sensor, sagent, mut slink, _owner) = paired(DeviceKind::MotionSensor).await;
+    let (_pki, _cloud, sensor, sagent, mut slink, mut sowner) = paired(DeviceKind::MotionSensor).await;
+    // Immediate reporting (the owner's opt-out of ADR 0011's cadence), so
+    // each motion has its own report; `the_cloud_cannot_tell_motion_from_none`
+    // covers the scheduled reports.
+    crate::support::set_report_every(&mut slink, &mut sowner, &sensor.public_key(), 0).await;
     sagent.walk_past().await.unwrap();
     assert_eq!(slink.state(&sensor.public_key()).await.state.motion, Some(true));
     assert_eq!(slink.state(&sensor.public_key()).await.state.motion, Some(false));
@@ -439,4 +443,180 @@ async fn no_frame_the_cloud_can_build_resets_the_device() {
     let snap = agent.snapshot().await.unwrap();
     assert!(snap.setup_mode && snap.controllers.is_empty());
     agent.shutdown().await.unwrap();
+}
+
+/// One frame as the cloud saw it: when (after the on-connect report), how
+/// long on the wire, and what type.
+#[derive(Debug, Clone)]
+struct Seen {
+    at: std::time::Duration,
+    len: usize,
+    kind: &'static str,
+    frame: DeviceFrame,
+}
+
+/// How far apart the harness may see twin frames. On a paused clock tokio
+/// advances to the next timer whenever the runtime waits for a socket, so
+/// a frame may be *recorded* up to one agent tick (1 s) after it was sent,
+/// depending on where the agent's one-second tick falls (in practice the
+/// twins are within a few ms). The positive control differs by whole frames.
+const SKEW: std::time::Duration = std::time::Duration::from_millis(1100);
+
+/// Motion sensor cadence tests run this many default periods.
+const PERIODS: u64 = 5;
+
+/// Runs a freshly paired motion sensor for [`PERIODS`] reporting periods
+/// on tokio's paused clock, with a person walking past at `walks` (seconds
+/// after the on-connect report) and the cloud pinging every 15 s as the
+/// real one does. `immediate`: the owner first opts out of the cadence
+/// (`report_every_secs: 0`). Returns every frame the cloud saw in that
+/// window, and the reports decrypted by the owner with their arrival.
+async fn observe_sensor(immediate: bool, walks: &[u64]) -> (Vec<Seen>, Vec<(std::time::Duration, message::StatePayload)>) {
+    use std::time::Duration;
+    use tokio::time::{sleep_until, Instant};
+    let period = hearth_device::protocol::DEFAULT_MOTION_REPORT_EVERY_SECS;
+    let pki = Pki::new();
+    let cloud = FakeCloud::genuine(&pki).await;
+    let dev = Device::new(&pki, DeviceKind::MotionSensor);
+    let key = dev.public_key();
+    let agent = dev.spawn(cloud.addr);
+    let mut link = cloud.accept().await;
+    link.greeting(&key).await;
+    // The on-connect report: the device's cadence counts from its link.
+    let anchor = link.arrivals[1];
+    let mut owner = Controller::new();
+    owner.pair(&mut link, 1, dev.secret()).await;
+    if immediate {
+        crate::support::set_report_every(&mut link, &mut owner, &key, 0).await;
+    }
+    let start = link.recorded.len();
+    assert!(Instant::now() < anchor + Duration::from_secs(5), "setup must end before the first walk");
+    // From here on tokio's clock is paused: the minutes below take no real
+    // time and the device's timers fire exactly on schedule. (Paused from
+    // the start, every socket round trip of the TLS handshake and pairing
+    // would advance it by a whole timer step and trip the harness's waits.)
+    tokio::time::pause();
+    let end = anchor + Duration::from_secs(period * PERIODS) + Duration::from_secs(1);
+    let mut pending: std::collections::VecDeque<Instant> = walks.iter().map(|s| anchor + Duration::from_secs(*s)).collect();
+    let ping_every = Duration::from_secs(15);
+    let mut next_ping = anchor + ping_every;
+    let mut n = 0;
+    loop {
+        let next_walk = pending.front().copied().unwrap_or(end);
+        let wake = next_walk.min(next_ping).min(end);
+        tokio::select! {
+            f = link.try_recv_within(Duration::from_secs(period * PERIODS * 2)) => {
+                f.expect("the sensor closed the link");
+            }
+            () = sleep_until(wake) => {
+                let now = Instant::now();
+                if now >= end {
+                    break;
+                }
+                if next_walk <= now {
+                    pending.pop_front();
+                    agent.walk_past().await.unwrap();
+                }
+                if next_ping <= now {
+                    n += 1;
+                    link.send(&CloudFrame::Ping { n }).await;
+                    next_ping += ping_every;
+                }
+            }
+        }
+    }
+    agent.shutdown().await.unwrap();
+    // The next run's setup needs real time again (see `pause` above).
+    tokio::time::resume();
+    let mut seen = Vec::new();
+    let mut reports = Vec::new();
+    for i in start..link.recorded.len() {
+        let frame = link.recorded[i].clone();
+        let at = link.arrivals[i] - anchor;
+        let kind = match &frame {
+            DeviceFrame::State { envelope } => {
+                reports.push((at, crate::support::open_state(envelope, &link.device, &key).expect("sealed for the owner")));
+                "state"
+            }
+            DeviceFrame::Pong { .. } => "pong",
+            DeviceFrame::Result { .. } => "result",
+            DeviceFrame::Command { .. } => "command",
+            _ => "other",
+        };
+        seen.push(Seen { at, len: link.sizes[i], kind, frame });
+    }
+    (seen, reports)
+}
+
+/// Whether two recordings look the same to the cloud: the same frames in
+/// the same order, of the same types and lengths, each within [`SKEW`] of
+/// its twin. `Err` says where they differ.
+fn same_traffic(a: &[Seen], b: &[Seen]) -> Result<(), String> {
+    if a.len() != b.len() {
+        return Err(format!("{} frames vs {}", a.len(), b.len()));
+    }
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        let dt = x.at.abs_diff(y.at);
+        if x.kind != y.kind || x.len != y.len || dt > SKEW {
+            return Err(format!("frame {i}: {} {} B at {:?} vs {} {} B at {:?}", x.kind, x.len, x.at, y.kind, y.len, y.at));
+        }
+    }
+    Ok(())
+}
+
+/// Issue 3, occupancy leak (ADR 0011): the cloud records a motion sensor
+/// for five reporting periods twice, once with six walk-pasts and once
+/// with none. Both recordings hold the same frames of the same lengths at
+/// the same times (a fixed-size report every 30 s, and the pongs to its
+/// own pings), and no plaintext; the owner still gets every motion, in
+/// the first report after it (at most one period late).
+#[tokio::test]
+async fn the_cloud_cannot_tell_motion_from_none() {
+    let period = hearth_device::protocol::DEFAULT_MOTION_REPORT_EVERY_SECS;
+    let walks = [7, 8, 41, 95, 100, 101];
+    let (busy, busy_reports) = observe_sensor(false, &walks).await;
+    let (quiet, quiet_reports) = observe_sensor(false, &[]).await;
+    same_traffic(&busy, &quiet).unwrap();
+
+    let states: Vec<&Seen> = busy.iter().filter(|s| s.kind == "state").collect();
+    assert_eq!(states.len() as u64, PERIODS, "one report per period, nothing else: {busy:?}");
+    for (k, s) in states.iter().enumerate() {
+        let due = std::time::Duration::from_secs(period * (k as u64 + 1));
+        assert!(s.at.abs_diff(due) <= SKEW, "report {k} at {:?}, due {due:?}", s.at);
+    }
+    assert!(busy.iter().all(|s| matches!(s.kind, "state" | "pong")), "only scheduled reports and pongs: {busy:?}");
+    let frames: Vec<DeviceFrame> = busy.iter().chain(&quiet).map(|s| s.frame.clone()).collect();
+    assert_eq!(leaks(&frames), Vec::<String>::new(), "plaintext found in the cloud's recording");
+
+    // The owner reads every walk-past, in the report that closes its period.
+    let mut delivered = 0;
+    for (k, (at, report)) in busy_reports.iter().enumerate() {
+        let (from, to) = (period * k as u64, period * (k as u64 + 1));
+        let expected = walks.iter().filter(|w| **w > from && **w <= to).count();
+        match &report.cause {
+            message::Cause::Cadence { motion_at } => {
+                assert_eq!(motion_at.len(), expected, "report {k} at {at:?} carries the motion of ({from} s, {to} s]");
+                assert_eq!(report.state.motion, Some(expected > 0));
+                delivered += motion_at.len();
+            }
+            other => panic!("report {k}: expected a scheduled report, got {other:?}"),
+        }
+    }
+    assert_eq!(delivered, walks.len(), "every walk-past reached the owner");
+    for (_, report) in &quiet_reports {
+        assert_eq!(report.cause, message::Cause::Cadence { motion_at: Vec::new() });
+        assert_eq!(report.state.motion, Some(false));
+    }
+}
+
+/// Positive control for `the_cloud_cannot_tell_motion_from_none`: with
+/// the owner's opt-out (`report_every_secs: 0`, a report at each change)
+/// the same comparison tells the two recordings apart, so it is able to fail.
+#[tokio::test]
+async fn immediate_reports_show_the_cloud_when_someone_walked_past() {
+    let walks = [7, 8, 41, 95, 100, 101];
+    let (busy, _) = observe_sensor(true, &walks).await;
+    let (quiet, _) = observe_sensor(true, &[]).await;
+    let diff = same_traffic(&busy, &quiet).expect_err("immediate reports must be distinguishable");
+    assert!(busy.iter().filter(|s| s.kind == "state").count() >= walks.len(), "{diff}");
 }

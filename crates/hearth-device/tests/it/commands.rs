@@ -121,6 +121,8 @@ async fn a_motion_sensor_refuses_relay_commands_and_reports_motion() {
     let r = link.command(owner.sign(dev.id(), Command::GetState), &key).await;
     assert_eq!(r.state, DeviceState { relay: None, motion: Some(false), power_mw: None, firmware: None, brightness: None });
 
+    // The owner's opt-out of fixed-cadence reports (ADR 0011): one report per motion.
+    crate::support::set_report_every(&mut link, &mut owner, &key, 0).await;
     agent.walk_past().await.unwrap();
     let seen = link.state(&key).await;
     let gone = link.state(&key).await;

@@ -113,7 +113,7 @@ impl FakeCloud {
         let stream = self.acceptor.accept(tcp).await.expect("handshake with the device failed");
         let cert = stream.get_ref().1.peer_certificates().unwrap()[0].clone();
         let (device, _) = hearth_pki::device_identity(&cert).unwrap();
-        Link { stream, device, buf: Vec::new(), recorded: Vec::new() }
+        Link { stream, device, buf: Vec::new(), recorded: Vec::new(), sizes: Vec::new(), arrivals: Vec::new() }
     }
 
     /// Runs the TLS handshake on the next connection and reports its outcome.
@@ -130,6 +130,12 @@ pub struct Link {
     buf: Vec<u8>,
     /// Every frame the device sent, as the (malicious) cloud recorded it.
     pub recorded: Vec<DeviceFrame>,
+    /// The length on the wire (length prefix and body) of each frame in
+    /// `recorded`, as the cloud measured it.
+    pub sizes: Vec<usize>,
+    /// When each frame in `recorded` arrived, on tokio's clock (so a test
+    /// on a paused clock gets exact, repeatable times).
+    pub arrivals: Vec<tokio::time::Instant>,
 }
 
 impl Link {
@@ -144,14 +150,22 @@ impl Link {
 
     /// The next frame, or `None` when the device closed the link.
     pub async fn try_recv(&mut self) -> Option<DeviceFrame> {
+        self.try_recv_within(WAIT).await
+    }
+
+    /// [`Link::try_recv`] waiting at most `wait` for each read.
+    /// Cancel-safe: a frame is taken from the buffer only when complete.
+    pub async fn try_recv_within(&mut self, wait: Duration) -> Option<DeviceFrame> {
         loop {
             if let Some((frame, used)) = link::decode_frame::<DeviceFrame>(&self.buf).unwrap() {
                 self.buf.drain(..used);
                 self.recorded.push(frame.clone());
+                self.sizes.push(used);
+                self.arrivals.push(tokio::time::Instant::now());
                 return Some(frame);
             }
             let mut chunk = [0u8; 4096];
-            let n = tokio::time::timeout(WAIT, self.stream.read(&mut chunk)).await.expect("device sent nothing");
+            let n = tokio::time::timeout(wait, self.stream.read(&mut chunk)).await.expect("device sent nothing");
             match n {
                 Ok(0) | Err(_) => return None,
                 Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
@@ -342,4 +356,14 @@ pub fn expect_err(outcome: PairOutcome) -> PairError {
 
 pub fn now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+}
+
+/// The owner sets the device's reporting cadence (ADR 0011) with a rule
+/// set holding only `report_every_secs` (0: a report at every change).
+/// The device must be at rule-set version 0.
+pub async fn set_report_every(link: &mut Link, owner: &mut Controller, device_key: &PublicKey, secs: u32) {
+    let rules = format!(r#"{{"version":0,"timezone":"UTC","report_every_secs":{secs}}}"#);
+    let device = link.device.clone();
+    let r = link.command(owner.sign(&device, Command::SetRules { base_version: 0, rules }), device_key).await;
+    assert_eq!(r.outcome, message::Outcome::Done, "the owner sets the reporting cadence");
 }
