@@ -620,3 +620,50 @@ async fn immediate_reports_show_the_cloud_when_someone_walked_past() {
     let diff = same_traffic(&busy, &quiet).expect_err("immediate reports must be distinguishable");
     assert!(busy.iter().filter(|s| s.kind == "state").count() >= walks.len(), "{diff}");
 }
+
+/// A sensor on its default cadence with a motion rule whose target has no
+/// LAN address: how many commands it sends through the cloud link in the
+/// 20 s after a walk-past (paused clock; the rule's quiet period is 10 s).
+async fn motion_rule_commands_through_the_cloud(allow_cloud: bool) -> usize {
+    use std::time::Duration;
+    use tokio::time::{sleep_until, Instant};
+    let pki = Pki::new();
+    let cloud = FakeCloud::genuine(&pki).await;
+    let sensor = Device::new(&pki, DeviceKind::MotionSensor);
+    // Never started: the sensor cannot reach it on the LAN.
+    let lamp = Device::new(&pki, DeviceKind::Plug);
+    let key = sensor.public_key();
+    let agent = sensor.spawn(cloud.addr);
+    let mut link = cloud.accept().await;
+    link.greeting(&key).await;
+    let mut owner = Controller::new();
+    owner.pair(&mut link, 1, sensor.secret()).await;
+    let target = serde_json::json!({"device": lamp.id().to_string(), "key": hearth_proto::b64::encode(lamp.public_key().to_sec1()), "allow_cloud": allow_cloud});
+    let rules = serde_json::json!({"version": 0, "timezone": "UTC", "rules": [{"id": 1, "name": "hall", "kind": {"motion": {
+        "sensor": sensor.id().to_string(), "off_after_secs": 10, "when": "always", "target": target}}}]});
+    let r = link.command(owner.sign(sensor.id(), Command::SetRules { base_version: 0, rules: rules.to_string() }), &key).await;
+    assert_eq!(r.outcome, Outcome::Done);
+    let start = link.recorded.len();
+    tokio::time::pause();
+    agent.walk_past().await.unwrap();
+    let end = Instant::now() + Duration::from_secs(20);
+    loop {
+        tokio::select! {
+            f = link.try_recv_within(Duration::from_secs(60)) => { f.expect("the sensor closed the link"); }
+            () = sleep_until(end) => break,
+        }
+    }
+    agent.shutdown().await.unwrap();
+    tokio::time::resume();
+    link.recorded[start..].iter().filter(|f| matches!(f, DeviceFrame::Command { .. })).count()
+}
+
+/// ADR 0011: on its default cadence a sensor whose motion rule cannot reach
+/// the target on the LAN does not fall back to the cloud link (a command
+/// there leaves at motion time) unless the owner allowed it in the rule;
+/// allowed, the "on" and the "off" go that way (the positive control).
+#[tokio::test]
+async fn a_motion_rule_uses_the_cloud_path_only_when_the_owner_allowed_it() {
+    assert_eq!(motion_rule_commands_through_the_cloud(false).await, 0, "not allowed: nothing through the cloud");
+    assert_eq!(motion_rule_commands_through_the_cloud(true).await, 2, "allowed: on, then off after the quiet period");
+}
