@@ -238,6 +238,14 @@ pub fn device_key(cfg: &Config, dev: &ListedDevice) -> Option<(PublicKey, &'stat
 }
 
 /// A state in words ("ON, 12.0 W").
+/// The motion a fixed-cadence report (ADR 0011) carries; empty for other reports.
+fn motion_batch(cause: &Cause) -> &[u64] {
+    match cause {
+        Cause::Cadence { motion_at } => motion_at,
+        _ => &[],
+    }
+}
+
 /// Motion times from a fixed-cadence report (ADR 0011), as UTC clock times.
 fn motion_times(at: &[u64]) -> String {
     at.iter()
@@ -518,7 +526,14 @@ pub async fn watch(cfg: &Config, json_lines: bool, count: Option<usize>, duratio
                 }
                 last_seq.insert(device.clone(), s.seq);
                 if json_lines {
-                    println!("{}", json!({"event": "state", "device": device, "name": dev.name, "seq": s.seq, "state": s.state, "verified": true}));
+                    let mut line = json!({"event": "state", "device": device, "name": dev.name, "seq": s.seq, "state": s.state, "verified": true});
+                    if !motion_batch(&s.cause).is_empty() {
+                        line["motion_at"] = json!(motion_batch(&s.cause));
+                    }
+                    println!("{line}");
+                } else if matches!(&s.cause, Cause::Cadence { motion_at } if motion_at.is_empty()) {
+                    // A scheduled report with nothing in it (ADR 0011): nothing to tell a person.
+                    continue;
                 } else {
                     let why = match &s.cause {
                         Cause::Command { controller } => format!("by controller {}", &controller.as_str()[..8]),
@@ -938,10 +953,16 @@ pub async fn events(cfg: &Config, wanted: &str, json_lines: bool) -> Result<()> 
                     // reorders or replays history is caught here.
                     let ordered = s.seq > last_seq;
                     last_seq = last_seq.max(s.seq);
+                    let batch = motion_batch(&s.cause);
                     if json_lines {
-                        println!("{}", json!({"seq": s.seq, "at": s.at, "state": s.state, "verified": true, "in_order": ordered}));
+                        let mut line = json!({"seq": s.seq, "at": s.at, "state": s.state, "verified": true, "in_order": ordered});
+                        if !batch.is_empty() {
+                            line["motion_at"] = json!(batch);
+                        }
+                        println!("{line}");
                     } else {
-                        println!("#{:<6} {} {}{}", s.seq, s.at, describe_state(&s.state), if ordered { "" } else { " (OUT OF ORDER: replayed by the cloud?)" });
+                        let when = if batch.is_empty() { String::new() } else { format!(" at {}", motion_times(batch)) };
+                        println!("#{:<6} {} {}{when}{}", s.seq, s.at, describe_state(&s.state), if ordered { "" } else { " (OUT OF ORDER: replayed by the cloud?)" });
                     }
                 }
                 Err(OpenError::NotARecipient) => {
