@@ -159,8 +159,11 @@ pub async fn run(state: AppState, mut tls: Box<TlsStream<TcpStream>>) -> Result<
         Err(e) => Err(e),
     };
 
-    state.router.remove_device(&id, link);
+    // The newest state report reaches the database before the controllers
+    // hear "offline", so a listing they make on that news shows it (the
+    // router's copy goes with the link).
     Box::pin(conn.flush_state(true)).await;
+    state.router.remove_device(&id, link);
     if let Err(e) = Box::pin(state.store.device_seen(id.clone(), unix_now())).await {
         tracing::warn!(error = %e, "could not record last_seen");
     }
