@@ -462,8 +462,10 @@ pub fn spawn_motion_sender<T: From<ToCloud> + Send + 'static>(device: DeviceId, 
                         Ok((Outcome::Refused { reason }, _)) => warn!(target = %t.device, on, %reason, "motion rule: the target refused"),
                         Ok((other, _)) => warn!(target = %t.device, ?other, "motion rule: unexpected answer"),
                         Err(e) => {
-                            if lan_up {
+                            if lan_up && t.cloud_path {
                                 warn!(target = %t.device, on, "motion rule: the target is not reachable on the LAN ({e:#}); using the cloud link");
+                            } else if lan_up {
+                                warn!(target = %t.device, on, "motion rule: the target is not reachable on the LAN ({e:#})");
                             }
                             lan_up = false;
                             if switch && !t.cloud_path {
