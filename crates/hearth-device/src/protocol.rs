@@ -543,6 +543,17 @@ impl DeviceCore {
         self.save(store, next)?;
         self.update_requests.extend(update_request);
         tracing::info!(controller = %decision.controller, counter = decision.counter, command = ?decision.command, relay = self.state.relay, "executed a command");
+        // The owner just turned the cadence off (ADR 0011) while motion
+        // waited for a scheduled report: it goes out now rather than never.
+        // Best effort: the command itself is done and answered either way.
+        if self.report_every().is_none() && !self.motion_batch.is_empty() {
+            let batch = std::mem::take(&mut self.motion_batch);
+            let mut next = self.state.clone();
+            match self.state_frame(&mut next, true, Cause::Cadence { motion_at: batch }, now).and_then(|f| self.save(store, next).map(|()| f)) {
+                Ok(f) => frames.push(f),
+                Err(e) => tracing::warn!(error = %e, "could not report the motion seen before the cadence was turned off"),
+            }
+        }
         Ok(frames)
     }
 
@@ -1415,8 +1426,15 @@ mod tests {
         }
         assert_eq!(set_rules(&mut sensor, &mut store, &owner, 10, rules(600)), Outcome::Done);
         assert_eq!(sensor.report_every(), Some(600));
-        // Immediate: each motion has its own pair of reports, as before.
-        assert_eq!(set_rules(&mut sensor, &mut store, &owner, 11, rules(0)), Outcome::Done);
+        assert!(sensor.walk_past(&mut store, NOW).unwrap().is_empty());
+        // Immediate: motion still waiting goes out with the change, and each
+        // new motion has its own pair of reports, as before.
+        let base_version = sensor.rules().version;
+        let device = sensor.device().clone();
+        let off = Command::SetRules { base_version, rules: rules(0).to_string() };
+        let frames = sensor.handle(CloudFrame::Command { envelope: command_at(&owner, &device, 11, off, NOW) }, &mut store, NOW).unwrap();
+        assert_eq!(result_of(&frames, &sensor, &owner).outcome, Outcome::Done);
+        assert_eq!(causes(&frames, &sensor, &owner), vec![Cause::Cadence { motion_at: vec![NOW] }]);
         assert_eq!(sensor.report_every(), None);
         let frames = sensor.walk_past(&mut store, NOW).unwrap();
         assert_eq!(causes(&frames, &sensor, &owner), vec![Cause::Local, Cause::Local]);
