@@ -159,8 +159,24 @@ const DEVICE_PING: Duration = Duration::from_secs(15);
 const CONTROLLER_IDLE: Duration = Duration::from_secs(60);
 const CONTROLLER_PING: Duration = Duration::from_secs(20);
 
+/// Paused time jumps ahead whenever every task waits; SQLite work runs on
+/// the blocking pool, which holds the clock, but a PostgreSQL query is
+/// network I/O, during which the clock would jump past the deadlines these
+/// tests measure. They test the link timers, not the store, so they run in
+/// the SQLite pass only.
+fn paused_time_is_unreliable() -> bool {
+    let pg = std::env::var("HEARTH_TEST_CLOUD_DB").is_ok_and(|v| v == "postgres");
+    if pg {
+        eprintln!("skipping: paused-time idle test with HEARTH_TEST_CLOUD_DB=postgres (runs in the SQLite pass)");
+    }
+    pg
+}
+
 #[tokio::test]
 async fn a_device_link_that_goes_silent_is_closed_at_the_idle_limit() {
+    if paused_time_is_unreliable() {
+        return;
+    }
     let cloud = Cloud::start().await;
     let dev = crate::support::TestDevice::new(&cloud.manufacturer);
     let mut conn = dev.connect(&cloud).await.unwrap();
@@ -175,6 +191,9 @@ async fn a_device_link_that_goes_silent_is_closed_at_the_idle_limit() {
 
 #[tokio::test]
 async fn a_controller_link_that_goes_silent_is_closed_at_the_idle_limit() {
+    if paused_time_is_unreliable() {
+        return;
+    }
     let cloud = Cloud::start().await;
     let token = cloud.account("silent@example.com").await;
     let mut tls = cloud.tls(cloud.api, None).await.unwrap();
