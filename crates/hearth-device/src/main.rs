@@ -58,6 +58,19 @@ enum Cmd {
         /// standby) or a constant draw like `60w`. Default: a 1.2 kW heater.
         #[arg(long, value_parser = parse_load)]
         load: Option<hearth_rules::energy::LoadProfile>,
+        /// Motion sensors: a script of walk-pasts, one per line, each the
+        /// seconds after start-up when someone walks past (`# comments`
+        /// and blank lines are skipped), e.g. `5` then `65`. Read once at
+        /// start; at most 1,000 entries within a day.
+        #[arg(long, value_name = "FILE")]
+        motion_script: Option<PathBuf>,
+    },
+    /// Simulator: someone walks past the running motion sensor on this
+    /// state directory (signals its agent, found by its `agent.pid`).
+    WalkPast {
+        /// The state directory the agent runs on.
+        #[arg(long, env = "HEARTH_DEVICE_STATE_DIR")]
+        state_dir: PathBuf,
     },
     /// Physical reset of a stopped device: forget every controller and reopen setup mode.
     Reset {
@@ -136,7 +149,9 @@ fn main() -> ExitCode {
 
 fn real_main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Cmd::Run { state_dir, cloud, server_name, user, lan_listen, lan_peer_port, load } => {
+        Cmd::Run { state_dir, cloud, server_name, user, lan_listen, lan_peer_port, load, motion_script } => {
+            // Read before the sandbox: the file may be anywhere.
+            let motion_script = motion_script.as_deref().map(read_motion_script).transpose()?;
             // Bound before the sandbox and the privilege drop (Landlock then
             // refuses any further bind); std sockets need no runtime yet.
             let lan = match lan_listen {
@@ -151,8 +166,10 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
-            rt.block_on(run(AgentOptions { state_dir, cloud_addr_override: cloud, server_name_override: server_name }, lan, load))
+            let opts = AgentOptions { state_dir, cloud_addr_override: cloud, server_name_override: server_name };
+            rt.block_on(run(opts, lan, load, motion_script.unwrap_or_default()))
         }
+        Cmd::WalkPast { state_dir } => walk_past(&state_dir),
         Cmd::Reset { state_dir } => reset(&state_dir),
         Cmd::EnableUpdates { state_dir, root, repository, hardware_model, check_every, max_rate, factory_version } => {
             let root_json = std::fs::read(&root).with_context(|| format!("reading {}", root.display()))?;
@@ -183,7 +200,12 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-async fn run(opts: AgentOptions, lan: Option<lan::Bound>, load: Option<hearth_rules::energy::LoadProfile>) -> anyhow::Result<()> {
+async fn run(
+    opts: AgentOptions,
+    lan: Option<lan::Bound>,
+    load: Option<hearth_rules::energy::LoadProfile>,
+    motion_script: Vec<u32>,
+) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut usr1 = signal(SignalKind::user_defined1()).context("installing the SIGUSR1 handler")?;
@@ -201,39 +223,124 @@ async fn run(opts: AgentOptions, lan: Option<lan::Bound>, load: Option<hearth_ru
         // Tests and scripts read the bound address from this line.
         println!("hearth-device {} lan {addr}", handle.device());
     }
+    // `hearth-device walk-past` finds the agent by this file (the lock
+    // file proves only that some process holds the directory).
+    let pid_file = state_dir.join(PID_FILE);
+    std::fs::write(&pid_file, format!("{}\n", std::process::id())).with_context(|| format!("writing {}", pid_file.display()))?;
+    // The motion script's walk-pasts, as offsets from now.
+    let start = tokio::time::Instant::now();
+    let mut script = motion_script.into_iter();
+    let mut next_walk = script.next();
     // Tests and scripts wait for this line.
     println!("hearth-device {} {} running", handle.device(), handle.kind().as_str());
-    loop {
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => break,
-            _ = term.recv() => break,
-            () = handle.stopped() => {
-                tracing::info!("the agent stopped to start the installed firmware");
-                break;
-            }
-            _ = usr1.recv() => handle.press_reset().await?,
-            _ = recv_opt(&mut long_press) => {
-                let state = handle.press(hearth_rules::model::Press::Long).await?;
-                tracing::info!(?state, "long button press (SIGRTMIN+1)");
-            }
-            _ = recv_opt(&mut double_press) => {
-                let state = handle.press(hearth_rules::model::Press::Double).await?;
-                tracing::info!(?state, "double button press (SIGRTMIN+2)");
-            }
-            // A motion sensor has no button: SIGUSR2 is a person walking
-            // past it (how the simulator is driven from outside, e.g. by
-            // the web app's tests).
-            _ = usr2.recv() => if handle.kind().has(hearth_proto::capability::Capability::Motion) {
-                handle.walk_past().await?;
-                tracing::info!("motion (SIGUSR2)");
-            } else {
-                let state = handle.press_button().await?;
-                tracing::info!(?state, "button pressed (SIGUSR2)");
+    let result: anyhow::Result<()> = async {
+        loop {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => break,
+                _ = term.recv() => break,
+                () = handle.stopped() => {
+                    tracing::info!("the agent stopped to start the installed firmware");
+                    break;
+                }
+                _ = usr1.recv() => handle.press_reset().await?,
+                () = sleep_until_opt(next_walk.map(|at| start + std::time::Duration::from_secs(at.into()))) => {
+                    handle.walk_past().await?;
+                    tracing::info!(at_secs = next_walk, "motion (script)");
+                    next_walk = script.next();
+                }
+                _ = recv_opt(&mut long_press) => {
+                    let state = handle.press(hearth_rules::model::Press::Long).await?;
+                    tracing::info!(?state, "long button press (SIGRTMIN+1)");
+                }
+                _ = recv_opt(&mut double_press) => {
+                    let state = handle.press(hearth_rules::model::Press::Double).await?;
+                    tracing::info!(?state, "double button press (SIGRTMIN+2)");
+                }
+                // A motion sensor has no button: SIGUSR2 is a person walking
+                // past it (how the simulator is driven from outside, e.g. by
+                // the web app's tests).
+                _ = usr2.recv() => if handle.kind().has(hearth_proto::capability::Capability::Motion) {
+                    handle.walk_past().await?;
+                    tracing::info!("motion (SIGUSR2)");
+                } else {
+                    let state = handle.press_button().await?;
+                    tracing::info!(?state, "button pressed (SIGUSR2)");
+                }
             }
         }
+        Ok(())
     }
+    .await;
+    let _ = std::fs::remove_file(&pid_file);
+    result?;
     tracing::info!("shutting down");
     handle.shutdown().await
+}
+
+/// Sleeps until `at`, or forever without one.
+async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The agent's process id, in its state directory while it runs.
+const PID_FILE: &str = "agent.pid";
+/// Bounds on `--motion-script`.
+const MAX_SCRIPT_BYTES: u64 = 64 * 1024;
+const MAX_SCRIPT_ENTRIES: usize = 1000;
+const MAX_SCRIPT_SECS: u32 = 24 * 3600;
+
+/// Parses a motion script: seconds after start, one per line, ascending.
+fn read_motion_script(path: &Path) -> anyhow::Result<Vec<u32>> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).with_context(|| format!("opening the motion script {}", path.display()))?;
+    let mut text = String::new();
+    file.take(MAX_SCRIPT_BYTES + 1).read_to_string(&mut text).with_context(|| format!("reading {}", path.display()))?;
+    anyhow::ensure!(text.len() as u64 <= MAX_SCRIPT_BYTES, "{}: larger than {MAX_SCRIPT_BYTES} bytes", path.display());
+    parse_motion_script(&text).with_context(|| format!("in the motion script {}", path.display()))
+}
+
+fn parse_motion_script(text: &str) -> anyhow::Result<Vec<u32>> {
+    let mut out: Vec<u32> = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let at: u32 = line.parse().map_err(|_| anyhow::anyhow!("line {}: {line:?} is not a number of seconds", n + 1))?;
+        anyhow::ensure!(at <= MAX_SCRIPT_SECS, "line {}: {at} s is more than a day", n + 1);
+        anyhow::ensure!(out.last().is_none_or(|&prev| at >= prev), "line {}: {at} s comes before the line above", n + 1);
+        anyhow::ensure!(out.len() < MAX_SCRIPT_ENTRIES, "more than {MAX_SCRIPT_ENTRIES} walk-pasts");
+        out.push(at);
+    }
+    Ok(out)
+}
+
+/// `hearth-device walk-past`: SIGUSR2 to the motion sensor's running
+/// agent, after checking that the pid in `agent.pid` is still a
+/// `hearth-device run` (a stale file must not signal another program).
+fn walk_past(dir: &Path) -> anyhow::Result<()> {
+    let config = store::load_config(dir)?;
+    anyhow::ensure!(
+        config.kind.has(hearth_proto::capability::Capability::Motion),
+        "{} is a {}, not a motion sensor",
+        config.device,
+        config.kind.as_str()
+    );
+    let pid_file = dir.join(PID_FILE);
+    let text = std::fs::read_to_string(&pid_file)
+        .with_context(|| format!("no running agent on {} (reading {})", dir.display(), pid_file.display()))?;
+    let pid: u32 = text.trim().parse().with_context(|| format!("{}: not a process id", pid_file.display()))?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+    let is_agent = args.first().is_some_and(|a| a.ends_with(b"hearth-device")) && args.contains(&&b"run"[..]);
+    anyhow::ensure!(is_agent, "no running agent on {} (process {pid} is gone or is not hearth-device run)", dir.display());
+    let status = std::process::Command::new("kill").args(["-USR2", &pid.to_string()]).status().context("running kill")?;
+    anyhow::ensure!(status.success(), "kill -USR2 {pid} failed: {status}");
+    println!("{}: someone walked past (agent pid {pid})", config.device);
+    Ok(())
 }
 
 /// Parses `--load`: `kettle`, `tv`, or a constant draw such as `60w`.
@@ -333,4 +440,23 @@ fn show(dir: &Path) -> anyhow::Result<()> {
         println!("controller   {} {:?} since {}", entry.controller, entry.role, entry.added_at);
     }
     Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn motion_scripts_are_parsed_strictly() {
+        assert_eq!(parse_motion_script("# hall\n5\n\n65  # back again\n65\n").unwrap(), vec![5, 65, 65]);
+        assert!(parse_motion_script("").unwrap().is_empty());
+        for bad in ["5\n3\n", "soon\n", "-1\n", "86401\n", "1.5\n"] {
+            assert!(parse_motion_script(bad).is_err(), "{bad:?} accepted");
+        }
+        let many = "1\n".repeat(MAX_SCRIPT_ENTRIES);
+        assert_eq!(parse_motion_script(&many).unwrap().len(), MAX_SCRIPT_ENTRIES);
+        let err = parse_motion_script(&format!("{many}1\n")).unwrap_err();
+        assert!(err.to_string().contains("more than 1000"), "{err}");
+    }
 }

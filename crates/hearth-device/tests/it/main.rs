@@ -14,4 +14,5 @@ mod pairing;
 mod provisioning;
 mod rogue;
 mod sandbox;
+mod walk;
 mod support;
