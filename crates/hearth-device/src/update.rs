@@ -71,10 +71,13 @@ pub struct UpdateConfig {
     /// links, slow flash); `None` is unlimited.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_rate_bytes_per_sec: Option<u64>,
-    /// Real hardware: hand the verified image to this program (RAUC or
-    /// SWUpdate style, see `hearth_updater::install::run_install_command`)
-    /// instead of the built-in A/B slots. Note the agent's sandbox forbids
-    /// starting programs, so this needs a system without that filter.
+    /// Real hardware: hand the verified image to the system updater (RAUC
+    /// or SWUpdate style) instead of the built-in A/B slots. When set, the
+    /// agent only stages the verified image (`hearth_updater::handoff::stage`)
+    /// and exits; the supervisor re-verifies it and runs *its own*
+    /// `--install-command` (ADR 0010). The value here is informational and
+    /// never executed: the state directory is agent-writable, and the
+    /// sandboxed agent must not choose what runs outside the sandbox.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub install_command: Option<Vec<String>>,
 }
@@ -486,13 +489,22 @@ impl Worker {
         self.reporter.status.last_result = record.last_result.as_ref().map(|r| match r {
             UpdateResult::Committed { version, slot } => format!("{version} installed and committed in slot {}", slot.name()),
             UpdateResult::Failed { version, slot, reason } => format!("{version} failed its trial in slot {} and was rolled back: {reason}", slot.name()),
+            UpdateResult::HandedOff { version } => format!("{version} verified and handed to the system updater (install command exited 0)"),
+            UpdateResult::HandoffFailed { version, reason } => format!("{version} was not handed to the system updater: {reason}"),
         });
     }
 
     fn last_failed(&self) -> Option<Version> {
         match hearth_updater::store::load_record(&self.dir).ok()?.last_result? {
-            UpdateResult::Failed { version, .. } => Some(version),
-            UpdateResult::Committed { .. } => None,
+            UpdateResult::Failed { version, .. } | UpdateResult::HandoffFailed { version, .. } => Some(version),
+            UpdateResult::Committed { .. } | UpdateResult::HandedOff { .. } => None,
+        }
+    }
+
+    fn last_handed_off(&self) -> Option<Version> {
+        match hearth_updater::store::load_record(&self.dir).ok()?.last_result? {
+            UpdateResult::HandedOff { version } => Some(version),
+            _ => None,
         }
     }
 
@@ -595,6 +607,12 @@ impl Worker {
         if trigger == Trigger::Timer && self.last_failed().is_some_and(|f| f == version) {
             return Ok(Found::Nothing(format!("{v} failed its trial before; not retried automatically (check or approve to retry)")));
         }
+        // After a hand-off the system updater owns the switch (and the
+        // reboot); `boot.json` still names the old version, so do not hand
+        // the same version over again by timer.
+        if trigger == Trigger::Timer && self.last_handed_off().is_some_and(|h| h == version) {
+            return Ok(Found::Nothing(format!("{v} was handed to the system updater; waiting for it to start {v}")));
+        }
         match self.prefs.policy.mode {
             UpdateMode::Approval if self.prefs.approved.as_deref() != Some(v.as_str()) => return Ok(Found::Offer(v)),
             UpdateMode::Automatic if trigger == Trigger::Timer && self.prefs.policy.window.is_some_and(|w| !w.contains(now.max(0).unsigned_abs())) => {
@@ -627,7 +645,9 @@ impl Worker {
         let src = File::open(&part).with_context(|| format!("opening {}", part.display()))?;
         let meter = Meter::new(src, info.length, rate, &mut self.reporter);
         match &self.config.install_command {
-            Some(cmd) => install::run_install_command(cmd, &self.dir, &running, meter, &expected)?,
+            // The sandbox forbids starting programs: stage for the
+            // supervisor, which runs the hook outside it (ADR 0010).
+            Some(_) => hearth_updater::handoff::stage(&self.dir, &running, meter, &expected)?,
             None => {
                 install::install_to_inactive(&self.dir, meter, &expected)?;
             }

@@ -1,10 +1,9 @@
-//! Installing a verified image: into the inactive slot, or through an
-//! external updater (`install_command`).
+//! Installing a verified image into the inactive slot. (The external
+//! updater hand-off, `install_command`, is in [`crate::handoff`].)
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
 use sha2::{Digest, Sha256};
 
@@ -56,7 +55,7 @@ impl ExpectedImage {
 /// Streams `src` into `out`, never writing past the trusted length, hashing
 /// as it goes (TUF spec 5.7.2 applied to the bytes that land on disk), then
 /// fsyncs. Fails on a short or long stream or a hash mismatch.
-fn copy_verified(mut src: impl Read, out: &mut File, path: &Path, expected: &ExpectedImage) -> Result<(), Error> {
+pub(crate) fn copy_verified(mut src: impl Read, out: &mut File, path: &Path, expected: &ExpectedImage) -> Result<(), Error> {
     let verr = |reason: String| Error::Verify { what: expected.target.clone(), reason };
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 64 * 1024];
@@ -127,51 +126,6 @@ pub fn install_to_inactive(dir: &Path, src: impl Read, expected: &ExpectedImage)
 pub fn install_file_to_inactive(dir: &Path, image: &Path, expected: &ExpectedImage) -> Result<Slot, Error> {
     let f = File::open(image).map_err(Error::io("open", image))?;
     install_to_inactive(dir, f, expected)
-}
-
-/// The `install_command` hook for real hardware (RAUC/SWUpdate style): the
-/// system updater owns the slots and the reboot, Hearth keeps only the
-/// verification.
-///
-/// Contract:
-/// * Refuses `expected.version <= running` before doing anything.
-/// * Streams `src` into `work_dir/incoming.img` with the same length limit
-///   and sha256 check as [`install_to_inactive`], fsyncs it.
-/// * Runs `command[0] command[1..] <image path>` (no shell) with the
-///   environment `HEARTH_UPDATE_VERSION`, `HEARTH_UPDATE_SHA256` (hex),
-///   `HEARTH_UPDATE_LENGTH` and `HEARTH_UPDATE_TARGET`, and waits for it.
-/// * Exit status 0 means the system updater accepted the image; anything
-///   else is [`Error::InstallCommand`]. The image file is removed either way.
-///
-/// # Errors
-/// [`Error::NotNewer`], [`Error::Verify`], [`Error::InstallCommand`], [`Error::Io`].
-pub fn run_install_command(command: &[String], work_dir: &Path, running: &Version, src: impl Read, expected: &ExpectedImage) -> Result<(), Error> {
-    let (program, args) = command.split_first().ok_or_else(|| Error::InstallCommand { command: String::new(), reason: "empty command".into() })?;
-    if expected.version <= *running {
-        return Err(Error::NotNewer { offered: expected.version.clone(), running: running.clone() });
-    }
-    let path: PathBuf = work_dir.join("incoming.img");
-    let result = (|| {
-        let mut out = File::create(&path).map_err(Error::io("create", &path))?;
-        copy_verified(src, &mut out, &path, expected)?;
-        drop(out);
-        let status = Command::new(program)
-            .args(args)
-            .arg(&path)
-            .env("HEARTH_UPDATE_VERSION", expected.version.to_string())
-            .env("HEARTH_UPDATE_SHA256", hex::encode(expected.sha256))
-            .env("HEARTH_UPDATE_LENGTH", expected.length.to_string())
-            .env("HEARTH_UPDATE_TARGET", &expected.target)
-            .status()
-            .map_err(|e| Error::InstallCommand { command: program.clone(), reason: e.to_string() })?;
-        if status.success() {
-            Ok(())
-        } else {
-            Err(Error::InstallCommand { command: program.clone(), reason: status.to_string() })
-        }
-    })();
-    let _ = std::fs::remove_file(&path);
-    result
 }
 
 /// Factory provisioning: copies the factory image into slot A and writes a

@@ -11,8 +11,10 @@
 //!   atomic record write (temp file + fsync + rename + directory fsync).
 //! * [`install`] — [`install::install_to_inactive`] streams a TUF-verified
 //!   image into the inactive slot and switches into trial mode with one
-//!   atomic rename; [`install::run_install_command`] hands the verified image
-//!   to an external updater (RAUC/SWUpdate style) instead.
+//!   atomic rename.
+//! * [`handoff`] — the `install_command` hand-off for real hardware
+//!   (RAUC/SWUpdate style): the sandboxed agent stages the verified image,
+//!   the supervisor re-verifies it and runs the hook, at most once.
 //! * [`supervisor`] — the simulator's boot loader: verifies the boot slot's
 //!   checksum, starts it, runs the trial health check and falls back by itself.
 //!
@@ -32,7 +34,7 @@
 //! After the TUF client (`hearth_tuf::client::Updater`) has downloaded and
 //! verified a target: build [`install::ExpectedImage::from_target`] with the
 //! device's hardware model, call [`install::install_to_inactive`] (or
-//! [`install::run_install_command`] when an `install_command` is configured),
+//! [`handoff::stage`] when an `install_command` hand-off is configured),
 //! then exit; the supervisor sees the pending trial and starts it. Install
 //! only while `boot.json` has no trial (a trial's slot is the inactive one;
 //! [`state::BootRecord::plan_install`] refuses otherwise). Report
@@ -47,6 +49,7 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod handoff;
 pub mod install;
 pub mod state;
 pub mod store;

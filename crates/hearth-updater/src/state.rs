@@ -83,6 +83,20 @@ pub enum UpdateResult {
         /// Why (exit status, health timeout, interrupted trial, bad checksum).
         reason: String,
     },
+    /// `install_command` accepted the image (exit 0): the system updater
+    /// owns it now (ADR 0010 "Install command hand-off"). The slots did not change.
+    HandedOff {
+        /// The version handed over.
+        version: Version,
+    },
+    /// The hand-off failed: the staged image did not verify, the hook
+    /// failed or timed out, or it was interrupted. The running image keeps running.
+    HandoffFailed {
+        /// The version that was staged.
+        version: Version,
+        /// Why.
+        reason: String,
+    },
 }
 
 /// `boot.json`: which slot to start and what each slot holds.

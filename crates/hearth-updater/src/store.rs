@@ -37,6 +37,12 @@ pub mod steps {
     pub const SWITCH_AFTER_RENAME: &str = "switch-after-rename";
     /// The supervisor has started a trial and is waiting for its health report.
     pub const TRIAL_RUNNING: &str = "trial-running";
+    /// Hand-off: the staged image is written and synced, its record not yet.
+    pub const HANDOFF_STAGED: &str = "handoff-staged";
+    /// Hand-off: the supervisor re-verified the stage, not yet marked running.
+    pub const HANDOFF_VERIFIED: &str = "handoff-verified";
+    /// Hand-off: the record is marked running, the hook not yet started.
+    pub const HANDOFF_MARKED: &str = "handoff-marked";
 }
 
 /// Crash-test hook: if [`CRASH_ENV`] names `step`, print `CRASHPOINT <step>`

@@ -35,7 +35,20 @@ pub fn health_file(dir: &Path) -> PathBuf {
 /// [`Error::NoBootableSlot`] when neither slot verifies; [`Error::Io`],
 /// [`Error::BadRecord`].
 pub fn run(dir: &Path, health_timeout: Duration, agent_args: &[OsString]) -> Result<i32, Error> {
+    run_with(dir, health_timeout, None, agent_args)
+}
+
+/// [`run`] with an `install_command` for hand-offs ([`crate::handoff`]):
+/// before every agent start (so never while an agent runs) a pending
+/// hand-off is re-verified and applied, at most once, and its result
+/// recorded in `boot.json` for the agent to report. Without `install`, a
+/// pending hand-off is discarded and recorded as failed.
+///
+/// # Errors
+/// As [`run`].
+pub fn run_with(dir: &Path, health_timeout: Duration, install: Option<&crate::handoff::InstallCommand>, agent_args: &[OsString]) -> Result<i32, Error> {
     loop {
+        crate::handoff::apply_pending(dir, install)?;
         let mut record = store::load_record(dir)?;
         let decision = record.on_boot();
         let slot = decision.slot();
@@ -79,8 +92,9 @@ pub fn run(dir: &Path, health_timeout: Duration, agent_args: &[OsString]) -> Res
             store::save_record(dir, &record)?;
         }
         let status = child.wait().map_err(Error::io("wait for agent", store::slot_image(dir, slot)))?;
-        // The agent may have installed an update and exited to start it.
-        if store::load_record(dir)?.trial.is_some() {
+        // The agent may have installed an update and exited to start it, or
+        // staged one for the install command.
+        if store::load_record(dir)?.trial.is_some() || crate::handoff::pending_path(dir).exists() {
             continue;
         }
         return Ok(status.code().unwrap_or(1));

@@ -19,6 +19,17 @@ struct Args {
     /// Seconds a trial image has to create its health marker.
     #[arg(long, default_value_t = 120)]
     health_timeout: u64,
+    /// Real hardware: the system updater (RAUC/SWUpdate style) that receives
+    /// an image the agent verified and staged, as its last argument. Taken
+    /// only from here, never from the agent-writable state directory.
+    #[arg(long)]
+    install_command: Option<String>,
+    /// An argument for --install-command before the image path (repeatable).
+    #[arg(long = "install-arg", requires = "install_command", allow_hyphen_values = true)]
+    install_args: Vec<String>,
+    /// Seconds the install command may run before it is killed and counted as failed.
+    #[arg(long, default_value_t = 1800)]
+    install_timeout: u64,
     /// Arguments passed to the agent.
     #[arg(last = true)]
     agent_args: Vec<OsString>,
@@ -26,7 +37,11 @@ struct Args {
 
 fn main() {
     let args = Args::parse();
-    match hearth_updater::supervisor::run(&args.state_dir, Duration::from_secs(args.health_timeout), &args.agent_args) {
+    let install = args.install_command.map(|program| hearth_updater::handoff::InstallCommand {
+        argv: std::iter::once(program).chain(args.install_args).collect(),
+        timeout: Duration::from_secs(args.install_timeout),
+    });
+    match hearth_updater::supervisor::run_with(&args.state_dir, Duration::from_secs(args.health_timeout), install.as_ref(), &args.agent_args) {
         Ok(code) => std::process::exit(code),
         Err(e) => {
             eprintln!("hearth-device-supervisor: {e:#}");

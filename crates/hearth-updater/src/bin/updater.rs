@@ -51,6 +51,25 @@ enum Cmd {
         #[arg(long)]
         sha256: String,
     },
+    /// Stage IMAGE for the supervisor's install command (what the sandboxed
+    /// agent does in hand-off mode; used by the crash tests).
+    Stage {
+        /// State directory.
+        #[arg(long)]
+        state_dir: PathBuf,
+        /// Image file.
+        #[arg(long)]
+        image: PathBuf,
+        /// Version from the target's custom metadata.
+        #[arg(long)]
+        version: Version,
+        /// Length from the target metadata.
+        #[arg(long)]
+        length: u64,
+        /// sha256 (hex) from the target metadata.
+        #[arg(long)]
+        sha256: String,
+    },
     /// Print boot.json.
     Status {
         /// State directory.
@@ -77,6 +96,14 @@ fn run(args: Args) -> anyhow::Result<()> {
             let expected = ExpectedImage { target: image.display().to_string(), version, length, sha256 };
             let slot = install::install_file_to_inactive(&state_dir, &image, &expected)?;
             println!("installed into slot {}; trial pending", slot.name());
+        }
+        Cmd::Stage { state_dir, image, version, length, sha256 } => {
+            let sha256: [u8; 32] = hex::decode(&sha256).ok().and_then(|b| b.try_into().ok()).context("--sha256 must be 64 hex digits")?;
+            let expected = ExpectedImage { target: image.display().to_string(), version, length, sha256 };
+            let running = store::load_record(&state_dir)?.running_version().cloned().context("boot.json records no running version")?;
+            let src = std::fs::File::open(&image).with_context(|| format!("open {}", image.display()))?;
+            hearth_updater::handoff::stage(&state_dir, &running, src, &expected)?;
+            println!("staged for the install command");
         }
         Cmd::Status { state_dir } => {
             let record = store::load_record(&state_dir)?;

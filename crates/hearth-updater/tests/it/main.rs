@@ -9,10 +9,11 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use hearth_updater::handoff;
 use hearth_updater::install::{self, ExpectedImage};
 use hearth_updater::state::{BootRecord, Slot, UpdateResult};
 use hearth_updater::store::{self, steps};
-use hearth_updater::{Error, Version};
+use hearth_updater::Error;
 use sha2::{Digest, Sha256};
 
 const UPDATER: &str = env!("CARGO_BIN_EXE_hearth-updater");
@@ -351,43 +352,198 @@ fn kill_9_of_the_supervisor_during_a_trial_reverts_on_next_start() {
     assert!(reason.contains("interrupted"), "{reason}");
 }
 
-#[test]
-fn install_command_hook_gets_the_verified_image_and_its_metadata() {
-    let tmp = tempfile::tempdir().unwrap();
-    let log = tmp.path().join("hook.log");
-    let hook = tmp.path().join("hook.sh");
-    std::fs::write(
-        &hook,
-        format!(
-            "#!/bin/sh\necho \"$1 $HEARTH_UPDATE_VERSION $HEARTH_UPDATE_LENGTH $HEARTH_UPDATE_SHA256 $HEARTH_UPDATE_TARGET\" > {}\nsha256sum \"$1\" >> {}\nexit ${{HOOK_EXIT:-0}}\n",
-            log.display(),
-            log.display()
-        ),
-    )
-    .unwrap();
-    let command = vec!["/bin/sh".to_owned(), hook.display().to_string()];
-    let image = b"firmware v2 bytes".to_vec();
-    let sha: [u8; 32] = Sha256::digest(&image).into();
-    let expected = ExpectedImage { target: "fw/sim-2".into(), version: "2".parse().unwrap(), length: image.len() as u64, sha256: sha };
-    let running: Version = "1".parse().unwrap();
-    install::run_install_command(&command, tmp.path(), &running, &image[..], &expected).unwrap();
-    let text = std::fs::read_to_string(&log).unwrap();
-    let path = tmp.path().join("incoming.img");
-    assert_eq!(text.lines().next().unwrap(), format!("{} 2 {} {} fw/sim-2", path.display(), image.len(), hex::encode(sha)));
-    assert!(text.lines().nth(1).unwrap().starts_with(&hex::encode(sha)), "the hook saw the exact verified bytes");
-    assert!(!path.exists(), "the handed-over image is removed afterwards");
+/// A fake system updater: appends "<image path> <sha256 of the image>
+/// <HEARTH_UPDATE_VERSION> <HEARTH_UPDATE_SHA256>" to `hook.log` next to
+/// it, then exits with `$HOOK_EXIT` (default 0) or sleeps with `HOOK_SLEEP`.
+struct Hook {
+    script: PathBuf,
+    log: PathBuf,
+}
 
-    // A failing system updater is an error. (The exit code comes through an
-    // argument, not set_var: other tests spawn processes concurrently.)
-    std::fs::remove_file(&log).unwrap();
-    let failing = vec!["/usr/bin/env".to_owned(), "HOOK_EXIT=1".to_owned(), "/bin/sh".to_owned(), hook.display().to_string()];
-    let err = install::run_install_command(&failing, tmp.path(), &running, &image[..], &expected).unwrap_err();
-    assert!(matches!(err, Error::InstallCommand { .. }), "{err}");
-    // Bad bytes or a lower version never reach the hook.
-    std::fs::remove_file(&log).unwrap();
-    let tampered = b"firmware v2 bytez".to_vec();
-    assert!(matches!(install::run_install_command(&command, tmp.path(), &running, &tampered[..], &expected), Err(Error::Verify { .. })));
-    let newer: Version = "3".parse().unwrap();
-    assert!(matches!(install::run_install_command(&command, tmp.path(), &newer, &image[..], &expected), Err(Error::NotNewer { .. })));
-    assert!(!log.exists(), "hook not run");
+impl Hook {
+    fn new(d: &Device) -> Self {
+        let dir = d.images.parent().unwrap().join("hook");
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("hook.log");
+        let script = dir.join("hook.sh");
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\nset -e\nh=$(sha256sum \"$1\" | cut -d' ' -f1)\necho \"$1 $h $HEARTH_UPDATE_VERSION $HEARTH_UPDATE_SHA256\" >> '{}'\n[ -n \"$HOOK_SLEEP\" ] && exec sleep \"$HOOK_SLEEP\"\nexit ${{HOOK_EXIT:-0}}\n",
+                log.display()
+            ),
+        )
+        .unwrap();
+        Hook { script, log }
+    }
+
+    /// Supervisor arguments running the hook through `env` (so each test sets
+    /// its own exit code without touching the test process's environment).
+    fn args(&self, env: &[&str]) -> Vec<String> {
+        let mut a = vec!["--install-command".to_owned(), "/usr/bin/env".to_owned()];
+        for e in env.iter().copied().chain(["/bin/sh", self.script.to_str().unwrap()]) {
+            a.push(format!("--install-arg={e}"));
+        }
+        a
+    }
+
+    fn runs(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.log).unwrap_or_default().lines().map(str::to_owned).collect()
+    }
+}
+
+impl Device {
+    fn stage_cmd(&self, image: &Path, version: &str) -> Command {
+        let mut c = self.install_cmd(image, version);
+        // Same arguments as `install`, but the hand-off subcommand.
+        let args: Vec<_> = c.get_args().skip(1).map(ToOwned::to_owned).collect();
+        c = Command::new(UPDATER);
+        c.arg("stage").args(args);
+        c
+    }
+
+    fn supervise_with(&self, extra: &[String], timeout_secs: u64) -> i32 {
+        let out = Command::new(SUPERVISOR)
+            .arg("--state-dir")
+            .arg(&self.state)
+            .args(["--health-timeout", &timeout_secs.to_string(), "--install-timeout", "2"])
+            .args(extra)
+            .output()
+            .unwrap();
+        eprintln!("supervisor stderr: {}", String::from_utf8_lossy(&out.stderr));
+        out.status.code().unwrap()
+    }
+
+    fn stage_gone(&self) -> bool {
+        !handoff::pending_path(&self.state).exists() && !handoff::staged_path(&self.state).exists()
+    }
+}
+
+fn handoff_failure(r: &BootRecord) -> Option<(String, String)> {
+    match &r.last_result {
+        Some(UpdateResult::HandoffFailed { version, reason }) => Some((version.to_string(), reason.clone())),
+        _ => None,
+    }
+}
+
+#[test]
+fn handoff_hook_runs_once_outside_the_sandbox_with_the_verified_image() {
+    let d = Device::new();
+    d.provision("v1", "1");
+    let hook = Hook::new(&d);
+    let image = d.image("v2", Behaviour::Healthy);
+    let sha = hex::encode(Sha256::digest(std::fs::read(&image).unwrap()));
+    run_ok(&mut d.stage_cmd(&image, "2"));
+    let pending = handoff::load_pending(&d.state).unwrap().unwrap();
+    assert_eq!((pending.version.to_string(), pending.sha256.clone(), pending.state), ("2".into(), sha.clone(), handoff::PendingState::Staged));
+    // A second stage while one is pending is refused.
+    assert!(!d.stage_cmd(&image, "2").output().unwrap().status.success());
+
+    assert_eq!(d.supervise_with(&hook.args(&[]), 5), 0);
+    let staged = handoff::staged_path(&d.state);
+    assert_eq!(hook.runs(), vec![format!("{} {sha} 2 {sha}", staged.display())], "one run, on the exact verified bytes");
+    assert!(matches!(&d.record().last_result, Some(UpdateResult::HandedOff { version }) if version.to_string() == "2"));
+    assert!(d.stage_gone(), "stage deleted");
+    assert_eq!(d.ran(), ["v1"], "the running version was started again, after the hook");
+    assert_eq!(d.active_version(), "1", "the built-in slots are untouched");
+    // Another start does not run the hook again.
+    assert_eq!(d.supervise_with(&hook.args(&[]), 5), 0);
+    assert_eq!(hook.runs().len(), 1);
+}
+
+#[test]
+fn handoff_of_a_tampered_or_lower_stage_never_runs_the_hook() {
+    let d = Device::new();
+    d.provision("v1", "1");
+    let hook = Hook::new(&d);
+    let image = d.image("v2", Behaviour::Healthy);
+    run_ok(&mut d.stage_cmd(&image, "2"));
+    // Flip one byte of the staged image after the agent recorded it.
+    let staged = handoff::staged_path(&d.state);
+    let mut bytes = std::fs::read(&staged).unwrap();
+    let last = bytes.len() - 2;
+    bytes[last] ^= 1;
+    std::fs::write(&staged, &bytes).unwrap();
+    assert_eq!(d.supervise_with(&hook.args(&[]), 5), 0);
+    assert!(hook.runs().is_empty(), "hook not run");
+    let (version, reason) = handoff_failure(&d.record()).unwrap();
+    assert_eq!(version, "2");
+    assert!(reason.contains("sha256"), "{reason}");
+    assert!(d.stage_gone());
+    assert_eq!(d.ran(), ["v1"]);
+
+    // The agent refuses to stage a version that is not newer; a forged
+    // record saying so is refused by the supervisor too.
+    assert!(!d.stage_cmd(&image, "1").output().unwrap().status.success());
+    assert!(d.stage_gone());
+    run_ok(&mut d.stage_cmd(&image, "2"));
+    let p = handoff::pending_path(&d.state);
+    let text = std::fs::read_to_string(&p).unwrap().replace("\"version\": \"2\"", "\"version\": \"0.9\"");
+    std::fs::write(&p, text).unwrap();
+    assert_eq!(d.supervise_with(&hook.args(&[]), 5), 0);
+    assert!(hook.runs().is_empty(), "hook not run");
+    assert!(handoff_failure(&d.record()).unwrap().1.contains("not higher"));
+
+    // A staged image with a supervisor lacking --install-command: discarded, recorded.
+    run_ok(&mut d.stage_cmd(&image, "2"));
+    assert_eq!(d.supervise_with(&[], 5), 0);
+    assert!(handoff_failure(&d.record()).unwrap().1.contains("--install-command"));
+    assert!(d.stage_gone());
+}
+
+#[test]
+fn handoff_hook_failure_or_timeout_is_recorded_and_the_running_version_keeps_running() {
+    for (env, expect) in [(&["HOOK_EXIT=3"][..], "exit status: 3"), (&["HOOK_SLEEP=30"][..], "killed")] {
+        let d = Device::new();
+        d.provision("v1", "1");
+        let hook = Hook::new(&d);
+        let image = d.image("v2", Behaviour::Healthy);
+        run_ok(&mut d.stage_cmd(&image, "2"));
+        assert_eq!(d.supervise_with(&hook.args(env), 5), 0);
+        assert_eq!(hook.runs().len(), 1, "{env:?}");
+        let (version, reason) = handoff_failure(&d.record()).unwrap();
+        assert_eq!(version, "2");
+        assert!(reason.contains(expect), "{reason}");
+        assert!(d.stage_gone());
+        assert_eq!(d.ran(), ["v1"]);
+        assert_eq!(d.active_version(), "1");
+    }
+}
+
+/// Decision (ADR 0010): the hook runs **at most once**. Killed before the
+/// durable "running" mark, the next start verifies again and runs it; killed
+/// after it, the stage is discarded and "interrupted" recorded.
+#[test]
+fn kill_9_during_handoff_runs_the_hook_at_most_once_and_starts_the_running_image() {
+    for (step, runs_after) in [(steps::HANDOFF_STAGED, 0), (steps::HANDOFF_VERIFIED, 1), (steps::HANDOFF_MARKED, 0)] {
+        eprintln!("crash at {step}");
+        let d = Device::new();
+        d.provision("v1", "1");
+        let hook = Hook::new(&d);
+        let image = d.image("v2", Behaviour::Healthy);
+        if step == steps::HANDOFF_STAGED {
+            kill_at(d.stage_cmd(&image, "2"), step);
+            assert!(handoff::staged_path(&d.state).exists() && !handoff::pending_path(&d.state).exists());
+        } else {
+            run_ok(&mut d.stage_cmd(&image, "2"));
+            let mut sup = Command::new(SUPERVISOR);
+            sup.arg("--state-dir").arg(&d.state).args(hook.args(&[]));
+            kill_at(sup, step);
+            assert!(hook.runs().is_empty());
+        }
+        assert_eq!(d.supervise_with(&hook.args(&[]), 5), 0);
+        assert_eq!(hook.runs().len(), runs_after, "{step}");
+        assert!(d.stage_gone(), "{step}");
+        assert_eq!(d.ran(), ["v1"], "{step}: the verified running image starts");
+        match (step, &d.record().last_result) {
+            (steps::HANDOFF_STAGED, None) => {}
+            (steps::HANDOFF_VERIFIED, Some(UpdateResult::HandedOff { .. })) => {}
+            (steps::HANDOFF_MARKED, Some(UpdateResult::HandoffFailed { reason, .. })) => assert!(reason.contains("interrupted"), "{reason}"),
+            (s, r) => panic!("{s}: {r:?}"),
+        }
+        // A fresh stage still works afterwards.
+        run_ok(&mut d.stage_cmd(&image, "2"));
+        assert_eq!(d.supervise_with(&hook.args(&[]), 5), 0);
+        assert_eq!(hook.runs().len(), runs_after + 1, "{step}");
+    }
 }
