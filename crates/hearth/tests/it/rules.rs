@@ -86,3 +86,64 @@ fn rules_timer_interlock_and_a_countdown_without_the_cloud() {
     w.stop_cloud();
     assert!(eventually(Duration::from_secs(10), || !relay_in_state_file(&plug)), "the countdown did not fire without a cloud");
 }
+
+/// Issue 5, "Restarting a device keeps its rules, history and interlock
+/// settings", with real processes: after a restart the rule set reads back
+/// unchanged, the power-on policy "off" decides the relay, and the
+/// toggle-rate window counted before the restart still refuses the next
+/// switch (so a restart is no way around the interlock). The energy
+/// history over a restart is covered by hearth-device's
+/// `energy::a_restarted_agent_serves_the_history_it_had` (its image is
+/// written once a minute, too slow for this test).
+#[test]
+fn a_restarted_device_keeps_its_rules_power_on_policy_and_interlock_state() {
+    let w = World::new();
+    let plug = w.provision("kettle", "energy-plug");
+    let mut dev = w.run_device(&plug);
+    let phone = w.controller("phone");
+    phone.signup("fay@example.com");
+    assert!(eventually(Duration::from_secs(10), || phone.run(&["pair", &plug.code, "--name", "kettle"]).status.success()));
+    let rules = w.path("rules.json");
+    std::fs::write(
+        &rules,
+        r#"{"version": 1, "timezone": "Europe/Berlin", "location": {"lat": 52.52, "lon": 13.40}, "power_on": "off",
+            "interlocks": {"max_toggles_per_min": 3, "max_on_secs": 7200,
+                           "over_power": {"limit_w": 2500, "for_secs": 5, "retry_after_secs": 60, "max_retries": 2}},
+            "energy": {"standby_below_mw": 3000, "long_on_hours": 3, "price": {"per_kwh_milli": 315, "currency": "EUR"}},
+            "rules": [
+              {"id": 1, "name": "morning", "kind": {"schedule": {"days": ["mon", "tue", "wed", "thu", "fri"], "at": {"clock": "06:30"}, "action": "on"}}},
+              {"id": 2, "name": "cd", "kind": {"countdown": {"off_after_secs": 1800}}}]}"#,
+    )
+    .unwrap();
+    assert!(phone.ok(&["rules", "kettle", "set", rules.to_str().unwrap()]).contains("version 1"));
+    let before: serde_json::Value = serde_json::from_str(&phone.ok(&["rules", "kettle"])).unwrap();
+    assert_eq!(before["interlocks"]["max_toggles_per_min"], 3);
+    phone.ok(&["on", "kettle"]);
+    phone.ok(&["off", "kettle"]);
+    phone.ok(&["on", "kettle"]);
+    assert!(relay_in_state_file(&plug));
+
+    assert!(dev.terminate().success());
+    drop(dev);
+    let _dev = w.run_device(&plug);
+    // Power-on policy "off": the relay that was on comes back off.
+    assert!(!relay_in_state_file(&plug), "the power-on policy 'off' was not applied");
+    // Three switches in this minute before the restart: the fourth is
+    // still refused after it (exit code 3, with the reason).
+    let mut last = None;
+    assert!(
+        eventually(Duration::from_secs(20), || {
+            let out = phone.run(&["on", "kettle"]);
+            let refused = out.status.code() == Some(3);
+            last = Some(out);
+            refused
+        }),
+        "not refused after the restart: {last:?}"
+    );
+    let err = String::from_utf8_lossy(&last.as_ref().unwrap().stderr).into_owned();
+    assert!(err.contains("safety interlock: too many switches"), "{err}");
+    assert!(!relay_in_state_file(&plug));
+    // The rules, interlocks and energy settings read back unchanged.
+    let after: serde_json::Value = serde_json::from_str(&phone.ok(&["rules", "kettle"])).unwrap();
+    assert_eq!(after, before);
+}
