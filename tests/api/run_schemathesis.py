@@ -30,9 +30,11 @@ import urllib.request
 
 # Every check schemathesis has that judges the API rather than the
 # document's completeness; see the module docstring. Left out:
-# positive_data_acceptance (it wants 2xx for any schema-valid body, but a
-# schema-valid email and password still get 401 from login and a random
-# device id 404: the document cannot say which account exists),
+# positive_data_acceptance (it wants schema-valid input accepted; run by
+# hand with --checks all it reports only rules the document does not
+# express: an email's shape and 254-byte limit, a public key that must be a
+# P-256 point, the pairing request's inner fields, and /link's Upgrade
+# header; each is refused with a 400 that names the rule),
 # use_after_free / ensure_resource_availability / object_level_authorization
 # (need resource-creating links between operations, which this API does not
 # declare; tests/it covers deleted-resource and cross-account cases).
