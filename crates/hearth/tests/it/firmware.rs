@@ -488,3 +488,42 @@ fn kill_9_during_download_slot_write_and_switch_always_starts_a_verified_image()
     assert!(done, "never reached 2.0.0; last status:\n{last}");
     assert_eq!(assert_boots_verified_image(&plug), "2.0.0");
 }
+
+/// Real-hardware hand-off (ADR 0010): with `install_command` in
+/// `update.json`, the sandboxed agent (which cannot start programs) only
+/// verifies and stages v2; the supervisor re-verifies it and runs its own
+/// `--install-command` once, outside the sandbox; the device keeps running
+/// 1.0.0 and reports the hand-off, signed. Not handed over again by timer.
+#[test]
+fn install_command_hand_off_runs_the_hook_once_outside_the_sandboxed_agent() {
+    let mut fw = Fw::new(None);
+    let plug = fw.device("plug", 1, None);
+    let config = plug.state.join("update.json");
+    let mut c: Value = serde_json::from_slice(&std::fs::read(&config).unwrap()).unwrap();
+    c["install_command"] = serde_json::json!(["hand-off"]);
+    std::fs::write(&config, serde_json::to_vec(&c).unwrap()).unwrap();
+    let hook_dir = fw.w.path("hook");
+    std::fs::create_dir_all(&hook_dir).unwrap();
+    let log = hook_dir.join("hook.log");
+    let hook = hook_dir.join("hook.sh");
+    std::fs::write(&hook, format!("#!/bin/sh\necho \"$(sha256sum \"$1\" | cut -d' ' -f1) $HEARTH_UPDATE_VERSION\" >> '{}'\n", log.display())).unwrap();
+
+    let mut cmd = Command::new(supervisor_bin());
+    cmd.arg("--state-dir").arg(&plug.state).args(["--health-timeout", "30", "--install-command", "/bin/sh", "--install-arg"]).arg(&hook);
+    cmd.args(["--", "run", "--state-dir"]).arg(&plug.state).args(["--cloud", &fw.w.device_addr]);
+    cmd.process_group(0);
+    let proc = Proc::spawn(&format!("device {}", plug.id), cmd);
+    proc.wait_line(Duration::from_secs(30), |l| l.contains(" running"));
+    let _dev = Supervised { proc };
+    let phone = fw.owner(&plug);
+    let v2 = fw.image("2.0.0");
+    fw.release(&[("2.0.0", &v2, None)], None);
+    let s = wait_status(&phone, 120, &["firmware 1.0.0 (slot a)", "last install: 2.0.0 verified and handed to the system updater"]);
+    eprintln!("after the hand-off:\n{s}");
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), format!("{} 2.0.0\n", sha256_hex(&v2)), "the hook ran once on the signed v2 bytes");
+    assert!(!plug.state.join("staged-install.img").exists() && !plug.state.join("pending-install.json").exists(), "stage deleted");
+    assert_eq!(assert_boots_verified_image(&plug), "1.0.0", "the built-in slots are untouched");
+    // The 1-second timer keeps checking but does not hand 2.0.0 over again.
+    wait_status(&phone, 30, &["2.0.0 was handed to the system updater; waiting for it to start 2.0.0"]);
+    assert_eq!(std::fs::read_to_string(&log).unwrap().lines().count(), 1);
+}
