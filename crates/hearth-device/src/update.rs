@@ -536,7 +536,11 @@ impl Worker {
                 false
             }
             Ok(Found::Installed(v)) => {
-                tracing::info!(version = %v, "firmware installed into the inactive slot; restarting into it on trial");
+                if self.config.install_command.is_some() {
+                    tracing::info!(version = %v, "firmware verified and staged for the supervisor's install command; exiting");
+                } else {
+                    tracing::info!(version = %v, "firmware installed into the inactive slot; restarting into it on trial");
+                }
                 s.phase = UpdatePhase::Restarting;
                 s.last_check = Some(format!("{v} verified and installed; restarting"));
                 s.offered = Some(v);
@@ -620,9 +624,10 @@ impl Worker {
             }
             _ => {}
         }
-        // Without A/B slots (no supervisor) and no install command there is
-        // nowhere to install to: say so before downloading anything.
-        if self.config.install_command.is_none() && !hearth_updater::store::record_path(&self.dir).exists() {
+        // Without the supervisor (no boot.json) there is nowhere to install
+        // to and nobody to run an install command (the sandboxed agent cannot,
+        // ADR 0010): say so before downloading anything.
+        if !hearth_updater::store::record_path(&self.dir).exists() {
             return Ok(Found::Nothing(format!("{v} is available, but this device has no A/B slots to install it into (run it under hearth-device-supervisor)")));
         }
         // 5.7: the target's hardware model is checked again with the
