@@ -22,6 +22,14 @@ fn readme_rule_examples_parse() {
     for b in blocks {
         let set = RuleSet::from_json(b.as_bytes()).unwrap_or_else(|e| panic!("{e}: {b}"));
         set.time_zone().unwrap();
+        for r in &set.rules {
+            // The device runs only a sensor's rule that names its target
+            // (what `hearth rules motion` stores); a rule without one is
+            // accepted by the model but switches nothing.
+            if let RuleKind::Motion(m) = &r.kind {
+                assert!(m.target.is_some(), "README motion rule without a target: {b}");
+            }
+        }
         kinds.extend(set.rules.iter().map(|r| match r.kind {
             RuleKind::Schedule(_) => "schedule",
             RuleKind::Away(_) => "away",
