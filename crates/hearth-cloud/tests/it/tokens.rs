@@ -171,3 +171,41 @@ async fn unknown_accounts_are_answered_like_wrong_passwords_in_similar_time() {
     assert!(u * 3 >= k && k * 3 >= u, "timing tells accounts apart: wrong password {k:?}, unknown email {u:?}");
     cloud.shutdown().await.unwrap();
 }
+
+/// A live controller link is not a way around a password change: the cloud
+/// re-checks the session at its next 20 s ping and closes the link.
+#[tokio::test]
+async fn a_password_change_closes_live_controller_links_at_the_next_check() {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::Message;
+    // Paused time with PostgreSQL's network I/O jumps past the check (see limits.rs).
+    if std::env::var("HEARTH_TEST_CLOUD_DB").is_ok_and(|v| v == "postgres") {
+        eprintln!("skipping: paused-time test with HEARTH_TEST_CLOUD_DB=postgres (runs in the SQLite pass)");
+        return;
+    }
+    let cloud = Cloud::start().await;
+    let token = cloud.account("live@example.com").await;
+    let tls = cloud.tls(cloud.api, None).await.unwrap();
+    let mut req = "wss://localhost/api/v1/link".into_client_request().unwrap();
+    req.headers_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::client_async(req, tls).await.unwrap();
+    let (status, _) = change(&cloud, &token, PW, "a new password").await;
+    assert_eq!(status, 204);
+    tokio::time::pause();
+    let start = tokio::time::Instant::now();
+    let reason = tokio::time::timeout(Duration::from_secs(120), async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(frame))) => return frame.map(|f| f.reason.to_string()).unwrap_or_default(),
+                None | Some(Err(_)) => return String::new(),
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await
+    .expect("the link outlived the password change");
+    assert!(start.elapsed() <= Duration::from_secs(21), "{:?}", start.elapsed());
+    assert!(reason.contains("session ended"), "{reason:?}");
+    cloud.shutdown().await.unwrap();
+}
