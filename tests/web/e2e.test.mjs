@@ -245,6 +245,44 @@ test("a dimmer's brightness is set with the slider and confirmed by the device",
   await screenshot(owner, "05b-dimmer");
 });
 
+test("a motion rule made in the web app: the CLI reads it from the sensor, and a walk-past switches the light on", async () => {
+  // The desk light is on at 40 % from the test above: off first.
+  await owner.getByRole("button", { name: "Desk light power" }).click();
+  await owner.waitForFunction((id) => /^Off/.test(document.querySelector(`[data-state="${id}"]`)?.textContent || ""), w.devices.desk.id, { timeout: T });
+  await owner.getByRole("link", { name: "Hall sensor" }).click();
+  await owner.locator(`main[data-ready="#/device/${w.devices.hall.id}"]`).waitFor({ timeout: T });
+  await owner.getByLabel("Device to switch on").selectOption({ label: "Desk light" });
+  await owner.getByLabel("Switch off after this many seconds without motion").fill("60");
+  // No LAN address in this test: the sensor may only use its cloud link, which the owner allows here.
+  await owner.getByLabel(/Allow the cloud path/).check();
+  await owner.getByRole("button", { name: "Add motion rule" }).click();
+  await expectFlash(owner, /Added motion: Desk light: Hall sensor may switch Desk light on and off, nothing else/);
+  await owner.locator("[data-motion-rules] li", { hasText: "motion switches Desk light on, off after 1 min without motion (the cloud link)" }).waitFor({ timeout: T });
+  await screenshot(owner, "05c-motion-rule");
+
+  // The CLI, given read access to the sensor from the web app, reads the rule back from the device.
+  const code = /share code: (\S+)/.exec(laptop.run(["key"]))[1];
+  await owner.getByLabel("The other person's share code").fill(code);
+  await owner.getByLabel("Role").selectOption("member");
+  await owner.getByRole("button", { name: "Share", exact: true }).click();
+  await expectFlash(owner, /Shared Hall sensor as member/);
+  const rules = JSON.parse(laptop.run(["rules", w.devices.hall.id]));
+  const motion = rules.rules.filter((r) => r.kind.motion);
+  assert.equal(motion.length, 1, JSON.stringify(rules));
+  assert.equal(motion[0].name, "motion: Desk light");
+  assert.equal(motion[0].enabled, true);
+  const m = motion[0].kind.motion;
+  assert.deepEqual([m.sensor, m.off_after_secs, m.when, m.target.device, m.target.allow_cloud, m.target.lan], [w.devices.hall.id, 60, "always", w.devices.desk.id, true, undefined]);
+  assert.match(m.target.key, /^[A-Za-z0-9_-]{87}$/, "the desk light's SEC1 key, base64url");
+
+  // A walk-past: the sensor signs the switch with its own key and the
+  // light's access list (the switch-only grant) lets it; the web app sees it pushed.
+  await owner.getByRole("link", { name: "Home" }).click();
+  await owner.locator('main[data-ready="#/home"]').waitFor({ timeout: T });
+  w.devices.hall.proc.kill("SIGUSR2");
+  await owner.waitForFunction((id) => /^On/.test(document.querySelector(`[data-state="${id}"]`)?.textContent || ""), w.devices.desk.id, { timeout: T });
+});
+
 test("a member invited from the web app can switch but not share", async () => {
   const member = await phone(b);
   await signup(member, "member@example.com");

@@ -37,6 +37,8 @@ const JS: &str = "text/javascript; charset=utf-8";
 const APP_FILES: &[Asset] = &[
     asset!("app.css", "text/css; charset=utf-8"),
     asset!("icon.svg", "image/svg+xml"),
+    asset!("icon-192.png", "image/png"),
+    asset!("icon-512.png", "image/png"),
     asset!("main.js", JS),
     asset!("ui.js", JS),
     asset!("api.js", JS),
@@ -53,6 +55,10 @@ const APP_FILES: &[Asset] = &[
 
 const INDEX: &[u8] = include_bytes!("../web/index.html");
 const MANIFEST: &[u8] = include_bytes!("../web/manifest.webmanifest");
+/// The service worker. Served from the root so its scope is the whole app
+/// (a worker's default scope is its own directory); it caches the app
+/// shell only, never an API response (see the file and ADR 0007).
+const SERVICE_WORKER: &[u8] = include_bytes!("../web/sw.js");
 
 /// The Content-Security-Policy of every page and file: scripts and styles
 /// only from files of this origin (no inline script or style attribute
@@ -72,6 +78,9 @@ pub fn routes(https: bool, manufacturer_ca_pem: String) -> axum::Router {
         .route("/", get(|| async { file("text/html; charset=utf-8", INDEX) }))
         .route("/index.html", get(|| async { file("text/html; charset=utf-8", INDEX) }))
         .route("/manifest.webmanifest", get(|| async { file("application/manifest+json", MANIFEST) }))
+        // `no-cache` here too: the browser then checks for a new worker on
+        // every navigation instead of trusting its HTTP cache for up to 24 h.
+        .route("/sw.js", get(|| async { file(JS, SERVICE_WORKER) }))
         .route(
             "/app/manufacturer-ca.pem",
             get(move || {
@@ -175,6 +184,67 @@ mod tests {
             let r = get(&app, path).await;
             assert_ne!(r.status(), StatusCode::OK, "{path}");
         }
+    }
+
+    /// The PWA files (ADR 0007): the service worker at the root (so its
+    /// scope is the whole app) as JavaScript under the same CSP, never
+    /// cached by HTTP so an update is found at once; PNG icons the manifest
+    /// lists at the sizes Chromium needs to offer installing.
+    #[tokio::test]
+    async fn service_worker_and_icons_have_their_headers() {
+        let app = routes(false, String::new());
+        let r = get(&app, "/sw.js").await;
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(header(&r, "content-type"), "text/javascript; charset=utf-8");
+        assert_eq!(header(&r, "cache-control"), "no-cache");
+        assert_eq!(header(&r, "content-security-policy"), CSP);
+        assert_eq!(header(&r, "x-content-type-options"), "nosniff");
+        assert!(r.headers().get("set-cookie").is_none());
+        let body = axum::body::to_bytes(r.into_body(), 1 << 20).await.unwrap();
+        assert_eq!(&body[..], SERVICE_WORKER);
+        for (path, size) in [("/app/icon-192.png", 192u32), ("/app/icon-512.png", 512)] {
+            let r = get(&app, path).await;
+            assert_eq!(r.status(), StatusCode::OK, "{path}");
+            assert_eq!(header(&r, "content-type"), "image/png", "{path}");
+            assert_eq!(header(&r, "content-security-policy"), CSP, "{path}");
+            let png = axum::body::to_bytes(r.into_body(), 1 << 20).await.unwrap();
+            // PNG signature, then IHDR with width and height (RFC 2083 §11.2.2).
+            assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n", "{path}");
+            assert_eq!(&png[12..16], b"IHDR", "{path}");
+            let w = u32::from_be_bytes(png[16..20].try_into().unwrap());
+            let h = u32::from_be_bytes(png[20..24].try_into().unwrap());
+            assert_eq!((w, h), (size, size), "{path}");
+        }
+        let manifest: serde_json::Value = serde_json::from_slice(MANIFEST).unwrap();
+        assert_eq!(manifest["display"], "standalone");
+        assert!(manifest["start_url"].as_str().unwrap().starts_with('/'));
+        assert!(!manifest["name"].as_str().unwrap().is_empty());
+        let sizes: Vec<&str> = manifest["icons"].as_array().unwrap().iter().map(|i| i["sizes"].as_str().unwrap()).collect();
+        assert!(sizes.contains(&"192x192") && sizes.contains(&"512x512"), "{sizes:?}");
+        for icon in manifest["icons"].as_array().unwrap() {
+            let src = icon["src"].as_str().unwrap();
+            assert_eq!(get(&app, src).await.status(), StatusCode::OK, "{src}");
+        }
+    }
+
+    /// The worker's shell list is exactly the files served here (all of
+    /// /app/ but the manufacturer CA, plus the page and the manifest):
+    /// a file added to the table but not to the list would be missing
+    /// offline, and a path that is not a static file (an API route above
+    /// all) must never be in it.
+    #[test]
+    fn the_service_worker_caches_exactly_the_shell() {
+        let sw = std::str::from_utf8(SERVICE_WORKER).unwrap();
+        let list = &sw[sw.find("const SHELL = [").unwrap()..];
+        let list = &list[..list.find("];").unwrap()];
+        let mut listed: Vec<&str> = list.split('"').skip(1).step_by(2).collect();
+        listed.sort_unstable();
+        let mut want: Vec<String> = APP_FILES.iter().map(|a| format!("/app/{}", a.name)).collect();
+        want.push("/".into());
+        want.push("/manifest.webmanifest".into());
+        want.sort_unstable();
+        assert_eq!(listed, want);
+        assert!(!sw.contains("\"/api"), "the service worker names an API path");
     }
 
     /// The CSP forbids inline script and style: the app's HTML must have

@@ -358,6 +358,43 @@ export async function setRules(dev, baseVersion, rules) {
   return {};
 }
 
+// A motion rule across devices, as `hearth rules motion SENSOR --target
+// PLUG` makes it (crates/hearth/src/lan.rs motion_rule): first a signed
+// AddController on the target granting the sensor's device key "member,
+// switch only" (the target's access list then lets it switch, never
+// share, revoke or change rules), then a signed SetRules on the sensor
+// with the rule, on the version just read. `opts`: {offAfterSecs, when
+// ("always" | "after_sunset" | {between: {start, end}}), lan, allowCloud}.
+// Both devices must have been paired by this browser: their keys are the
+// ones pairing proved, which go into the grant and the rule.
+export async function motionRule(sensor, target, opts) {
+  const known = await knownDevices();
+  const sensorKey = known[sensor.id] && known[sensor.id].key;
+  const targetKey = known[target.id] && known[target.id].key;
+  if (!sensorKey || !targetKey) throw new Error("Both devices must have been paired from this browser (their keys come from pairing).");
+  if (!(opts.offAfterSecs >= 10 && opts.offAfterSecs <= 86400)) throw new Error("Switch off after 10 s to 24 h without motion.");
+  // The HPKE key of the grant is a placeholder whose private half is
+  // dropped at once; the sensor registers its own with its first command.
+  const placeholder = await crypto.subtle.generateKey({ name: "ECDH", namedCurve: "P-256" }, false, ["deriveBits"]);
+  const enc = new Uint8Array(await crypto.subtle.exportKey("raw", placeholder.publicKey));
+  const grant = await send(target, { op: "add_controller", key: b64url(sensorKey), enc, role: "member", scope: { switch_only: true } });
+  if (grant.outcome.outcome === "refused") return { refused: `${target.name} refused the grant: ${explain(grant.outcome.reason)}` };
+  const current = await getRules(sensor);
+  if (current.refused) return { refused: `${sensor.name} refused to show its rules: ${current.refused}` };
+  const set = current.rules;
+  if (opts.when === "after_sunset" && !set.location) return { refused: `"after sunset" needs ${sensor.name}'s location in its rule set` };
+  const t = { device: target.id, key: b64url(targetKey) };
+  if (opts.lan) t.lan = opts.lan;
+  if (opts.allowCloud) t.allow_cloud = true;
+  // One rule per target: a new one replaces the old.
+  const others = set.rules.filter((r) => !(r.kind.motion && r.kind.motion.target && r.kind.motion.target.device === target.id));
+  const id = Math.max(0, ...set.rules.map((r) => r.id)) + 1;
+  const rule = { id, name: `motion: ${target.name}`, enabled: true, kind: { motion: { sensor: sensor.id, off_after_secs: opts.offAfterSecs, when: opts.when, target: t } } };
+  const r = await setRules(sensor, set.version, { ...set, rules: [...others, rule] });
+  if (r.refused) return { refused: `${sensor.name} refused the rule: ${r.refused}` };
+  return { rule };
+}
+
 // ---- energy and firmware ----
 
 // The device's own energy history (GetEnergy, answered sealed), or

@@ -344,7 +344,16 @@ function describeRule(r) {
   }
   if (k === "countdown") return `off ${Math.round(v.off_after_secs / 60)} min after switching on`;
   if (k === "away") return `away mode ${at(v.start)}–${at(v.end)}`;
-  if (k === "motion") return `on at motion from ${v.sensor}, off after ${Math.round(v.off_after_secs / 60)} min`;
+  if (k === "motion") {
+    const off = v.off_after_secs % 60 ? `${v.off_after_secs} s` : `${v.off_after_secs / 60} min`;
+    const when = v.when === "after_sunset" ? ", after sunset only" : v.when && v.when.between ? `, ${v.when.between.start}–${v.when.between.end} only` : "";
+    if (v.target) {
+      const t = devices.get(v.target.device);
+      const path = v.target.lan ? `LAN ${v.target.lan}${v.target.allow_cloud ? ", else the cloud link" : " only"}` : v.target.allow_cloud ? "the cloud link" : "LAN only, no address yet";
+      return `motion switches ${t ? t.name : v.target.device} on, off after ${off} without motion${when} (${path})`;
+    }
+    return `on at motion from ${v.sensor}, off after ${off}${when}`;
+  }
   return k;
 }
 
@@ -430,6 +439,7 @@ async function deviceScreen(id) {
   if (dev.kind === "energy_plug") sections.push(energy);
 
   if (hasRelay(dev)) sections.push(rulesSection(dev));
+  if (dev.kind === "motion_sensor" && !dev.shared) sections.push(motionRulesSection(dev));
   sections.push(sharingSection(dev));
   const fw = h("section", { "aria-labelledby": "fw-title" });
   const renderFirmware = () => {
@@ -608,6 +618,89 @@ function rulesSection(dev) {
   const loadBtn = h("button", { type: "button", class: "secondary" }, "Load schedules");
   loadBtn.addEventListener("click", () => busy(loadBtn, load));
   sec.append(h("h2", { id: "rules-title" }, "Schedules and timers"), h("p", { class: "muted" }, "Rules run on the device itself, even when the cloud is unreachable."), loadBtn, list, schedForm, timerForm, awayForm);
+  return sec;
+}
+
+// Motion rules stored on this sensor, each switching another device
+// (ctl.motionRule: a switch-only grant on the target, then the rule).
+function motionRulesSection(dev) {
+  const sec = h("section", { "aria-labelledby": "motion-rules-title" });
+  const list = h("div", {});
+  let current = null;
+  const load = async () => {
+    const r = await ctl.getRules(dev);
+    if (r.refused) {
+      list.replaceChildren(h("p", { class: "msg error" }, `Refused: ${r.refused}`));
+      return;
+    }
+    current = r.rules;
+    const motion = current.rules.filter((x) => x.kind.motion);
+    list.replaceChildren(
+      h("p", { class: "muted" }, `Rule set version ${current.version}, read from the sensor.`),
+      motion.length === 0
+        ? h("p", { class: "muted" }, "No motion rules.")
+        : h(
+            "ul",
+            { class: "list", "data-motion-rules": dev.id },
+            motion.map((rule) => {
+              const del = h("button", { type: "button", class: "secondary", "aria-label": `Delete ${rule.name}` }, "Delete");
+              del.addEventListener("click", () =>
+                busy(del, async () => {
+                  const r = await ctl.setRules(dev, current.version, { ...current, rules: current.rules.filter((x) => x.id !== rule.id) });
+                  if (r.refused) flash(`${dev.name} refused: ${r.refused}`, "error");
+                  else flash(`Deleted ${rule.name}. The target still lists the sensor as allowed to switch it; revoke that under the target's sharing.`);
+                  await load();
+                }),
+              );
+              return h("li", { "data-rule": rule.id }, h("span", {}, h("strong", {}, rule.name), " — ", describeRule(rule)), del);
+            }),
+          ),
+    );
+  };
+  // Only devices this browser paired: their keys go into the grant and the rule.
+  const targets = [...devices.values()].filter((d) => hasRelay(d) && !d.shared && d.keyHow === "paired");
+  const target = h("select", { name: "motion-target", required: true }, targets.map((d) => h("option", { value: d.id }, d.name)));
+  const offAfter = h("input", { type: "number", min: 10, max: 86400, required: true, value: 300, name: "motion-off-after" });
+  const when = h("select", { name: "motion-when" }, h("option", { value: "always" }, "Always"), h("option", { value: "between" }, "Only between two times"), h("option", { value: "after_sunset" }, "Only after sunset"));
+  const from = h("input", { type: "time", value: "18:00", name: "motion-from" });
+  const until = h("input", { type: "time", value: "23:00", name: "motion-until" });
+  const lan = h("input", { name: "motion-lan", maxlength: 100, placeholder: "192.168.1.20:7443", autocomplete: "off" });
+  const cloud = h("input", { type: "checkbox", name: "motion-cloud" });
+  const form = h(
+    "form",
+    { "aria-label": "New motion rule" },
+    h("h3", {}, "New motion rule"),
+    targets.length === 0 ? h("p", { class: "muted" }, "Pair a plug or a light from this browser first.") : null,
+    field("Device to switch on", target),
+    field("Switch off after this many seconds without motion", offAfter),
+    field("When", when),
+    field("Armed from", from),
+    field("Armed until", until),
+    field("The device's LAN address (HOST:PORT, optional)", lan),
+    h("label", {}, cloud, "Allow the cloud path when the LAN does not reach it (the cloud then sees when motion happens)"),
+    h("div", { class: "row" }, h("button", { type: "submit" }, "Add motion rule")),
+  );
+  form.addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    busy(form.querySelector("button[type=submit]"), async () => {
+      const t = devices.get(target.value);
+      if (!t) throw new Error("Pick the device to switch.");
+      const w = when.value === "between" ? { between: { start: from.value, end: until.value } } : when.value;
+      const r = await ctl.motionRule(dev, t, { offAfterSecs: Number(offAfter.value), when: w, lan: lan.value.trim(), allowCloud: cloud.checked });
+      if (r.refused) flash(r.refused, "error");
+      else flash(`Added ${r.rule.name}: ${dev.name} may switch ${t.name} on and off, nothing else.`);
+      await load();
+    });
+  });
+  const loadBtn = h("button", { type: "button", class: "secondary" }, "Load motion rules");
+  loadBtn.addEventListener("click", () => busy(loadBtn, load));
+  sec.append(
+    h("h2", { id: "motion-rules-title" }, "Motion rules"),
+    h("p", { class: "muted" }, "The sensor switches the device itself, with its own key, over the LAN (and through the cloud only if you allow it). It runs without this app or the cloud."),
+    loadBtn,
+    list,
+    form,
+  );
   return sec;
 }
 
@@ -813,4 +906,10 @@ window.addEventListener("hearth:logged-out", () => {
   }
   await api.loadSession();
   await route();
+  // The service worker keeps the app shell for opening offline and makes
+  // the app installable; it never stores API answers (sw.js, ADR 0007).
+  // The app works without it (a browser or a setting may refuse it).
+  if ("serviceWorker" in navigator) {
+    navigator.serviceWorker.register("/sw.js", { scope: "/" }).catch((e) => console.warn(`service worker not registered: ${e}`));
+  }
 })();
