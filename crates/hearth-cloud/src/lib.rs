@@ -90,7 +90,7 @@ pub use store::{DatabaseUrl, DatabaseUrlError};
 /// The firmware update repository the API port serves (see `tuf_serve.rs`).
 pub use tuf_serve::{OnlineKeys, TufConfig};
 /// The connection limits and deadlines of both ports (see `server.rs`).
-pub use server::{HANDSHAKE_TIMEOUT, HEADER_TIMEOUT, MAX_CONNECTIONS, MAX_CONNECTIONS_PER_ADDRESS};
+pub use server::{HANDSHAKE_TIMEOUT, HEADER_TIMEOUT, MAX_CONNECTIONS, MAX_CONNECTIONS_PER_ADDRESS, MAX_DEVICE_LINKS};
 
 /// Login and signup attempts allowed at once per client IP and per email.
 pub const RATE_LIMIT_BURST: u32 = 10;
@@ -240,9 +240,9 @@ pub async fn serve_with(
         stop: stop_rx.clone(),
     });
 
-    let acceptor = |tls: rustls::ServerConfig| server::Acceptor {
+    let acceptor = |tls: rustls::ServerConfig, max: usize| server::Acceptor {
         tls: tokio_rustls::TlsAcceptor::from(Arc::new(tls)),
-        limit: Arc::new(Semaphore::new(server::MAX_CONNECTIONS)),
+        limit: Arc::new(Semaphore::new(max)),
         done: done_tx.clone(),
         stop: stop_rx.clone(),
         metrics: metrics.clone(),
@@ -272,8 +272,8 @@ pub async fn serve_with(
     });
     app = app.merge(web::routes(true, config.manufacturer_ca_pem.clone()));
     // Security headers on every answer of each listener (issue 7, `headers.rs`).
-    let api_task = tokio::spawn(server::serve_api(listeners.api, acceptor(api_tls), headers::secure(app, true)));
-    let device_task = tokio::spawn(server::serve_devices(listeners.devices, acceptor(device_tls), state.clone()));
+    let api_task = tokio::spawn(server::serve_api(listeners.api, acceptor(api_tls, server::MAX_CONNECTIONS), headers::secure(app, true)));
+    let device_task = tokio::spawn(server::serve_devices(listeners.devices, acceptor(device_tls, server::MAX_DEVICE_LINKS), state.clone()));
     let sweeper = tokio::spawn(sweep_sessions(store, stop_rx.clone()));
     drop(done_tx);
     drop(state);

@@ -7,7 +7,7 @@
 //! upgraded links count against the limit and are waited for too.
 //!
 //! Resource limits (issue 7 "Resource limits"; docs/security.md,
-//! Hardening): [`MAX_CONNECTIONS`] per port in total and
+//! Hardening): [`MAX_CONNECTIONS`] on the API port and [`MAX_DEVICE_LINKS`] on the device port in total, and
 //! [`MAX_CONNECTIONS_PER_ADDRESS`] per source address (an IPv6 /64 counts
 //! as one address), so one client cannot take every slot; a slowloris
 //! client loses its slot after [`HANDSHAKE_TIMEOUT`] (TLS) or
@@ -41,8 +41,14 @@ use tracing::Instrument;
 use crate::api::ClientAddr;
 use crate::AppState;
 
-/// Open connections allowed per port.
+/// Open connections allowed on the API port (HTTP requests and controller
+/// links).
 pub const MAX_CONNECTIONS: usize = 10_000;
+/// Open device links allowed on the device port: the issue-8 target of
+/// 18,000 idle links per node, with the file-descriptor limit of 20,000 per
+/// process in mind (docs/deploy.md: size `ulimit -n` above the sum of both
+/// limits, or accepts back off on EMFILE).
+pub const MAX_DEVICE_LINKS: usize = 18_000;
 /// Open connections allowed per port from one source address. A home
 /// behind one NAT address holds one link per device plus a few controller
 /// links; this leaves room for a large home and still stops one address
