@@ -17,6 +17,7 @@ before(async () => {
   w = await world([
     ["plug", "plug"],
     ["heater", "energy-plug"],
+    ["hall", "motion-sensor"],
   ]);
   b = await browser();
   page = await phone(b);
@@ -45,13 +46,15 @@ test("login, home, add device, device and settings screens have no serious acces
   await page.getByRole("link", { name: "Add device" }).click();
   await page.locator('main[data-ready="#/add"]').waitFor({ timeout: T });
   await audit("add device");
-  for (const [dev, name] of [[w.devices.plug, "Lamp"], [w.devices.heater, "Heater"]]) {
+  for (const [dev, name] of [[w.devices.plug, "Lamp"], [w.devices.hall, "Hall"], [w.devices.heater, "Heater"]]) {
     await page.getByRole("link", { name: "Add device" }).click();
     await page.getByLabel("Setup code or label payload").fill(dev.code);
     await page.getByLabel("Name").fill(name);
     await page.getByLabel("Room").fill("Kitchen");
     await page.getByRole("button", { name: "Pair" }).click();
     await page.locator(`main[data-ready="#/device/${dev.id}"]`).waitFor({ timeout: T });
+    // The sensor's page, with its timeline and the motion-rule form.
+    if (dev === w.devices.hall) await audit("motion sensor page");
   }
   await audit("energy plug page");
   await page.getByRole("link", { name: "Home" }).click();

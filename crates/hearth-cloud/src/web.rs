@@ -262,7 +262,8 @@ mod tests {
             let tag = &html[script.0..html[script.0..].find('>').unwrap() + script.0];
             assert!(tag.contains("src=\"/app/"), "inline script in index.html: {tag}");
         }
-        for a in APP_FILES.iter().filter(|a| a.name.ends_with(".js")) {
+        let worker = Asset { name: "sw.js", content_type: JS, body: SERVICE_WORKER };
+        for a in APP_FILES.iter().filter(|a| a.name.ends_with(".js")).chain([&worker]) {
             let js = std::str::from_utf8(a.body).unwrap();
             // Setting .style or innerHTML with attributes would need 'unsafe-inline'.
             assert!(!js.contains(".style."), "{} sets inline style", a.name);

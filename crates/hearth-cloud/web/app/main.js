@@ -666,6 +666,12 @@ function motionRulesSection(dev) {
   const until = h("input", { type: "time", value: "23:00", name: "motion-until" });
   const lan = h("input", { name: "motion-lan", maxlength: 100, placeholder: "192.168.1.20:7443", autocomplete: "off" });
   const cloud = h("input", { type: "checkbox", name: "motion-cloud" });
+  // The window's times only count with "Only between two times".
+  const syncWindow = () => {
+    from.disabled = until.disabled = when.value !== "between";
+  };
+  when.addEventListener("change", syncWindow);
+  syncWindow();
   const form = h(
     "form",
     { "aria-label": "New motion rule" },
