@@ -70,6 +70,31 @@ test("after signing up and using the API, only the app shell is cached", async (
   }
 });
 
+test("network first: a stale copy in the cache is not used while the cloud answers, and is replaced", async () => {
+  // Stand in for the previous version of the app: the cache's page and
+  // one module are replaced by older content.
+  await page.evaluate(async () => {
+    const c = await caches.open("hearth-shell-v1");
+    const headers = { "content-type": "text/html; charset=utf-8" };
+    await c.put("/", new Response("<!doctype html><title>stale</title><p>old app</p>", { headers }));
+    await c.put("/app/ui.js", new Response("throw new Error('old module');", { headers: { "content-type": "text/javascript" } }));
+  });
+  await page.reload();
+  await page.locator('main[data-ready="#/settings"]').waitFor({ timeout: T });
+  assert.equal(await page.title(), "Hearth");
+  // The worker stored the copies it just fetched in place of the old ones.
+  await page.waitForFunction(
+    async () => {
+      const c = await caches.open("hearth-shell-v1");
+      const page = await (await c.match("/")).text();
+      const ui = await (await c.match("/app/ui.js")).text();
+      return page.includes("<title>Hearth</title>") && !ui.includes("old module");
+    },
+    null,
+    { timeout: T, polling: 100 },
+  );
+});
+
 test("offline, the installed app still opens (the shell comes from the cache)", async () => {
   await page.context().setOffline(true);
   try {
