@@ -359,7 +359,6 @@ pub fn spawn_motion_sender<T: From<ToCloud> + Send + 'static>(device: DeviceId, 
         let mut counter = 0u64;
         // Targets this sensor switched on, with when to switch them off.
         let mut pending: BTreeMap<DeviceId, (Target, Instant)> = BTreeMap::new();
-        let mut registered: Vec<DeviceId> = Vec::new();
         loop {
             let next_off = pending.values().map(|(_, at)| *at).min();
             let seen = tokio::select! {
@@ -389,12 +388,14 @@ pub fn spawn_motion_sender<T: From<ToCloud> + Send + 'static>(device: DeviceId, 
                 }
             }
             for (mut t, on) in sends {
-                let mut cmds = Vec::new();
-                if !registered.contains(&t.device) {
-                    // So the target seals its answers for us and we can
-                    // read its state (a member may set its own key).
-                    cmds.push(Command::RegisterKey { key: enc.public().clone() });
-                }
+                // Every batch registers the key first, so the target seals
+                // its answers for us and we can read its state (a member may
+                // set its own key). Not once per target: the owner's
+                // `hearth rules motion` re-grants the sensor with a
+                // placeholder key each time the rule is edited, after which
+                // an answer sealed for it could not be read (found by
+                // hearth's rules::a_motion_rule_switches_only_inside_its_window_or_after_sunset).
+                let mut cmds = vec![Command::RegisterKey { key: enc.public().clone() }];
                 if on {
                     // Motion never takes over a light a person switched on:
                     // if it is on already, leave it (and its off) alone.
@@ -450,7 +451,7 @@ pub fn spawn_motion_sender<T: From<ToCloud> + Send + 'static>(device: DeviceId, 
                         other => other,
                     };
                     match answer {
-                        Ok((Outcome::Done, _)) if kind == 0 => registered.push(t.device.clone()),
+                        Ok((Outcome::Done, _)) if kind == 0 => {}
                         Ok((Outcome::Done, state)) if kind == 1 => {
                             if state.relay == Some(true) {
                                 info!(target = %t.device, "motion rule: the target is already on; left to whoever switched it");

@@ -155,3 +155,86 @@ fn a_restarted_device_keeps_its_rules_power_on_policy_and_interlock_state() {
     let after: serde_json::Value = serde_json::from_str(&phone.ok(&["rules", "kettle"])).unwrap();
     assert_eq!(after, before);
 }
+
+/// The sensor's time zone is UTC here; "HH:MM" `hours` from now.
+fn utc_clock_in(hours: i64) -> String {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    let mins = (now / 60 + hours * 60).rem_euclid(24 * 60);
+    format!("{:02}:{:02}", mins / 60, mins % 60)
+}
+
+/// A location on the equator where it is now local solar noon (`noon`)
+/// or solar midnight: the sun is up or down there whatever the date, by
+/// hours, not minutes.
+fn equator_location(noon: bool) -> String {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let utc_hours = (now % 86_400) as f64 / 3600.0;
+    let mut lon = (12.0 - utc_hours) * 15.0 + if noon { 0.0 } else { 180.0 };
+    lon = (lon + 180.0).rem_euclid(360.0) - 180.0;
+    format!(r#"{{"version": 1, "timezone": "UTC", "location": {{"lat": 0.0, "lon": {lon:.2}}}}}"#)
+}
+
+/// Issue 5, "only inside a time window or only after sunset", with the
+/// real programs and the simulator's `hearth-device walk-past`: a walk past
+/// outside the window or while the sun is up at the sensor's location
+/// switches nothing; inside the window, and after sunset, it switches the
+/// plug on (the positive controls, same set-up).
+#[test]
+fn a_motion_rule_switches_only_inside_its_window_or_after_sunset() {
+    use crate::lan::{free_port, relay, run_lan_device};
+    let w = World::new();
+    let plug = w.provision("plug", "plug");
+    let port = free_port();
+    let plug_lan = format!("127.0.0.1:{port}");
+    let (_plug_dev, _) = run_lan_device(&w, &plug, &plug_lan, &[]);
+    let sensor = w.provision("sensor", "motion-sensor");
+    let mut cmd = std::process::Command::new(device_bin());
+    cmd.args(["run", "--state-dir"]).arg(&sensor.state).args(["--cloud", &w.device_addr, "--lan-peer-port", &port.to_string()]);
+    let sensor_dev = Proc::spawn("sensor", cmd);
+    sensor_dev.wait_line(Duration::from_secs(20), |l| l.contains("running"));
+    let phone = w.controller("phone");
+    phone.signup("window@example.com");
+    assert!(eventually(Duration::from_secs(10), || phone.run(&["pair", &plug.code, "--name", "lamp"]).status.success()));
+    assert!(eventually(Duration::from_secs(10), || phone.run(&["pair", &sensor.code, "--name", "hall"]).status.success()));
+    let walk_past = || {
+        let out = run(std::process::Command::new(device_bin()).args(["walk-past", "--state-dir"]).arg(&sensor.state));
+        assert!(out.status.success(), "walk-past: {out:?}");
+    };
+    let motion_rule = |extra: &[&str]| {
+        let mut args = vec!["rules", "motion", "hall", "--target", "lamp", "--off-after", "10s", "--target-lan", &plug_lan];
+        args.extend_from_slice(extra);
+        phone.ok(&args);
+    };
+    // Nothing must happen: the positive cases below take about a second
+    // from walk-past to relay over the LAN.
+    let stays_off = |why: &str| {
+        walk_past();
+        std::thread::sleep(Duration::from_secs(4));
+        assert!(!relay(&plug.state), "motion switched the plug on {why}");
+    };
+    let loc = w.path("loc.json");
+    std::fs::write(&loc, equator_location(true)).unwrap();
+    phone.ok(&["rules", "hall", "set", loc.to_str().unwrap()]);
+
+    // A window starting in two hours: not armed.
+    let outside = format!("{}-{}", utc_clock_in(2), utc_clock_in(3));
+    motion_rule(&["--window", &outside]);
+    stays_off(&format!("outside its window {outside}"));
+    // A window around now: armed.
+    let inside = format!("{}-{}", utc_clock_in(-1), utc_clock_in(1));
+    motion_rule(&["--window", &inside]);
+    walk_past();
+    assert!(eventually(Duration::from_secs(10), || relay(&plug.state)), "no switch-on inside the window {inside}");
+    assert!(eventually(Duration::from_secs(25), || !relay(&plug.state)), "no switch-off after the quiet period");
+
+    // After sunset, at a place where it is noon: not armed.
+    motion_rule(&["--after-sunset"]);
+    stays_off("at noon with --after-sunset");
+    // The same rule where it is midnight (the location is set first: a
+    // `set` replaces the whole rule set).
+    std::fs::write(&loc, equator_location(false)).unwrap();
+    phone.ok(&["rules", "hall", "set", loc.to_str().unwrap()]);
+    motion_rule(&["--after-sunset"]);
+    walk_past();
+    assert!(eventually(Duration::from_secs(10), || relay(&plug.state)), "no switch-on after sunset");
+}
