@@ -228,7 +228,7 @@ pub fn apply_pending(dir: &Path, command: Option<&InstallCommand>) -> Result<Opt
             _ => Err("interrupted while the install command ran; outcome unknown, not run again".to_owned()),
         }
     } else {
-        check_and_run(dir, &pending, &record, command)
+        check_and_run(dir, &pending, &mut record, command)
     };
     record.last_result = Some(match outcome {
         Ok(()) => UpdateResult::HandedOff { version },
@@ -244,7 +244,7 @@ pub fn apply_pending(dir: &Path, command: Option<&InstallCommand>) -> Result<Opt
     Ok(record.last_result)
 }
 
-fn check_and_run(dir: &Path, pending: &PendingInstall, record: &crate::state::BootRecord, command: Option<&InstallCommand>) -> Result<(), String> {
+fn check_and_run(dir: &Path, pending: &PendingInstall, record: &mut crate::state::BootRecord, command: Option<&InstallCommand>) -> Result<(), String> {
     let Some(command) = command else {
         return Err("the supervisor has no --install-command configured".into());
     };
@@ -264,6 +264,11 @@ fn check_and_run(dir: &Path, pending: &PendingInstall, record: &crate::state::Bo
         return Err("staged image sha256 does not match the record".into());
     }
     store::crash_point(steps::HANDOFF_VERIFIED);
+    // Clear an older result first, so one for the same version left by an
+    // earlier hand-off is not taken for this attempt's after a crash.
+    if record.last_result.take().is_some() {
+        store::save_record(dir, record).map_err(|e| e.to_string())?;
+    }
     save_pending(dir, &PendingInstall { state: PendingState::Running, ..pending.clone() }).map_err(|e| e.to_string())?;
     store::crash_point(steps::HANDOFF_MARKED);
     run_hook(command, &path, pending)

@@ -545,5 +545,14 @@ fn kill_9_during_handoff_runs_the_hook_at_most_once_and_starts_the_running_image
         run_ok(&mut d.stage_cmd(&image, "2"));
         assert_eq!(d.supervise_with(&hook.args(&[]), 5), 0);
         assert_eq!(hook.runs().len(), runs_after + 1, "{step}");
+        // A retry of the same version killed after the mark is recorded as
+        // interrupted, not confused with the earlier result for that version.
+        run_ok(&mut d.stage_cmd(&image, "2"));
+        let mut sup = Command::new(SUPERVISOR);
+        sup.arg("--state-dir").arg(&d.state).args(hook.args(&[]));
+        kill_at(sup, steps::HANDOFF_MARKED);
+        assert_eq!(d.supervise_with(&hook.args(&[]), 5), 0);
+        assert_eq!(hook.runs().len(), runs_after + 1, "{step}: not run again");
+        assert!(handoff_failure(&d.record()).is_some_and(|(_, r)| r.contains("interrupted")), "{step}: {:?}", d.record().last_result);
     }
 }
