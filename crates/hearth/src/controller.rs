@@ -902,6 +902,97 @@ pub async fn timer(cfg: &mut Config, wanted: &str, off_after_secs: u32) -> Resul
     write_rules(cfg, &dev, &dev_key, base, &set).await
 }
 
+/// `hearth settings`: the device-wide parts of the rule set (power-on
+/// policy, interlocks, energy), each changed only when given, the rest of
+/// the set kept as read. An edit like any other: versioned, atomic,
+/// signed, and enforced by the device.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Settings {
+    /// What the relay does when power returns.
+    pub power_on: Option<hearth_rules::model::PowerOnPolicy>,
+    /// Standby threshold in milliwatts.
+    pub standby_below_mw: Option<u32>,
+    /// "On for more than N hours" event.
+    pub long_on_hours: Option<u16>,
+    /// Price per kWh and currency.
+    pub price: Option<hearth_rules::energy::Price>,
+    /// Toggle-rate limit.
+    pub max_toggles_per_min: Option<u8>,
+    /// Longest continuous on-time.
+    pub max_on_secs: Option<u32>,
+}
+
+impl Settings {
+    /// Applies the given fields to `set`; false if there was nothing to change.
+    pub fn apply(&self, set: &mut RuleSet) -> bool {
+        if *self == Settings::default() {
+            return false;
+        }
+        if let Some(p) = self.power_on {
+            set.power_on = p;
+        }
+        if let Some(mw) = self.standby_below_mw {
+            set.energy.standby_below_mw = Some(mw);
+        }
+        if let Some(h) = self.long_on_hours {
+            set.energy.long_on_hours = Some(h);
+        }
+        if let Some(p) = &self.price {
+            set.energy.price = Some(p.clone());
+        }
+        if let Some(n) = self.max_toggles_per_min {
+            set.interlocks.max_toggles_per_min = n;
+        }
+        if let Some(s) = self.max_on_secs {
+            set.interlocks.max_on_secs = Some(s);
+        }
+        true
+    }
+}
+
+/// `hearth settings DEVICE --power-on … --standby-below … --price …`.
+pub async fn settings(cfg: &mut Config, wanted: &str, change: &Settings) -> Result<u8> {
+    if *change == Settings::default() {
+        bail!("nothing to change: give --power-on, --standby-below, --long-on, --price/--currency, --max-toggles or --max-on");
+    }
+    let devices = list(cfg).await?;
+    let dev = resolve(&devices, wanted)?.clone();
+    let (dev_key, _) = device_key(cfg, &dev).ok_or_else(|| anyhow!("cannot check {}'s answer: device key unknown", dev.name))?;
+    let mut set = match read_rules(cfg, &dev, &dev_key).await? {
+        Ok(set) => set,
+        Err(reason) => {
+            eprintln!("{} refused: {reason}", dev.name);
+            return Ok(EXIT_REFUSED);
+        }
+    };
+    let base = set.version;
+    change.apply(&mut set);
+    set.validate().context("the settings")?;
+    write_rules(cfg, &dev, &dev_key, base, &set).await
+}
+
+/// Parses a power in watts, `3w`, `2.5W` or `3`, into milliwatts.
+pub fn parse_watts_mw(text: &str) -> Result<u32> {
+    let num = text.trim().trim_end_matches(['w', 'W']);
+    parse_milli(num).with_context(|| format!("{text:?} is not a power like 3w or 2.5w"))
+}
+
+/// Parses a price per kWh with at most three decimals, `0.315`, into
+/// thousandths of the currency (the device's integer arithmetic).
+pub fn parse_price_milli(text: &str) -> Result<u32> {
+    parse_milli(text.trim()).with_context(|| format!("{text:?} is not a price like 0.315 (at most three decimals)"))
+}
+
+fn parse_milli(text: &str) -> Result<u32> {
+    let (int, frac) = text.split_once('.').unwrap_or((text, ""));
+    if int.is_empty() && frac.is_empty() || !int.bytes().chain(frac.bytes()).all(|b| b.is_ascii_digit()) || frac.len() > 3 {
+        bail!("not a decimal number with at most three decimals");
+    }
+    let int: u32 = if int.is_empty() { 0 } else { int.parse().context("too large")? };
+    let frac: u32 = format!("{frac:0<3}").parse().unwrap_or(0);
+    int.checked_mul(1000).and_then(|v| v.checked_add(frac)).ok_or_else(|| anyhow!("too large"))
+}
+
 fn describe_secs(s: u32) -> String {
     match s {
         s if s % 3600 == 0 => format!("{} h", s / 3600),
@@ -1091,6 +1182,27 @@ mod tests {
     use super::*;
     use hearth_proto::capability::DeviceKind;
     use hearth_proto::e2e::{Content, SealedHeader};
+
+    #[test]
+    fn settings_values_parse_exactly_and_apply_only_what_was_given() {
+        assert_eq!(parse_watts_mw("3w").unwrap(), 3000);
+        assert_eq!(parse_watts_mw("2.5W").unwrap(), 2500);
+        assert_eq!(parse_watts_mw("0.001").unwrap(), 1);
+        assert_eq!(parse_price_milli("0.315").unwrap(), 315);
+        assert_eq!(parse_price_milli(".3").unwrap(), 300);
+        assert_eq!(parse_price_milli("12").unwrap(), 12_000);
+        for bad in ["", ".", "0.3152", "-1", "1e3", "abc", "4294968"] {
+            assert!(parse_price_milli(bad).is_err(), "{bad:?} accepted");
+        }
+        let mut set = RuleSet::empty("UTC");
+        let before = set.clone();
+        assert!(!Settings::default().apply(&mut set));
+        assert_eq!(set, before);
+        let change = Settings { power_on: Some(hearth_rules::model::PowerOnPolicy::On), max_toggles_per_min: Some(4), ..Settings::default() };
+        assert!(change.apply(&mut set));
+        assert_eq!((set.power_on, set.interlocks.max_toggles_per_min), (hearth_rules::model::PowerOnPolicy::On, 4));
+        assert_eq!((set.energy.clone(), set.interlocks.max_on_secs, set.rules.len()), (before.energy, None, 0));
+    }
 
     /// A controller flags a state report whose signature fails: a report
     /// the cloud altered, or sealed by someone other than the device, is

@@ -166,6 +166,33 @@ enum Cmd {
         #[arg(long)]
         off_after: String,
     },
+    /// Change a device's power-on policy, safety interlocks or energy
+    /// settings in its rule set (only the options given; the rest is kept).
+    Settings {
+        /// Device name or id.
+        device: String,
+        /// What the relay does when power returns: off, on or last.
+        #[arg(long, value_parser = ["off", "on", "last"])]
+        power_on: Option<String>,
+        /// Energy plugs: relay on and load below this is "standby", e.g. 3w or 2.5w.
+        #[arg(long, value_name = "WATTS")]
+        standby_below: Option<String>,
+        /// Energy plugs: report "on for more than" this, in whole hours (e.g. 3h).
+        #[arg(long)]
+        long_on: Option<String>,
+        /// Energy plugs: price per kWh for the cost figures, e.g. 0.315 (with --currency).
+        #[arg(long, requires = "currency")]
+        price: Option<String>,
+        /// ISO 4217 code of --price, e.g. EUR.
+        #[arg(long, requires = "price")]
+        currency: Option<String>,
+        /// Safety interlock: most switches in any minute (1-30).
+        #[arg(long)]
+        max_toggles: Option<u8>,
+        /// Safety interlock: longest continuous on-time, e.g. 4h or 90m.
+        #[arg(long)]
+        max_on: Option<String>,
+    },
     /// An energy plug's history, as the device reports it (sealed, verified):
     /// a table and a small chart, or --csv / --json for scripts.
     Energy {
@@ -371,6 +398,30 @@ async fn run(cli: Cli) -> Result<u8> {
                 _ => anyhow::bail!("usage: hearth rules <device> [set FILE.json]"),
             };
             return controller::rules(&mut Config::load(&dir()?)?, &device, file.as_deref()).await;
+        }
+        Cmd::Settings { device, power_on, standby_below, long_on, price, currency, max_toggles, max_on } => {
+            use hearth_rules::model::PowerOnPolicy;
+            let hours = |t: &str| -> anyhow::Result<u16> {
+                let secs = controller::parse_duration(t)?;
+                anyhow::ensure!(secs % 3600 == 0, "--long-on {t:?}: whole hours, e.g. 3h");
+                u16::try_from(secs / 3600).map_err(|_| anyhow::anyhow!("--long-on {t:?} is too long"))
+            };
+            let change = controller::Settings {
+                power_on: power_on.as_deref().map(|p| match p {
+                    "on" => PowerOnPolicy::On,
+                    "last" => PowerOnPolicy::Last,
+                    _ => PowerOnPolicy::Off,
+                }),
+                standby_below_mw: standby_below.as_deref().map(controller::parse_watts_mw).transpose()?,
+                long_on_hours: long_on.as_deref().map(hours).transpose()?,
+                price: match (price, currency) {
+                    (Some(p), Some(c)) => Some(hearth_rules::energy::Price { per_kwh_milli: controller::parse_price_milli(&p)?, currency: c }),
+                    _ => None,
+                },
+                max_toggles_per_min: max_toggles,
+                max_on_secs: max_on.as_deref().map(controller::parse_duration).transpose()?,
+            };
+            return controller::settings(&mut Config::load(&dir()?)?, &device, &change).await;
         }
         Cmd::Timer { device, off_after } => {
             let secs = controller::parse_duration(&off_after)?;

@@ -238,3 +238,60 @@ fn a_motion_rule_switches_only_inside_its_window_or_after_sunset() {
     walk_past();
     assert!(eventually(Duration::from_secs(10), || relay(&plug.state)), "no switch-on after sunset");
 }
+
+/// Issue 5's settings from the CLI, no JSON: `hearth settings` changes the
+/// power-on policy, standby threshold, price and currency, long-on event
+/// and interlocks, each only when given; the device stores and enforces
+/// them (the toggle limit set here refuses the third switch).
+#[test]
+fn settings_from_the_cli_change_only_what_is_given_and_the_device_enforces_them() {
+    let w = World::new();
+    let plug = w.provision("kettle", "energy-plug");
+    let _dev = w.run_device(&plug);
+    let phone = w.controller("phone");
+    phone.signup("gus@example.com");
+    assert!(eventually(Duration::from_secs(10), || phone.run(&["pair", &plug.code, "--name", "kettle"]).status.success()));
+    let out = phone.ok(&[
+        "settings", "kettle", "--power-on", "off", "--standby-below", "2.5w", "--long-on", "3h", "--price", "0.315", "--currency", "EUR",
+        "--max-toggles", "4", "--max-on", "2h",
+    ]);
+    assert!(out.contains("version 1"), "{out}");
+    let set: serde_json::Value = serde_json::from_str(&phone.ok(&["rules", "kettle"])).unwrap();
+    assert_eq!(set["power_on"], "off");
+    assert_eq!(set["energy"]["standby_below_mw"], 2500);
+    assert_eq!(set["energy"]["long_on_hours"], 3);
+    assert_eq!(set["energy"]["price"], serde_json::json!({"per_kwh_milli": 315, "currency": "EUR"}));
+    assert_eq!(set["interlocks"]["max_toggles_per_min"], 4);
+    assert_eq!(set["interlocks"]["max_on_secs"], 7200);
+
+    // One field: the rest is kept.
+    assert!(phone.ok(&["settings", "kettle", "--power-on", "last"]).contains("version 2"));
+    let mut want = set.clone();
+    want["power_on"] = "last".into();
+    want["version"] = 2.into();
+    let now: serde_json::Value = serde_json::from_str(&phone.ok(&["rules", "kettle"])).unwrap();
+    assert_eq!(now, want);
+
+    // Refused before anything is sent: out of range, nothing given, a
+    // price without its currency.
+    for (args, why) in [
+        (&["settings", "kettle", "--max-toggles", "99"][..], "max_toggles_per_min"),
+        (&["settings", "kettle"][..], "nothing to change"),
+        (&["settings", "kettle", "--price", "0.3"][..], "--currency"),
+    ] {
+        let out = phone.run(args);
+        assert!(!out.status.success(), "{args:?} accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(why), "{args:?}: {err}");
+    }
+    let after: serde_json::Value = serde_json::from_str(&phone.ok(&["rules", "kettle"])).unwrap();
+    assert_eq!(after["version"], 2);
+
+    // The device enforces what was set here.
+    assert!(phone.ok(&["settings", "kettle", "--max-toggles", "2"]).contains("version 3"));
+    phone.ok(&["on", "kettle"]);
+    phone.ok(&["off", "kettle"]);
+    let out = phone.run(&["on", "kettle"]);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("too many switches"));
+}
