@@ -94,6 +94,20 @@ struct RunArgs {
     /// The command line to quote in the report (default: this one).
     #[arg(long)]
     quote: Option<String>,
+    /// Cluster mode: run the Hearth cloud as this many nodes on PostgreSQL
+    /// and NATS (ADR 0008). Devices link to node 1 (or to every node with
+    /// --spread), controllers to the last node. Without it: one node on SQLite.
+    #[arg(long)]
+    nodes: Option<usize>,
+    /// Cluster mode: the PostgreSQL server (a schema is created per run and dropped after it).
+    #[arg(long, env = "HEARTH_TEST_POSTGRES", requires = "nodes")]
+    postgres: Option<String>,
+    /// Cluster mode: the NATS server (a subject prefix per run).
+    #[arg(long, env = "HEARTH_TEST_NATS", default_value = "nats://127.0.0.1:4222")]
+    nats: String,
+    /// Cluster mode: deal the worker processes over every node instead of all on node 1.
+    #[arg(long, requires = "nodes")]
+    spread: bool,
 }
 
 fn main() -> ExitCode {
@@ -138,6 +152,16 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                 .iter()
                 .map(|kv| kv.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())).context("--cloud-env wants KEY=VALUE"))
                 .collect::<anyhow::Result<Vec<_>>>()?;
+            let cluster = match a.nodes {
+                None => None,
+                Some(0) => anyhow::bail!("--nodes wants at least 1"),
+                Some(nodes) => Some(hearth_bench::run::Cluster {
+                    nodes,
+                    postgres: a.postgres.context("--nodes needs --postgres URL (or HEARTH_TEST_POSTGRES)")?,
+                    nats: a.nats,
+                    spread: a.spread,
+                }),
+            };
             let cfg = Config {
                 command,
                 cloud_env,
@@ -154,6 +178,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                 bench_exe: std::env::current_exe().context("locating hearth-bench")?,
                 mosquitto: a.mosquitto,
                 link_timeout: Duration::from_secs(a.link_timeout),
+                cluster,
             };
             let reports = hearth_bench::run::run(&cfg).await?;
             let quote = a.quote.unwrap_or_else(|| std::env::args().collect::<Vec<_>>().join(" "));

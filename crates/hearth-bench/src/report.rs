@@ -80,6 +80,42 @@ pub fn markdown(cfg: &Config, command: &str, reports: &[TargetReport]) -> String
             format!("; cloud environment {}", cfg.cloud_env.iter().map(|(k, v)| format!("`{k}={v}`")).collect::<Vec<_>>().join(" "))
         }
     );
+    if let Some(c) = &cfg.cluster {
+        let _ = writeln!(
+            s,
+            "Hearth cloud: {} node(s) on one PostgreSQL schema and one NATS (cluster mode); devices link to {}, \
+             controllers to node {}, so {}.\n",
+            c.nodes,
+            if c.spread { "every node (worker processes dealt round-robin)".to_owned() } else { "node 1".to_owned() },
+            c.nodes,
+            if c.nodes == 1 {
+                "no command crosses nodes".to_owned()
+            } else if c.spread {
+                format!("about {} in {} commands cross nodes through NATS", c.nodes - 1, c.nodes)
+            } else {
+                "every command and answer crosses nodes through NATS".to_owned()
+            }
+        );
+        for r in reports.iter().filter(|r| !r.nodes.is_empty()) {
+            let _ = writeln!(s, "| node | devices | RSS before, MiB | RSS all linked idle, MiB | RSS per idle link, KiB |\n|---|---:|---:|---:|---:|");
+            for (i, n) in r.nodes.iter().enumerate() {
+                let per = if n.devices == 0 {
+                    "–".to_owned()
+                } else {
+                    format!("{:.2}", n.after_kib.saturating_sub(n.before_kib) as f64 / n.devices as f64)
+                };
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {:.1} | {:.1} | {per} |",
+                    i + 1,
+                    n.devices,
+                    n.before_kib as f64 / 1024.0,
+                    n.after_kib as f64 / 1024.0
+                );
+            }
+            let _ = writeln!(s, "\nThe table below sums the nodes' RSS.\n");
+        }
+    }
     let hearth = reports.iter().find(|r| r.target == Target::Hearth);
     let mqtt = reports.iter().find(|r| r.target == Target::Mqtt);
     let cols: Vec<&TargetReport> = reports.iter().collect();

@@ -61,6 +61,37 @@ pub struct Config {
     pub mosquitto: PathBuf,
     /// Longest wait for every device to link.
     pub link_timeout: Duration,
+    /// Cluster mode (issue 8, ADR 0008): several Hearth nodes on one
+    /// PostgreSQL schema and one NATS; `None` runs one node on SQLite.
+    pub cluster: Option<Cluster>,
+}
+
+/// Several `hearth cloud serve` nodes on PostgreSQL and NATS.
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    /// How many nodes (1 is a one-node cluster: PostgreSQL and NATS, no hop).
+    pub nodes: usize,
+    /// The PostgreSQL server; each run creates its own schema there and
+    /// drops it at the end.
+    pub postgres: String,
+    /// The NATS server; each run uses its own subject prefix.
+    pub nats: String,
+    /// Deal the worker processes' devices over every node (for idle links
+    /// per node); otherwise every device links to node 1. Controllers
+    /// always talk to the last node, so with devices on node 1 every
+    /// command crosses nodes through NATS.
+    pub spread: bool,
+}
+
+impl Cluster {
+    /// The node (0-based) the devices of worker `w` link to.
+    pub fn device_node(&self, w: usize) -> usize {
+        if self.spread {
+            w % self.nodes
+        } else {
+            0
+        }
+    }
 }
 
 /// Figures for one target.
@@ -92,6 +123,20 @@ pub struct TargetReport {
     pub reconnect_secs: Option<f64>,
     /// Failed attempts while reconnecting (server down or refusing).
     pub reconnect_failures: u64,
+    /// Cluster mode: each node's RSS (before, all linked idle), KiB, and
+    /// how many devices linked to it.
+    pub nodes: Vec<NodeRss>,
+}
+
+/// One cluster node's memory.
+#[derive(Debug, Clone, Copy)]
+pub struct NodeRss {
+    /// RSS before any device linked, KiB.
+    pub before_kib: u64,
+    /// RSS with its devices linked and idle, KiB.
+    pub after_kib: u64,
+    /// Devices that link to this node.
+    pub devices: usize,
 }
 
 impl TargetReport {
@@ -249,23 +294,54 @@ struct Setup<'a> {
     api_port: u16,
     device_port: u16,
     mqtt_port: u16,
+    /// Cluster mode: per node (API port, device port), the database URL
+    /// (with this run's schema) and this run's NATS subject prefix.
+    cluster: Option<ClusterSetup>,
+}
+
+struct ClusterSetup {
+    ports: Vec<(u16, u16)>,
+    database: String,
+    nats: String,
+    prefix: String,
 }
 
 impl Setup<'_> {
-    async fn start(&self, target: Target) -> anyhow::Result<ServerProc> {
+    /// Starts the server; `node` (0-based) picks the cluster node.
+    async fn start(&self, target: Target, node: usize) -> anyhow::Result<ServerProc> {
         match target {
             Target::Hearth => {
-                let api: SocketAddr = ([127, 0, 0, 1], self.api_port).into();
-                let devices: SocketAddr = ([127, 0, 0, 1], self.device_port).into();
+                let (api_port, device_port) = match &self.cluster {
+                    Some(c) => c.ports[node],
+                    None => (self.api_port, self.device_port),
+                };
+                let api: SocketAddr = ([127, 0, 0, 1], api_port).into();
+                let devices: SocketAddr = ([127, 0, 0, 1], device_port).into();
                 let (program, prefix) = self.cfg.cloud_cmd.split_first().context("empty cloud command")?;
-                let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("cloud.log"))?;
-                let mut child = Command::new(program)
-                    .args(prefix)
+                let (log_name, data_dir) = match &self.cluster {
+                    Some(_) => (format!("cloud-node{}.log", node + 1), self.dir.join("data").join(format!("node{}", node + 1))),
+                    None => ("cloud.log".to_owned(), self.dir.join("data")),
+                };
+                std::fs::create_dir_all(&data_dir)?;
+                let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join(log_name))?;
+                let mut cmd = Command::new(program);
+                cmd.args(prefix);
+                if let Some(c) = &self.cluster {
+                    cmd.arg("--database-url")
+                        .arg(&c.database)
+                        .arg("--nats-url")
+                        .arg(&c.nats)
+                        .arg("--node-id")
+                        .arg(format!("bench-node{}", node + 1))
+                        .arg("--nats-prefix")
+                        .arg(&c.prefix);
+                }
+                let mut child = cmd
                     .envs(self.cfg.cloud_env.iter().map(|(k, v)| (k, v)))
                     .arg("--pki")
                     .arg(&self.material.pki_dir)
                     .arg("--data-dir")
-                    .arg(self.dir.join("data"))
+                    .arg(data_dir)
                     .arg("--api-listen")
                     .arg(api.to_string())
                     .arg("--device-listen")
@@ -348,71 +424,165 @@ pub async fn run(cfg: &Config) -> anyhow::Result<Vec<TargetReport>> {
     let tmp = tempfile::Builder::new().prefix("hearth-bench-").tempdir()?;
     let dir = tmp.path();
     let t = Instant::now();
-    let material = Material::generate(dir, cfg.devices, cfg.controllers.max(1))?;
-    let plan_path = dir.join("plan.json");
-    material.write_plan(&plan_path)?;
-    eprintln!("hearth-bench: {} device identities in {:.1} s", cfg.devices, t.elapsed().as_secs_f64());
-    let setup = Setup { cfg, dir, material: &material, api_port: free_port()?, device_port: free_port()?, mqtt_port: free_port()? };
-    write_mosquitto_conf(dir, &material, setup.mqtt_port)?;
-
     // HEARTH_BENCH_KEEP keeps the run's directory (server logs, configuration) for a look afterwards.
     let _kept = std::env::var_os("HEARTH_BENCH_KEEP").map(|_| {
         eprintln!("hearth-bench: keeping {}", dir.display());
         dir.to_owned()
     });
-    let mut reports = Vec::new();
-    for &target in &cfg.targets {
-        if target == Target::Hearth {
-            let t = Instant::now();
-            std::fs::create_dir_all(dir.join("data"))?;
-            let db = hearth_cloud::DatabaseUrl::Sqlite(dir.join("data").join("hearth.sqlite3"));
-            material.seed(&db).await?;
-            eprintln!("hearth-bench: seeded the cloud database in {:.1} s", t.elapsed().as_secs_f64());
-        }
-        reports.push(run_target(&setup, &plan_path, target).await.with_context(|| format!("{target:?} run"))?);
+    let material = Material::generate(dir, cfg.devices, cfg.controllers.max(1))?;
+    let plan_path = dir.join("plan.json");
+    material.write_plan(&plan_path)?;
+    eprintln!("hearth-bench: {} device identities in {:.1} s", cfg.devices, t.elapsed().as_secs_f64());
+    let schema = match &cfg.cluster {
+        Some(c) if cfg.targets.contains(&Target::Hearth) => Some(PgSchema::create(&c.postgres).await?),
+        _ => None,
+    };
+    let cluster = match (&cfg.cluster, &schema) {
+        (Some(c), Some(schema)) => Some(ClusterSetup {
+            ports: (0..c.nodes.max(1)).map(|_| Ok((free_port()?, free_port()?))).collect::<anyhow::Result<_>>()?,
+            database: schema.url(),
+            nats: c.nats.clone(),
+            // The schema's name is unique per run, so it doubles as the
+            // NATS subject prefix: runs sharing a NATS never see each other.
+            prefix: schema.name.clone(),
+        }),
+        _ => None,
+    };
+    let setup = Setup { cfg, dir, material: &material, api_port: free_port()?, device_port: free_port()?, mqtt_port: free_port()?, cluster };
+    write_mosquitto_conf(dir, &material, setup.mqtt_port)?;
+    let result = run_targets(&setup, &plan_path).await;
+    if let Some(schema) = schema {
+        schema.drop_now().await;
     }
+    let reports = result?;
     if _kept.is_some() {
         let _ = tmp.keep();
     }
     Ok(reports)
 }
 
+async fn run_targets(setup: &Setup<'_>, plan_path: &Path) -> anyhow::Result<Vec<TargetReport>> {
+    let (cfg, dir, material) = (setup.cfg, setup.dir, setup.material);
+
+    let mut reports = Vec::new();
+    for &target in &cfg.targets {
+        if target == Target::Hearth {
+            let t = Instant::now();
+            std::fs::create_dir_all(dir.join("data"))?;
+            let db = match &setup.cluster {
+                // Seeding runs the migrations in the run's schema, before any node starts.
+                Some(c) => c.database.parse::<hearth_cloud::DatabaseUrl>().context("the cluster's database URL")?,
+                None => hearth_cloud::DatabaseUrl::Sqlite(dir.join("data").join("hearth.sqlite3")),
+            };
+            material.seed(&db).await?;
+            eprintln!("hearth-bench: seeded the cloud database in {:.1} s", t.elapsed().as_secs_f64());
+        }
+        reports.push(run_target(setup, plan_path, target).await.with_context(|| format!("{target:?} run"))?);
+    }
+    Ok(reports)
+}
+
+/// A PostgreSQL schema for one cluster run, dropped at its end (the same
+/// approach as the cluster test in `crates/hearth/tests/it/cluster.rs`).
+struct PgSchema {
+    base: String,
+    name: String,
+}
+
+impl PgSchema {
+    async fn create(base: &str) -> anyhow::Result<Self> {
+        let name = format!("bench_{:016x}", rand::random::<u64>());
+        let (client, conn) = tokio::time::timeout(Duration::from_secs(10), tokio_postgres::connect(base, tokio_postgres::NoTls))
+            .await
+            .context("PostgreSQL did not answer in 10 s")?
+            .context("connecting to PostgreSQL (--postgres)")?;
+        let conn = tokio::spawn(conn);
+        client.batch_execute(&format!("CREATE SCHEMA {name}")).await.context("creating the run's schema")?;
+        drop(client);
+        let _ = conn.await;
+        eprintln!("hearth-bench: PostgreSQL schema and NATS prefix {name}");
+        Ok(Self { base: base.to_owned(), name })
+    }
+
+    /// The server URL with this schema as every connection's search path.
+    fn url(&self) -> String {
+        let sep = if self.base.contains('?') { '&' } else { '?' };
+        format!("{}{sep}options=-csearch_path%3D{}&application_name={}", self.base, self.name, self.name)
+    }
+
+    async fn drop_now(self) {
+        let done = async {
+            let Ok((client, conn)) = tokio_postgres::connect(&self.base, tokio_postgres::NoTls).await else { return };
+            tokio::spawn(conn);
+            let end = "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1";
+            let _ = client.execute(end, &[&self.name]).await;
+            if let Err(e) = client.batch_execute(&format!("DROP SCHEMA {} CASCADE", self.name)).await {
+                eprintln!("hearth-bench: could not drop the schema {}: {e}", self.name);
+            }
+        };
+        if tokio::time::timeout(Duration::from_secs(30), done).await.is_err() {
+            eprintln!("hearth-bench: dropping the schema {} timed out", self.name);
+        }
+    }
+}
+
 async fn run_target(setup: &Setup<'_>, plan_path: &Path, target: Target) -> anyhow::Result<TargetReport> {
     let cfg = setup.cfg;
     let n = cfg.devices;
-    eprintln!("hearth-bench: {target:?}: starting the server");
-    let mut server = setup.start(target).await?;
-    let pid = server.child.id().context("server pid")?;
+    // Cluster mode applies to the Hearth cloud only; Mosquitto is one broker.
+    let cluster = setup.cluster.as_ref().zip(cfg.cluster.as_ref()).filter(|_| target == Target::Hearth).map(|(_, c)| c);
+    let nnodes = cluster.map_or(1, |c| c.nodes.max(1));
+    eprintln!("hearth-bench: {target:?}: starting {nnodes} server(s)");
+    // One at a time: each node is listening (and on NATS) before the next starts.
+    let mut servers = Vec::new();
+    for node in 0..nnodes {
+        servers.push(setup.start(target, node).await?);
+    }
+    let pids = servers.iter().map(|s| s.child.id().context("server pid")).collect::<anyhow::Result<Vec<_>>>()?;
     tokio::time::sleep(Duration::from_secs_f64(cfg.settle.min(1.0))).await;
-    let rss_before_kib = rss_kib(pid)?;
+    let rss_before = pids.iter().map(|&p| rss_kib(p)).collect::<anyhow::Result<Vec<_>>>()?;
 
     let nworkers = if cfg.workers == 0 { n.div_ceil(DEVICES_PER_WORKER).max(1) } else { cfg.workers };
     let per = n.div_ceil(nworkers);
     let mut workers = Vec::new();
+    let mut node_devices = vec![0usize; nnodes];
+    let mut worker_node = Vec::new();
     for w in 0..nworkers {
         let (from, to) = ((w * per).min(n), ((w + 1) * per).min(n));
+        let node = cluster.map_or(0, |c| c.device_node(w));
+        node_devices[node] += to - from;
+        worker_node.push(node);
         workers.push(Worker::spawn(&cfg.bench_exe, plan_path, from, to).await?);
     }
     let mut workers = Workers(workers);
     workers.all(WorkerCommand::Prepare, Duration::from_secs(600)).await?;
 
     let since = Instant::now();
-    workers.all(WorkerCommand::Go { target, server: server.devices, ramp: cfg.ramp }, Duration::from_secs(30)).await?;
+    for (w, &node) in workers.0.iter_mut().zip(&worker_node) {
+        w.send(&WorkerCommand::Go { target, server: servers[node].devices, ramp: cfg.ramp }).await?;
+    }
+    for w in &mut workers.0 {
+        w.recv(Duration::from_secs(30)).await?;
+    }
     let (connect_secs, ramp_status) = workers.wait_up(n, since, cfg.link_timeout).await?;
     eprintln!(
         "hearth-bench: {target:?}: {n} devices linked in {connect_secs:.1} s ({} failed attempts)",
         ramp_status.connect_failures
     );
     tokio::time::sleep(Duration::from_secs_f64(cfg.settle)).await;
-    let rss_after_kib = rss_kib(pid)?;
+    let rss_after = pids.iter().map(|&p| rss_kib(p)).collect::<anyhow::Result<Vec<_>>>()?;
 
     let load = if cfg.rate > 0.0 && cfg.seconds > 0.0 {
         let plan = crate::plan::Plan::load(plan_path)?;
-        let l = controller::run_load(&plan, Server { target, addr: server.controllers }, cfg.command, cfg.rate, cfg.seconds).await?;
+        // Controllers talk to the last node: with devices on node 1, every
+        // command and every answer crosses nodes through NATS.
+        let ctl_addr = servers.last().context("no server")?.controllers;
+        let l = controller::run_load(&plan, Server { target, addr: ctl_addr }, cfg.command, cfg.rate, cfg.seconds).await?;
         eprintln!(
-            "hearth-bench: {target:?}: {} sent, {} answered, p99 {} µs",
+            "hearth-bench: {target:?}: {} sent, {} answered, p50 {} µs, p99 {} µs",
             l.sent,
             l.answered,
+            l.hist.value_at_quantile(0.50),
             l.hist.value_at_quantile(0.99)
         );
         Some(l)
@@ -421,11 +591,13 @@ async fn run_target(setup: &Setup<'_>, plan_path: &Path, target: Target) -> anyh
     };
     let after_load = workers.status().await?;
 
+    // The restart phase kills and restarts the first server (node 1 in a
+    // cluster, where the devices link unless spread).
     let (reconnect_secs, reconnect_failures) = if cfg.restart {
-        server.child.kill().await.context("killing the server")?;
+        servers[0].child.kill().await.context("killing the server")?;
         let before = workers.status().await?;
         let since_kill = Instant::now();
-        server = setup.start(target).await?;
+        servers[0] = setup.start(target, 0).await?;
         let since = Instant::now();
         let (secs, s) = workers.wait_up(n, since, cfg.link_timeout).await?;
         eprintln!(
@@ -437,20 +609,34 @@ async fn run_target(setup: &Setup<'_>, plan_path: &Path, target: Target) -> anyh
         (None, 0)
     };
     workers.shutdown().await;
-    let _ = server.child.kill().await;
+    for s in &mut servers {
+        let _ = s.child.kill().await;
+    }
+    let nodes = if cluster.is_some() {
+        rss_before
+            .iter()
+            .zip(&rss_after)
+            .zip(&node_devices)
+            .map(|((&before_kib, &after_kib), &devices)| NodeRss { before_kib, after_kib, devices })
+            .collect()
+    } else {
+        Vec::new()
+    };
     Ok(TargetReport {
         target,
         linked: n,
         connect_secs,
         handshakes_per_sec: ramp_status.handshakes as f64 / connect_secs.max(1e-3),
         ramp_failures: ramp_status.connect_failures,
-        rss_before_kib,
-        rss_after_kib,
+        // All nodes together; per node in `nodes`.
+        rss_before_kib: rss_before.iter().sum(),
+        rss_after_kib: rss_after.iter().sum(),
         load,
         device_commands: after_load.commands,
         device_errors: after_load.errors,
         device_core_us: after_load.core_us as f64 / after_load.commands.max(1) as f64,
         reconnect_secs,
         reconnect_failures,
+        nodes,
     })
 }
