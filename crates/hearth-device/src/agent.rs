@@ -86,7 +86,8 @@ enum Event {
     Press(hearth_rules::model::Press, oneshot::Sender<DeviceState>),
     /// The simulated appliance on an energy plug.
     Load(hearth_rules::energy::LoadProfile, oneshot::Sender<()>),
-    WalkPast(oneshot::Sender<()>),
+    /// A walk-past of this strength (1..=10, issue 5).
+    WalkPast(u8, oneshot::Sender<()>),
     Snapshot(oneshot::Sender<Snapshot>),
     Shutdown,
     /// From the update client (`update.rs`).
@@ -166,7 +167,13 @@ impl AgentHandle {
 
     /// A person walks past the motion sensor (no-op on other kinds).
     pub async fn walk_past(&self) -> anyhow::Result<()> {
-        self.ask(Event::WalkPast).await
+        self.walk_past_with(crate::protocol::MAX_WALK_STRENGTH).await
+    }
+
+    /// A walk-past of `strength` (1 far ..= 10 close); it registers only
+    /// above the owner's sensitivity threshold (`DeviceCore::registers`).
+    pub async fn walk_past_with(&self, strength: u8) -> anyhow::Result<()> {
+        self.ask(|done| Event::WalkPast(strength, done)).await
     }
 
     /// The agent's current view of itself.
@@ -465,9 +472,11 @@ impl Agent {
                 let _ = done.send(self.core.report());
                 Some(frames)
             }
-            Event::WalkPast(done) => {
-                let frames = logged(self.core.walk_past(store, now));
-                if let Some(motion) = &self.motion {
+            Event::WalkPast(strength, done) => {
+                let registered = self.core.registers(strength);
+                let frames = logged(self.core.walk_past_with(store, now, strength));
+                // Below the sensitivity threshold: no motion, so no rule either.
+                if let Some(motion) = self.motion.as_ref().filter(|_| registered) {
                     let targets = crate::rules::motion_targets(self.core.rules(), now, self.core.report_every().is_some());
                     // Full queue: the sender is busy with the last motion, which
                     // already keeps the targets on.

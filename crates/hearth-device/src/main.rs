@@ -59,9 +59,10 @@ enum Cmd {
         #[arg(long, value_parser = parse_load)]
         load: Option<hearth_rules::energy::LoadProfile>,
         /// Motion sensors: a script of walk-pasts, one per line, each the
-        /// seconds after start-up when someone walks past (`# comments`
-        /// and blank lines are skipped), e.g. `5` then `65`. Read once at
-        /// start; at most 1,000 entries within a day.
+        /// seconds after start-up when someone walks past, optionally
+        /// followed by its strength 1 (far) … 10 (close, the default)
+        /// (`# comments` and blank lines are skipped), e.g. `5` then
+        /// `65 3`. Read once at start; at most 1,000 entries within a day.
         #[arg(long, value_name = "FILE")]
         motion_script: Option<PathBuf>,
     },
@@ -71,6 +72,11 @@ enum Cmd {
         /// The state directory the agent runs on.
         #[arg(long, env = "HEARTH_DEVICE_STATE_DIR")]
         state_dir: PathBuf,
+        /// How strong the walk-past is, 1 (far away) … 10 (close by); it
+        /// registers as motion only if strength > 10 - the owner's
+        /// sensitivity (default 5).
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u8).range(1..=10))]
+        strength: u8,
     },
     /// Physical reset of a stopped device: forget every controller and reopen setup mode.
     Reset {
@@ -169,7 +175,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             let opts = AgentOptions { state_dir, cloud_addr_override: cloud, server_name_override: server_name };
             rt.block_on(run(opts, lan, load, motion_script.unwrap_or_default()))
         }
-        Cmd::WalkPast { state_dir } => walk_past(&state_dir),
+        Cmd::WalkPast { state_dir, strength } => walk_past(&state_dir, strength),
         Cmd::Reset { state_dir } => reset(&state_dir),
         Cmd::EnableUpdates { state_dir, root, repository, hardware_model, check_every, max_rate, factory_version } => {
             let root_json = std::fs::read(&root).with_context(|| format!("reading {}", root.display()))?;
@@ -204,7 +210,7 @@ async fn run(
     opts: AgentOptions,
     lan: Option<lan::Bound>,
     load: Option<hearth_rules::energy::LoadProfile>,
-    motion_script: Vec<u32>,
+    motion_script: Vec<(u32, u8)>,
 ) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
@@ -243,9 +249,10 @@ async fn run(
                     break;
                 }
                 _ = usr1.recv() => handle.press_reset().await?,
-                () = sleep_until_opt(next_walk.map(|at| start + std::time::Duration::from_secs(at.into()))) => {
-                    handle.walk_past().await?;
-                    tracing::info!(at_secs = next_walk, "motion (script)");
+                () = sleep_until_opt(next_walk.map(|(at, _)| start + std::time::Duration::from_secs(at.into()))) => {
+                    let strength = next_walk.map_or(MAX_STRENGTH, |(_, s)| s);
+                    handle.walk_past_with(strength).await?;
+                    tracing::info!(at_secs = next_walk.map(|(at, _)| at), strength, "walk-past (script)");
                     next_walk = script.next();
                 }
                 _ = recv_opt(&mut long_press) => {
@@ -260,8 +267,9 @@ async fn run(
                 // past it (how the simulator is driven from outside, e.g. by
                 // the web app's tests).
                 _ = usr2.recv() => if handle.kind().has(hearth_proto::capability::Capability::Motion) {
-                    handle.walk_past().await?;
-                    tracing::info!("motion (SIGUSR2)");
+                    let strength = take_strength(&state_dir);
+                    handle.walk_past_with(strength).await?;
+                    tracing::info!(strength, "walk-past (SIGUSR2)");
                 } else {
                     let state = handle.press_button().await?;
                     tracing::info!(?state, "button pressed (SIGUSR2)");
@@ -292,8 +300,28 @@ const MAX_SCRIPT_BYTES: u64 = 64 * 1024;
 const MAX_SCRIPT_ENTRIES: usize = 1000;
 const MAX_SCRIPT_SECS: u32 = 24 * 3600;
 
-/// Parses a motion script: seconds after start, one per line, ascending.
-fn read_motion_script(path: &Path) -> anyhow::Result<Vec<u32>> {
+/// The strongest walk-past, and the default one.
+const MAX_STRENGTH: u8 = hearth_device::protocol::MAX_WALK_STRENGTH;
+/// `hearth-device walk-past --strength N` leaves N here before its SIGUSR2
+/// (a signal carries no value); the agent reads and removes it. Absent or
+/// unreadable: the strongest. Two walk-pasts at the same instant may swap
+/// strengths; a simulator-only shortcut.
+const STRENGTH_FILE: &str = "walk-past.strength";
+
+fn take_strength(dir: &Path) -> u8 {
+    let path = dir.join(STRENGTH_FILE);
+    let text = std::fs::read(&path).unwrap_or_default();
+    let _ = std::fs::remove_file(&path);
+    std::str::from_utf8(&text[..text.len().min(8)])
+        .ok()
+        .and_then(|t| t.trim().parse::<u8>().ok())
+        .filter(|s| (1..=MAX_STRENGTH).contains(s))
+        .unwrap_or(MAX_STRENGTH)
+}
+
+/// Parses a motion script: seconds after start and an optional strength,
+/// one per line, ascending.
+fn read_motion_script(path: &Path) -> anyhow::Result<Vec<(u32, u8)>> {
     use std::io::Read;
     let file = std::fs::File::open(path).with_context(|| format!("opening the motion script {}", path.display()))?;
     let mut text = String::new();
@@ -302,18 +330,29 @@ fn read_motion_script(path: &Path) -> anyhow::Result<Vec<u32>> {
     parse_motion_script(&text).with_context(|| format!("in the motion script {}", path.display()))
 }
 
-fn parse_motion_script(text: &str) -> anyhow::Result<Vec<u32>> {
-    let mut out: Vec<u32> = Vec::new();
+fn parse_motion_script(text: &str) -> anyhow::Result<Vec<(u32, u8)>> {
+    let mut out: Vec<(u32, u8)> = Vec::new();
     for (n, line) in text.lines().enumerate() {
         let line = line.split('#').next().unwrap_or("").trim();
         if line.is_empty() {
             continue;
         }
-        let at: u32 = line.parse().map_err(|_| anyhow::anyhow!("line {}: {line:?} is not a number of seconds", n + 1))?;
+        let mut words = line.split_whitespace();
+        let first = words.next().unwrap_or("");
+        let at: u32 = first.parse().map_err(|_| anyhow::anyhow!("line {}: {first:?} is not a number of seconds", n + 1))?;
+        let strength = match words.next() {
+            None => MAX_STRENGTH,
+            Some(w) => w
+                .parse::<u8>()
+                .ok()
+                .filter(|s| (1..=MAX_STRENGTH).contains(s))
+                .ok_or_else(|| anyhow::anyhow!("line {}: strength {w:?} is not 1 … 10", n + 1))?,
+        };
+        anyhow::ensure!(words.next().is_none(), "line {}: {line:?} has more than seconds and a strength", n + 1);
         anyhow::ensure!(at <= MAX_SCRIPT_SECS, "line {}: {at} s is more than a day", n + 1);
-        anyhow::ensure!(out.last().is_none_or(|&prev| at >= prev), "line {}: {at} s comes before the line above", n + 1);
+        anyhow::ensure!(out.last().is_none_or(|&(prev, _)| at >= prev), "line {}: {at} s comes before the line above", n + 1);
         anyhow::ensure!(out.len() < MAX_SCRIPT_ENTRIES, "more than {MAX_SCRIPT_ENTRIES} walk-pasts");
-        out.push(at);
+        out.push((at, strength));
     }
     Ok(out)
 }
@@ -321,7 +360,7 @@ fn parse_motion_script(text: &str) -> anyhow::Result<Vec<u32>> {
 /// `hearth-device walk-past`: SIGUSR2 to the motion sensor's running
 /// agent, after checking that the pid in `agent.pid` is still a
 /// `hearth-device run` (a stale file must not signal another program).
-fn walk_past(dir: &Path) -> anyhow::Result<()> {
+fn walk_past(dir: &Path, strength: u8) -> anyhow::Result<()> {
     let config = store::load_config(dir)?;
     anyhow::ensure!(
         config.kind.has(hearth_proto::capability::Capability::Motion),
@@ -337,9 +376,16 @@ fn walk_past(dir: &Path) -> anyhow::Result<()> {
     let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
     let is_agent = args.first().is_some_and(|a| a.ends_with(b"hearth-device")) && args.contains(&&b"run"[..]);
     anyhow::ensure!(is_agent, "no running agent on {} (process {pid} is gone or is not hearth-device run)", dir.display());
+    if strength != MAX_STRENGTH {
+        let path = dir.join(STRENGTH_FILE);
+        std::fs::write(&path, format!("{strength}\n")).with_context(|| format!("writing {}", path.display()))?;
+    } else {
+        // A stale weaker strength must not apply to this walk-past.
+        let _ = std::fs::remove_file(dir.join(STRENGTH_FILE));
+    }
     let status = std::process::Command::new("kill").args(["-USR2", &pid.to_string()]).status().context("running kill")?;
     anyhow::ensure!(status.success(), "kill -USR2 {pid} failed: {status}");
-    println!("{}: someone walked past (agent pid {pid})", config.device);
+    println!("{}: someone walked past, strength {strength} (agent pid {pid})", config.device);
     Ok(())
 }
 
@@ -449,9 +495,9 @@ mod tests {
 
     #[test]
     fn motion_scripts_are_parsed_strictly() {
-        assert_eq!(parse_motion_script("# hall\n5\n\n65  # back again\n65\n").unwrap(), vec![5, 65, 65]);
+        assert_eq!(parse_motion_script("# hall\n5\n\n65 3 # back again, far off\n65\n").unwrap(), vec![(5, 10), (65, 3), (65, 10)]);
         assert!(parse_motion_script("").unwrap().is_empty());
-        for bad in ["5\n3\n", "soon\n", "-1\n", "86401\n", "1.5\n"] {
+        for bad in ["5\n3\n", "soon\n", "-1\n", "86401\n", "1.5\n", "5 0\n", "5 11\n", "5 3 3\n", "5 x\n"] {
             assert!(parse_motion_script(bad).is_err(), "{bad:?} accepted");
         }
         let many = "1\n".repeat(MAX_SCRIPT_ENTRIES);

@@ -68,11 +68,21 @@ pub struct DeviceCore {
     /// Fixed-cadence reporting (ADR 0011): when motion was seen since the
     /// last cadence report (unix seconds), at most [`message::MAX_MOTION_BATCH`].
     motion_batch: Vec<u64>,
+    /// When the motion state goes back to "no motion" (the owner's
+    /// no-motion delay after the latest registered walk-past); `None` while
+    /// there is no motion (issue 5).
+    motion_until: Option<u64>,
+    /// Fixed-cadence reporting: when the state went to "no motion" since the
+    /// last cadence report, bounded like `motion_batch`.
+    no_motion_batch: Vec<u64>,
 }
 
 /// A motion sensor's reporting cadence when its owner set none (ADR 0011):
 /// privacy by default, at the cost of up to this much delay for live motion.
 pub const DEFAULT_MOTION_REPORT_EVERY_SECS: u64 = 30;
+
+/// The strongest (closest) simulated walk-past; also the default.
+pub const MAX_WALK_STRENGTH: u8 = 10;
 
 /// The least padded body length of a sealed state report on a fixed
 /// cadence (ADR 0011). The actual length is this or, when the report would
@@ -135,7 +145,7 @@ impl DeviceCore {
             // only when the two disagree.
             let _ = state.rules.interlock.request(state.relay, Source::Local, jiff::Timestamp::UNIX_EPOCH);
         }
-        Self { device, kind, key, secret, state, motion: false, load_mw: SIMULATED_LOAD_MW, safety_events: Vec::new(), last_tick_save: 0, energy: kind.has(Capability::EnergyMeter).then(|| crate::energy::DeviceEnergy::new(None)), driver: Box::new(crate::driver::Simulated::new()), fade_ms: 0, clock: 0, load_sim: None, firmware: None, update_requests: Vec::new(), motion_batch: Vec::new() }
+        Self { device, kind, key, secret, state, motion: false, load_mw: SIMULATED_LOAD_MW, safety_events: Vec::new(), last_tick_save: 0, energy: kind.has(Capability::EnergyMeter).then(|| crate::energy::DeviceEnergy::new(None)), driver: Box::new(crate::driver::Simulated::new()), fade_ms: 0, clock: 0, load_sim: None, firmware: None, update_requests: Vec::new(), motion_batch: Vec::new(), motion_until: None, no_motion_batch: Vec::new() }
     }
 
     /// Sets the simulated load an energy plug draws while on (the
@@ -324,7 +334,10 @@ impl DeviceCore {
             // length, so signing that twin measures it exactly).
             let mut full = payload;
             full.state.motion = Some(true);
-            full.cause = Cause::Cadence { motion_at: vec![u64::MAX; message::MAX_MOTION_BATCH] };
+            full.cause = Cause::Cadence {
+                motion_at: vec![u64::MAX; message::MAX_MOTION_BATCH],
+                no_motion_at: vec![u64::MAX; message::MAX_MOTION_BATCH],
+            };
             let full_len = message::sign_state(&self.key, &full)?.len();
             let size = ((full_len.max(inner.len()) + 2).div_ceil(e2e::PAD_TO) * e2e::PAD_TO).max(CADENCE_BODY_LEN);
             e2e::seal_fixed(&self.key, header, &inner, &recipients, size, &mut rand::rngs::OsRng)?
@@ -358,19 +371,27 @@ impl DeviceCore {
         if self.report_every().is_none() {
             return Ok(Vec::new());
         }
+        // A no-motion delay that ran out before this report is in it, at
+        // its exact time, whether or not a tick saw it first.
+        self.expire_motion(now);
         let batch = std::mem::take(&mut self.motion_batch);
+        let gone = std::mem::take(&mut self.no_motion_batch);
         let mut next = self.state.clone();
-        let seen = !batch.is_empty() || self.motion;
-        let report = match self.state_frame(&mut next, seen, Cause::Cadence { motion_at: batch.clone() }, now) {
+        // The current motion state (issue 5): motion until the no-motion
+        // delay after the latest registered walk-past.
+        let cause = Cause::Cadence { motion_at: batch.clone(), no_motion_at: gone.clone() };
+        let report = match self.state_frame(&mut next, self.motion, cause, now) {
             Ok(r) => r,
             Err(e) => {
                 // Not lost: the events go out with the next report.
                 self.motion_batch = batch;
+                self.no_motion_batch = gone;
                 return Err(e);
             }
         };
         if let Err(e) = self.save(store, next) {
             self.motion_batch = batch;
+            self.no_motion_batch = gone;
             return Err(e);
         }
         Ok(vec![report])
@@ -546,10 +567,11 @@ impl DeviceCore {
         // The owner just turned the cadence off (ADR 0011) while motion
         // waited for a scheduled report: it goes out now rather than never.
         // Best effort: the command itself is done and answered either way.
-        if self.report_every().is_none() && !self.motion_batch.is_empty() {
+        if self.report_every().is_none() && !(self.motion_batch.is_empty() && self.no_motion_batch.is_empty()) {
             let batch = std::mem::take(&mut self.motion_batch);
+            let gone = std::mem::take(&mut self.no_motion_batch);
             let mut next = self.state.clone();
-            match self.state_frame(&mut next, true, Cause::Cadence { motion_at: batch }, now).and_then(|f| self.save(store, next).map(|()| f)) {
+            match self.state_frame(&mut next, self.motion, Cause::Cadence { motion_at: batch, no_motion_at: gone }, now).and_then(|f| self.save(store, next).map(|()| f)) {
                 Ok(f) => frames.push(f),
                 Err(e) => tracing::warn!(error = %e, "could not report the motion seen before the cadence was turned off"),
             }
@@ -642,6 +664,7 @@ impl DeviceCore {
     pub fn reset(&mut self, store: &mut dyn StateStore) -> Result<Vec<DeviceFrame>, Error> {
         // Motion not yet reported belongs to the previous owner.
         self.motion_batch.clear();
+        self.no_motion_batch.clear();
         let mut next = self.state.clone();
         next.access.clear();
         next.replay = Default::default();
@@ -694,6 +717,11 @@ impl DeviceCore {
         }
         let mut next = self.state.clone();
         let mut reports: Vec<Cause> = Vec::new();
+        // A motion sensor's no-motion delay ran out (issue 5): on a cadence
+        // the time waits in the batch; otherwise it is reported now.
+        if self.expire_motion(now).is_some() && self.report_every().is_none() {
+            reports.push(Cause::Local);
+        }
         // A grant's on-time limit (ADR 0006 scopes).
         if let Some(at) = next.off_at.filter(|at| now >= *at) {
             if !next.relay {
@@ -848,15 +876,72 @@ impl DeviceCore {
         Ok(vec![report])
     }
 
-    /// The motion sensor sees someone walk past: reports motion, then
-    /// (the person gone) no motion.
-    /// On a fixed cadence (ADR 0011) nothing is sent now: the motion is
-    /// kept for the next scheduled report.
+    /// The motion sensor sees someone walk past close by (the strongest
+    /// signal, [`MAX_WALK_STRENGTH`]); see [`DeviceCore::walk_past_with`].
     pub fn walk_past(&mut self, store: &mut dyn StateStore, now: u64) -> Result<Vec<DeviceFrame>, Error> {
+        self.walk_past_with(store, now, MAX_WALK_STRENGTH)
+    }
+
+    /// The owner's no-motion delay in seconds (issue 5).
+    pub fn no_motion_delay(&self) -> u64 {
+        u64::from(self.state.rules.set.no_motion_delay_secs.unwrap_or(hearth_rules::model::DEFAULT_NO_MOTION_DELAY_SECS))
+    }
+
+    /// Whether a walk-past of `strength` (1 far/weak ..= 10 close/strong)
+    /// registers as motion: the simulator's model of the owner's
+    /// sensitivity s (1..=10) is a threshold, strength > 10 - s. So
+    /// sensitivity 10 registers everything, 1 only the strongest, and the
+    /// default 5 anything stronger than 5. A GPIO driver would map the
+    /// sensitivity to its PIR's threshold instead (issue 5).
+    pub fn registers(&self, strength: u8) -> bool {
+        let sensitivity = self.state.rules.set.sensitivity.unwrap_or(hearth_rules::model::DEFAULT_SENSITIVITY);
+        strength > MAX_WALK_STRENGTH.saturating_sub(sensitivity)
+    }
+
+    /// Whether the motion sensor's state is "motion" now.
+    pub fn motion(&self) -> bool {
+        self.motion
+    }
+
+    /// Ends the motion state if the no-motion delay ran out by `now`; the
+    /// time it ran out (the transition's time, not `now`). On a cadence that
+    /// time goes into the next report's batch.
+    fn expire_motion(&mut self, now: u64) -> Option<u64> {
+        let until = self.motion_until.filter(|u| *u <= now)?;
+        self.motion = false;
+        self.motion_until = None;
+        if self.report_every().is_some() {
+            if self.no_motion_batch.len() < message::MAX_MOTION_BATCH {
+                self.no_motion_batch.push(until);
+            } else if let Some(last) = self.no_motion_batch.last_mut() {
+                *last = until;
+            }
+        }
+        tracing::info!(at = until, "no motion");
+        Some(until)
+    }
+
+    /// The motion sensor sees someone walk past with `strength`. Below the
+    /// sensitivity's threshold ([`DeviceCore::registers`]) nothing happens.
+    /// Otherwise the state is "motion" until the no-motion delay after this
+    /// walk-past (a later one extends it); the "no motion" transition comes
+    /// from [`DeviceCore::tick`] or the next cadence report.
+    /// On a fixed cadence (ADR 0011) nothing is sent now: the motion is
+    /// kept for the next scheduled report. Otherwise each walk-past is
+    /// reported at once.
+    pub fn walk_past_with(&mut self, store: &mut dyn StateStore, now: u64, strength: u8) -> Result<Vec<DeviceFrame>, Error> {
         if !self.kind.has(Capability::Motion) {
             return Ok(Vec::new());
         }
         self.clock = now;
+        if !self.registers(strength) {
+            tracing::info!(strength, "a walk-past below the sensitivity threshold: ignored");
+            return Ok(Vec::new());
+        }
+        // A delay that ran out before this walk-past is its own transition.
+        let ended = self.expire_motion(now);
+        self.motion = true;
+        self.motion_until = Some(now.saturating_add(self.no_motion_delay()));
         if self.report_every().is_some() {
             if self.motion_batch.len() < message::MAX_MOTION_BATCH {
                 self.motion_batch.push(now);
@@ -868,11 +953,13 @@ impl DeviceCore {
             return Ok(Vec::new());
         }
         let mut next = self.state.clone();
-        let seen = self.state_frame(&mut next, true, Cause::Local, now)?;
-        let gone = self.state_frame(&mut next, false, Cause::Local, now)?;
+        let mut frames = Vec::with_capacity(2);
+        if ended.is_some() {
+            frames.push(self.state_frame(&mut next, false, Cause::Local, now)?);
+        }
+        frames.push(self.state_frame(&mut next, true, Cause::Local, now)?);
         self.save(store, next)?;
-        self.motion = false;
-        Ok(vec![seen, gone])
+        Ok(frames)
     }
 }
 
@@ -1394,9 +1481,9 @@ mod tests {
     fn a_full_motion_batch_has_the_length_of_none() {
         // ADR 0011. Long firmware texts too: the fixed length grows with
         // them, never with the motion.
-        let (mut sensor, mut store, owner) = owned(DeviceKind::MotionSensor);
-        assert_eq!(sensor.report_every(), Some(DEFAULT_MOTION_REPORT_EVERY_SECS), "on by default on a motion sensor");
         for text_len in [0, 300, 2000] {
+            let (mut sensor, mut store, owner) = owned(DeviceKind::MotionSensor);
+            assert_eq!(sensor.report_every(), Some(DEFAULT_MOTION_REPORT_EVERY_SECS), "on by default on a motion sensor");
             let status = message::FirmwareStatus { version: "1.0.0".into(), last_result: Some("x".repeat(text_len)), ..Default::default() };
             sensor.set_firmware(status, &mut store, NOW).unwrap();
             let quiet = reports(&sensor.cadence_report(&mut store, NOW).unwrap(), &sensor, &owner);
@@ -1406,14 +1493,98 @@ mod tests {
             let busy = reports(&sensor.cadence_report(&mut store, NOW + 20).unwrap(), &sensor, &owner);
             assert_eq!((quiet.len(), busy.len()), (1, 1));
             assert_eq!(quiet[0].0, busy[0].0, "a full batch has the length of an empty one (firmware text {text_len} B)");
-            assert_eq!(quiet[0].1.cause, Cause::Cadence { motion_at: Vec::new() });
+            assert_eq!(quiet[0].1.cause, Cause::Cadence { motion_at: Vec::new(), no_motion_at: Vec::new() });
             assert_eq!(quiet[0].1.state.motion, Some(false));
-            let Cause::Cadence { motion_at } = &busy[0].1.cause else { panic!("{:?}", busy[0].1.cause) };
+            let Cause::Cadence { motion_at, no_motion_at } = &busy[0].1.cause else { panic!("{:?}", busy[0].1.cause) };
+            assert_eq!(no_motion_at, &Vec::<u64>::new(), "still within the no-motion delay");
             // Bounded: the first fifteen and the latest.
             let mut want: Vec<u64> = (0..15).map(|i| NOW + i).collect();
             want.push(NOW + 19);
             assert_eq!(motion_at, &want);
             assert_eq!(busy[0].1.state.motion, Some(true));
+            // Full batches of both motion and no motion (issue 5): 20
+            // walk-pasts, each past the shortest no-motion delay.
+            assert_eq!(set_rules(&mut sensor, &mut store, &owner, 1, serde_json::json!({"version": 1, "timezone": "UTC", "no_motion_delay_secs": 10})), Outcome::Done);
+            for i in 0..20 {
+                assert_eq!(sensor.walk_past(&mut store, NOW + 100 + 20 * i).unwrap(), Vec::new());
+                assert_eq!(sensor.tick(&mut store, NOW + 110 + 20 * i).unwrap(), Vec::new(), "no motion sends nothing by itself");
+            }
+            let both = reports(&sensor.cadence_report(&mut store, NOW + 600).unwrap(), &sensor, &owner);
+            assert_eq!(quiet[0].0, both[0].0, "full batches have the length of an empty one (firmware text {text_len} B)");
+            let Cause::Cadence { motion_at, no_motion_at } = &both[0].1.cause else { panic!("{:?}", both[0].1.cause) };
+            assert_eq!((motion_at.len(), no_motion_at.len()), (message::MAX_MOTION_BATCH, message::MAX_MOTION_BATCH));
+            assert_eq!(no_motion_at.last(), Some(&(NOW + 110 + 20 * 19)));
+            assert_eq!(both[0].1.state.motion, Some(false));
+        }
+    }
+
+    #[test]
+    fn no_motion_comes_exactly_the_delay_after_the_latest_walk_past() {
+        // Issue 5, injected time: the state is "motion" until the owner's
+        // no-motion delay after the latest registered walk-past.
+        let (mut sensor, mut store, owner) = owned(DeviceKind::MotionSensor);
+        assert_eq!(sensor.no_motion_delay(), 60, "the default");
+        assert_eq!(set_rules(&mut sensor, &mut store, &owner, 1, serde_json::json!({"version": 0, "timezone": "UTC", "no_motion_delay_secs": 120})), Outcome::Done);
+        assert_eq!(sensor.no_motion_delay(), 120);
+        sensor.walk_past(&mut store, NOW).unwrap();
+        assert!(sensor.motion());
+        sensor.tick(&mut store, NOW + 119).unwrap();
+        assert!(sensor.motion(), "one second before the delay");
+        // Motion again extends it: 120 s from the second walk-past.
+        sensor.walk_past(&mut store, NOW + 100).unwrap();
+        sensor.tick(&mut store, NOW + 120).unwrap();
+        assert!(sensor.motion(), "re-triggered motion extends the delay");
+        sensor.tick(&mut store, NOW + 219).unwrap();
+        assert!(sensor.motion());
+        assert_eq!(sensor.tick(&mut store, NOW + 220).unwrap(), Vec::new(), "on a cadence nothing is sent now");
+        assert!(!sensor.motion(), "no motion exactly the delay after the latest walk-past");
+        // The transition is in the next scheduled report, at its exact time.
+        let r = reports(&sensor.cadence_report(&mut store, NOW + 230).unwrap(), &sensor, &owner);
+        assert_eq!(r[0].1.cause, Cause::Cadence { motion_at: vec![NOW, NOW + 100], no_motion_at: vec![NOW + 220] });
+        assert_eq!(r[0].1.state.motion, Some(false));
+        // Without a tick in between, the cadence report itself sees the delay run out.
+        sensor.walk_past(&mut store, NOW + 300).unwrap();
+        let r = reports(&sensor.cadence_report(&mut store, NOW + 500).unwrap(), &sensor, &owner);
+        assert_eq!(r[0].1.cause, Cause::Cadence { motion_at: vec![NOW + 300], no_motion_at: vec![NOW + 420] });
+        // Immediate reports: motion at once, no motion from the tick that
+        // reaches the delay, not with the walk-past.
+        assert_eq!(set_rules(&mut sensor, &mut store, &owner, 2, serde_json::json!({"version": 1, "timezone": "UTC", "no_motion_delay_secs": 10, "report_every_secs": 0})), Outcome::Done);
+        let seen = sensor.walk_past(&mut store, NOW + 600).unwrap();
+        assert_eq!(causes(&seen, &sensor, &owner), vec![Cause::Local]);
+        assert_eq!(reports(&seen, &sensor, &owner)[0].1.state.motion, Some(true));
+        assert!(sensor.tick(&mut store, NOW + 609).unwrap().is_empty());
+        let gone = sensor.tick(&mut store, NOW + 610).unwrap();
+        assert_eq!(reports(&gone, &sensor, &owner).iter().map(|r| r.1.state.motion).collect::<Vec<_>>(), vec![Some(false)]);
+        for (counter, bad) in [(3, 9), (4, 3601)] {
+            let json = serde_json::json!({"version": 2, "timezone": "UTC", "no_motion_delay_secs": bad});
+            assert_eq!(set_rules(&mut sensor, &mut store, &owner, counter, json), Outcome::Refused { reason: Refusal::InvalidRules }, "{bad} s");
+        }
+    }
+
+    #[test]
+    fn a_walk_past_registers_only_above_the_sensitivity_threshold() {
+        // Issue 5: strength s registers if s > 10 - sensitivity.
+        let (mut sensor, mut store, owner) = owned(DeviceKind::MotionSensor);
+        // Default sensitivity 5: 5 is ignored, 6 registers.
+        assert_eq!(sensor.walk_past_with(&mut store, NOW, 5).unwrap(), Vec::new());
+        assert!(!sensor.motion(), "a weak walk-past below the threshold is ignored");
+        sensor.walk_past_with(&mut store, NOW + 1, 6).unwrap();
+        assert!(sensor.motion());
+        let r = reports(&sensor.cadence_report(&mut store, NOW + 30).unwrap(), &sensor, &owner);
+        assert_eq!(r[0].1.cause, Cause::Cadence { motion_at: vec![NOW + 1], no_motion_at: Vec::new() }, "only the registered one");
+        // Sensitivity 8: strength 3 registers, 2 does not; 10 registers everything, 1 only 10.
+        for (counter, (sensitivity, ignored, registered)) in [(8u8, 2u8, 3u8), (10, 0, 1), (1, 9, 10)].into_iter().enumerate() {
+            let (mut sensor, mut store, owner) = owned(DeviceKind::MotionSensor);
+            let json = serde_json::json!({"version": 0, "timezone": "UTC", "sensitivity": sensitivity});
+            assert_eq!(set_rules(&mut sensor, &mut store, &owner, counter as u64 + 1, json), Outcome::Done);
+            assert!(sensor.walk_past_with(&mut store, NOW, ignored).unwrap().is_empty());
+            assert!(!sensor.motion(), "sensitivity {sensitivity}, strength {ignored}");
+            sensor.walk_past_with(&mut store, NOW, registered).unwrap();
+            assert!(sensor.motion(), "sensitivity {sensitivity}, strength {registered}");
+        }
+        for (counter, bad) in [(1, 0), (2, 11)] {
+            let json = serde_json::json!({"version": 0, "timezone": "UTC", "sensitivity": bad});
+            assert_eq!(set_rules(&mut sensor, &mut store, &owner, 10 + counter, json), Outcome::Refused { reason: Refusal::InvalidRules }, "{bad}");
         }
     }
 
@@ -1428,16 +1599,16 @@ mod tests {
         assert_eq!(sensor.report_every(), Some(600));
         assert!(sensor.walk_past(&mut store, NOW).unwrap().is_empty());
         // Immediate: motion still waiting goes out with the change, and each
-        // new motion has its own pair of reports, as before.
+        // new motion has its own report (no motion follows after the delay).
         let base_version = sensor.rules().version;
         let device = sensor.device().clone();
         let off = Command::SetRules { base_version, rules: rules(0).to_string() };
         let frames = sensor.handle(CloudFrame::Command { envelope: command_at(&owner, &device, 11, off, NOW) }, &mut store, NOW).unwrap();
         assert_eq!(result_of(&frames, &sensor, &owner).outcome, Outcome::Done);
-        assert_eq!(causes(&frames, &sensor, &owner), vec![Cause::Cadence { motion_at: vec![NOW] }]);
+        assert_eq!(causes(&frames, &sensor, &owner), vec![Cause::Cadence { motion_at: vec![NOW], no_motion_at: Vec::new() }]);
         assert_eq!(sensor.report_every(), None);
         let frames = sensor.walk_past(&mut store, NOW).unwrap();
-        assert_eq!(causes(&frames, &sensor, &owner), vec![Cause::Local, Cause::Local]);
+        assert_eq!(causes(&frames, &sensor, &owner), vec![Cause::Local]);
         assert_eq!(sensor.cadence_report(&mut store, NOW).unwrap(), Vec::new());
         // Other kinds report at once unless their owner sets a cadence.
         let (plug, _, _) = owned(DeviceKind::Plug);

@@ -442,6 +442,12 @@ pub enum Cause {
         /// previous report, oldest first, at most [`MAX_MOTION_BATCH`].
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         motion_at: Vec<u64>,
+        /// Device-clock times (unix seconds) the state went from motion to
+        /// no motion (the owner's no-motion delay after the last walk-past)
+        /// since the previous report, oldest first, at most
+        /// [`MAX_MOTION_BATCH`] (issue 5).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        no_motion_at: Vec<u64>,
     },
 }
 

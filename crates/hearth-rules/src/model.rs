@@ -394,7 +394,28 @@ pub struct RuleSet {
     /// sends one fixed-size sealed report every n seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub report_every_secs: Option<u32>,
+    /// Motion sensors (issue 5): how long without a registered walk-past
+    /// before the state goes from "motion" to "no motion", in
+    /// [`MIN_NO_MOTION_DELAY_SECS`]..=[`MAX_NO_MOTION_DELAY_SECS`];
+    /// `None`: [`DEFAULT_NO_MOTION_DELAY_SECS`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub no_motion_delay_secs: Option<u32>,
+    /// Motion sensors (issue 5): 1 (least) ..= 10 (most sensitive); `None`:
+    /// [`DEFAULT_SENSITIVITY`]. A walk-past of strength s (1 far/weak ..= 10
+    /// close/strong) registers only if s > 10 - sensitivity; a GPIO driver
+    /// would map it to its PIR threshold instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sensitivity: Option<u8>,
 }
+
+/// Shortest no-motion delay the owner may set (seconds).
+pub const MIN_NO_MOTION_DELAY_SECS: u32 = 10;
+/// Longest no-motion delay the owner may set (seconds).
+pub const MAX_NO_MOTION_DELAY_SECS: u32 = 3600;
+/// The no-motion delay when the owner set none (seconds).
+pub const DEFAULT_NO_MOTION_DELAY_SECS: u32 = 60;
+/// A motion sensor's sensitivity when the owner set none (1..=10).
+pub const DEFAULT_SENSITIVITY: u8 = 5;
 
 /// Shortest reporting cadence the owner may set (seconds).
 pub const MIN_REPORT_EVERY_SECS: u32 = 10;
@@ -468,6 +489,8 @@ impl RuleSet {
             energy: EnergyConfig::default(),
             rules: Vec::new(),
             report_every_secs: None,
+            no_motion_delay_secs: None,
+            sensitivity: None,
         }
     }
 
@@ -511,6 +534,16 @@ impl RuleSet {
         if let Some(n) = self.report_every_secs {
             if n != 0 && !(MIN_REPORT_EVERY_SECS..=MAX_REPORT_EVERY_SECS).contains(&n) {
                 return Err(range_err("report_every_secs", "must be 0 (immediate) or 10 s … 10 min"));
+            }
+        }
+        if let Some(n) = self.no_motion_delay_secs {
+            if !(MIN_NO_MOTION_DELAY_SECS..=MAX_NO_MOTION_DELAY_SECS).contains(&n) {
+                return Err(range_err("no_motion_delay_secs", "must be 10 s … 1 h"));
+            }
+        }
+        if let Some(n) = self.sensitivity {
+            if !(1..=10).contains(&n) {
+                return Err(range_err("sensitivity", "must be 1 … 10"));
             }
         }
         let has_loc = self.location.is_some();

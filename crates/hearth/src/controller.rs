@@ -241,7 +241,7 @@ pub fn device_key(cfg: &Config, dev: &ListedDevice) -> Option<(PublicKey, &'stat
 /// The motion a fixed-cadence report (ADR 0011) carries; empty for other reports.
 fn motion_batch(cause: &Cause) -> &[u64] {
     match cause {
-        Cause::Cadence { motion_at } => motion_at,
+        Cause::Cadence { motion_at, .. } => motion_at,
         _ => &[],
     }
 }
@@ -530,8 +530,13 @@ pub async fn watch(cfg: &Config, json_lines: bool, count: Option<usize>, duratio
                     if !motion_batch(&s.cause).is_empty() {
                         line["motion_at"] = json!(motion_batch(&s.cause));
                     }
+                    if let Cause::Cadence { no_motion_at, .. } = &s.cause {
+                        if !no_motion_at.is_empty() {
+                            line["no_motion_at"] = json!(no_motion_at);
+                        }
+                    }
                     println!("{line}");
-                } else if matches!(&s.cause, Cause::Cadence { motion_at } if motion_at.is_empty()) {
+                } else if matches!(&s.cause, Cause::Cadence { motion_at, no_motion_at } if motion_at.is_empty() && no_motion_at.is_empty()) {
                     // A scheduled report with nothing in it (ADR 0011): nothing to tell a person.
                     continue;
                 } else {
@@ -543,8 +548,16 @@ pub async fn watch(cfg: &Config, json_lines: bool, count: Option<usize>, duratio
                         Cause::Rule { rule: None } => "by a rule on the device".into(),
                         Cause::Interlock { event } => format!("safety interlock: {event}"),
                         Cause::Energy { event } => format!("energy: {event}"),
-                        Cause::Cadence { motion_at } if motion_at.is_empty() => "scheduled report".into(),
-                        Cause::Cadence { motion_at } => format!("scheduled report; motion at {}", motion_times(motion_at)),
+                        Cause::Cadence { motion_at, no_motion_at } => {
+                            let mut why = String::from("scheduled report");
+                            if !motion_at.is_empty() {
+                                why += &format!("; motion at {}", motion_times(motion_at));
+                            }
+                            if !no_motion_at.is_empty() {
+                                why += &format!("; no motion from {}", motion_times(no_motion_at));
+                            }
+                            why
+                        }
                     };
                     println!("{}: {} ({why})", dev.name, describe_state(&s.state));
                 }
@@ -920,6 +933,10 @@ pub struct Settings {
     pub max_toggles_per_min: Option<u8>,
     /// Longest continuous on-time.
     pub max_on_secs: Option<u32>,
+    /// Motion sensors: the no-motion delay (issue 5).
+    pub no_motion_delay_secs: Option<u32>,
+    /// Motion sensors: sensitivity 1-10 (issue 5).
+    pub sensitivity: Option<u8>,
 }
 
 impl Settings {
@@ -946,6 +963,12 @@ impl Settings {
         if let Some(s) = self.max_on_secs {
             set.interlocks.max_on_secs = Some(s);
         }
+        if let Some(s) = self.no_motion_delay_secs {
+            set.no_motion_delay_secs = Some(s);
+        }
+        if let Some(s) = self.sensitivity {
+            set.sensitivity = Some(s);
+        }
         true
     }
 }
@@ -953,7 +976,7 @@ impl Settings {
 /// `hearth settings DEVICE --power-on … --standby-below … --price …`.
 pub async fn settings(cfg: &mut Config, wanted: &str, change: &Settings) -> Result<u8> {
     if *change == Settings::default() {
-        bail!("nothing to change: give --power-on, --standby-below, --long-on, --price/--currency, --max-toggles or --max-on");
+        bail!("nothing to change: give --power-on, --standby-below, --long-on, --price/--currency, --max-toggles, --max-on, --no-motion-delay or --sensitivity");
     }
     let devices = list(cfg).await?;
     let dev = resolve(&devices, wanted)?.clone();
@@ -1202,6 +1225,11 @@ mod tests {
         assert!(change.apply(&mut set));
         assert_eq!((set.power_on, set.interlocks.max_toggles_per_min), (hearth_rules::model::PowerOnPolicy::On, 4));
         assert_eq!((set.energy.clone(), set.interlocks.max_on_secs, set.rules.len()), (before.energy, None, 0));
+        let motion = Settings { no_motion_delay_secs: Some(120), sensitivity: Some(7), ..Settings::default() };
+        assert!(motion.apply(&mut set));
+        assert_eq!((set.no_motion_delay_secs, set.sensitivity, set.interlocks.max_toggles_per_min), (Some(120), Some(7), 4));
+        set.sensitivity = Some(11);
+        assert!(set.validate().unwrap_err().to_string().contains("sensitivity"));
     }
 
     /// A controller flags a state report whose signature fails: a report

@@ -192,6 +192,13 @@ enum Cmd {
         /// Safety interlock: longest continuous on-time, e.g. 4h or 90m.
         #[arg(long)]
         max_on: Option<String>,
+        /// Motion sensors: "no motion" this long after the last motion,
+        /// 10s to 1h, e.g. 2m (default 1m).
+        #[arg(long)]
+        no_motion_delay: Option<String>,
+        /// Motion sensors: 1 (least) to 10 (most sensitive), default 5.
+        #[arg(long)]
+        sensitivity: Option<u8>,
     },
     /// An energy plug's history, as the device reports it (sealed, verified):
     /// a table and a small chart, or --csv / --json for scripts.
@@ -399,7 +406,7 @@ async fn run(cli: Cli) -> Result<u8> {
             };
             return controller::rules(&mut Config::load(&dir()?)?, &device, file.as_deref()).await;
         }
-        Cmd::Settings { device, power_on, standby_below, long_on, price, currency, max_toggles, max_on } => {
+        Cmd::Settings { device, power_on, standby_below, long_on, price, currency, max_toggles, max_on, no_motion_delay, sensitivity } => {
             use hearth_rules::model::PowerOnPolicy;
             let hours = |t: &str| -> anyhow::Result<u16> {
                 let secs = controller::parse_duration(t)?;
@@ -420,6 +427,8 @@ async fn run(cli: Cli) -> Result<u8> {
                 },
                 max_toggles_per_min: max_toggles,
                 max_on_secs: max_on.as_deref().map(controller::parse_duration).transpose()?,
+                no_motion_delay_secs: no_motion_delay.as_deref().map(controller::parse_duration).transpose()?,
+                sensitivity,
             };
             return controller::settings(&mut Config::load(&dir()?)?, &device, &change).await;
         }

@@ -123,11 +123,11 @@ async fn a_motion_sensor_refuses_relay_commands_and_reports_motion() {
 
     // The owner's opt-out of fixed-cadence reports (ADR 0011): one report per motion.
     crate::support::set_report_every(&mut link, &mut owner, &key, 0).await;
+    // One report per motion; "no motion" follows the owner's delay later
+    // (issue 5; `walk::walk_past_command_…` waits for it end to end).
     agent.walk_past().await.unwrap();
     let seen = link.state(&key).await;
-    let gone = link.state(&key).await;
-    assert_eq!((seen.state.motion, gone.state.motion), (Some(true), Some(false)));
+    assert_eq!(seen.state.motion, Some(true));
     assert_eq!(seen.cause, Cause::Local);
-    assert!(gone.seq > seen.seq);
     agent.shutdown().await.unwrap();
 }

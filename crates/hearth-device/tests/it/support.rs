@@ -362,7 +362,13 @@ pub fn now() -> u64 {
 /// set holding only `report_every_secs` (0: a report at every change).
 /// The device must be at rule-set version 0.
 pub async fn set_report_every(link: &mut Link, owner: &mut Controller, device_key: &PublicKey, secs: u32) {
-    let rules = format!(r#"{{"version":0,"timezone":"UTC","report_every_secs":{secs}}}"#);
+    set_rules_extra(link, owner, device_key, &format!(r#""report_every_secs":{secs}"#)).await;
+}
+
+/// Sets the first rule set (version 0 → 1) with `fields` (JSON members,
+/// e.g. `"report_every_secs":0,"no_motion_delay_secs":10`).
+pub async fn set_rules_extra(link: &mut Link, owner: &mut Controller, device_key: &PublicKey, fields: &str) {
+    let rules = format!(r#"{{"version":0,"timezone":"UTC",{fields}}}"#);
     let device = link.device.clone();
     let r = link.command(owner.sign(&device, Command::SetRules { base_version: 0, rules }), device_key).await;
     assert_eq!(r.outcome, message::Outcome::Done, "the owner sets the reporting cadence");

@@ -13,7 +13,11 @@ use crate::support::{Controller, Device, FakeCloud, Link, Pki};
 const BIN: &str = env!("CARGO_BIN_EXE_hearth-device");
 
 fn walk_past(dir: &Path) -> Output {
-    Command::new(BIN).args(["walk-past", "--state-dir"]).arg(dir).output().unwrap()
+    walk_past_with(dir, &[])
+}
+
+fn walk_past_with(dir: &Path, extra: &[&str]) -> Output {
+    Command::new(BIN).args(["walk-past", "--state-dir"]).arg(dir).args(extra).output().unwrap()
 }
 
 fn spawn(dev: &Device, cloud: &FakeCloud, extra: &[&str]) -> Child {
@@ -29,14 +33,15 @@ fn spawn(dev: &Device, cloud: &FakeCloud, extra: &[&str]) -> Child {
 }
 
 /// Pairs an owner over the fake cloud and switches the sensor to one
-/// report per motion (ADR 0011's opt-out), so each walk-past shows at once.
+/// report per motion (ADR 0011's opt-out), so each walk-past shows at once,
+/// with the shortest no-motion delay (10 s) and the default sensitivity (5).
 async fn paired_immediate(cloud: &FakeCloud, dev: &Device) -> (Link, Controller) {
     let key = dev.public_key();
     let mut link = cloud.accept().await;
     link.greeting(&key).await;
     let mut owner = Controller::new();
     owner.pair(&mut link, 1, dev.secret()).await;
-    crate::support::set_report_every(&mut link, &mut owner, &key, 0).await;
+    crate::support::set_rules_extra(&mut link, &mut owner, &key, r#""report_every_secs":0,"no_motion_delay_secs":10"#).await;
     (link, owner)
 }
 
@@ -61,13 +66,21 @@ async fn walk_past_command_reaches_the_running_sensor_and_refuses_otherwise() {
     let child = spawn(&dev, &cloud, &[]);
     let key = dev.public_key();
     let (mut link, _owner) = paired_immediate(&cloud, &dev).await;
-    for _ in 0..2 {
-        let out = walk_past(dev.dir.path());
+    for strength in [None, Some("6")] {
+        let args: Vec<&str> = strength.map(|s| vec!["--strength", s]).unwrap_or_default();
+        let out = walk_past_with(dev.dir.path(), &args);
         assert!(out.status.success(), "{out:?}");
         assert!(String::from_utf8_lossy(&out.stdout).contains("someone walked past"), "{out:?}");
-        let (seen, gone) = (link.state(&key).await, link.state(&key).await);
-        assert_eq!((seen.state.motion, gone.state.motion), (Some(true), Some(false)));
+        let seen = link.state(&key).await;
+        assert_eq!(seen.state.motion, Some(true));
+        // Too weak for sensitivity 5 (needs > 5): no motion, no report;
+        // the next report is the no-motion one, the delay after `seen`.
+        assert!(walk_past_with(dev.dir.path(), &["--strength", "5"]).status.success());
+        let gone = link.state(&key).await;
+        assert_eq!(gone.state.motion, Some(false));
+        assert!(gone.at >= seen.at + 10, "no motion {} s after motion, before the 10 s delay", gone.at - seen.at);
     }
+    assert!(!walk_past_with(dev.dir.path(), &["--strength", "11"]).status.success(), "strength 1-10");
     stop(child).await;
 
     // A stale pid file (the agent died without removing it) must not make
@@ -92,7 +105,7 @@ async fn a_motion_script_walks_past_at_the_given_times() {
     let dev = Device::new(&pki, DeviceKind::MotionSensor);
     let script = dev.dir.path().join("walks.txt");
     // Late enough that pairing and the cadence change are done first.
-    std::fs::write(&script, "# two walks, a second apart\n4\n5\n").unwrap();
+    std::fs::write(&script, "# two walks, a second apart, then one too weak to register\n4\n5\n5 3\n").unwrap();
     let child = spawn(&dev, &cloud, &["--motion-script", script.to_str().unwrap()]);
     let key = dev.public_key();
     let (mut link, _owner) = paired_immediate(&cloud, &dev).await;

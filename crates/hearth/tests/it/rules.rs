@@ -295,3 +295,33 @@ fn settings_from_the_cli_change_only_what_is_given_and_the_device_enforces_them(
     assert_eq!(out.status.code(), Some(3), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("too many switches"));
 }
+
+/// Issue 5's motion-sensor settings from the CLI: the no-motion delay and
+/// the sensitivity round-trip through the device's rule set, and out of
+/// range values are refused before anything is sent.
+#[test]
+fn settings_from_the_cli_set_a_motion_sensors_delay_and_sensitivity() {
+    let w = World::new();
+    let sensor = w.provision("hall", "motion-sensor");
+    let _dev = w.run_device(&sensor);
+    let phone = w.controller("phone");
+    phone.signup("motion-settings@example.com");
+    assert!(eventually(Duration::from_secs(10), || phone.run(&["pair", &sensor.code, "--name", "hall"]).status.success()));
+    let out = phone.ok(&["settings", "hall", "--no-motion-delay", "2m", "--sensitivity", "7"]);
+    assert!(out.contains("version 1"), "{out}");
+    let set: serde_json::Value = serde_json::from_str(&phone.ok(&["rules", "hall"])).unwrap();
+    assert_eq!((set["no_motion_delay_secs"].clone(), set["sensitivity"].clone()), (serde_json::json!(120), serde_json::json!(7)));
+    for (args, why) in [
+        (&["settings", "hall", "--no-motion-delay", "5s"][..], "no_motion_delay_secs"),
+        (&["settings", "hall", "--no-motion-delay", "2h"][..], "no_motion_delay_secs"),
+        (&["settings", "hall", "--sensitivity", "0"][..], "sensitivity"),
+        (&["settings", "hall", "--sensitivity", "11"][..], "sensitivity"),
+    ] {
+        let out = phone.run(args);
+        assert!(!out.status.success(), "{args:?} accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(why), "{args:?}: {err}");
+    }
+    let after: serde_json::Value = serde_json::from_str(&phone.ok(&["rules", "hall"])).unwrap();
+    assert_eq!(after, set, "nothing changed by the refused edits");
+}
