@@ -387,8 +387,20 @@ impl AccessList {
         // reconnect") still takes effect. This is safe because a revoke only
         // takes access away, and step 6 still orders it: once the device
         // accepted any later command of the same controller, the held revoke
-        // is refused as replayed. One from the future is refused as usual.
-        let revoke_from_the_past = matches!(cmd.command, Command::RemoveController { .. }) && cmd.issued_at <= ctx.now;
+        // is refused as replayed. Step 6 forgets a removed controller's
+        // counter, so the exemption holds only for a revoke issued no earlier
+        // than the current entries of its signer and of its target were
+        // added: a revoke from before a re-add (of either) gets the normal
+        // window, and cannot undo the re-add. One from the future is refused
+        // as usual.
+        let revoke_from_the_past = match &cmd.command {
+            Command::RemoveController { controller } => {
+                cmd.issued_at <= ctx.now
+                    && cmd.issued_at >= entry.added_at
+                    && self.get(controller).is_none_or(|target| cmd.issued_at >= target.added_at)
+            }
+            _ => false,
+        };
         if cmd.issued_at.abs_diff(ctx.now) > FRESHNESS_WINDOW_SECS && !revoke_from_the_past {
             return Err(refuse(Refusal::Stale, Some(&claimed), counter));
         }

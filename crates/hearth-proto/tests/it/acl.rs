@@ -15,10 +15,15 @@ const MEMBER: u8 = 2;
 const STRANGER: u8 = 5;
 const DEVICE_KEY: u8 = 9;
 
+/// When [`access_list`]'s entries were added: long before [`NOW`], so a
+/// revoke held for days was still issued after them.
+const PAIRED_AT: u64 = NOW - 60 * 86_400;
+const DAY: u64 = 86_400;
+
 fn access_list() -> AccessList {
     let mut acl = AccessList::default();
-    assert!(acl.upsert(public(OWNER), Role::Owner, NOW));
-    assert!(acl.upsert(public(MEMBER), Role::Member, NOW));
+    assert!(acl.upsert(public(OWNER), Role::Owner, PAIRED_AT));
+    assert!(acl.upsert(public(MEMBER), Role::Member, PAIRED_AT));
     acl
 }
 
@@ -248,4 +253,93 @@ fn a_switch_only_grant_may_switch_and_nothing_else() {
     for cmd in [Command::GetRules, Command::GetAccess, Command::GetEnergy { since: 0, resolution: None }, Command::CheckUpdate] {
         assert_eq!(decide(4, cmd.clone()), Err(Refusal::NotPermitted), "{cmd:?}");
     }
+}
+
+/// Applies an accepted decision's access change the way the device does
+/// (`hearth-device` `protocol.rs`): a removed controller's counter is
+/// forgotten, an added one gets `added_at = now`.
+fn apply(acl: &mut AccessList, replay: &mut ReplayState, bytes: &[u8], now: u64) {
+    let device = device(0x11);
+    let ctx = hearth_proto::acl::DeviceContext { device: &device, kind: DeviceKind::Plug, now };
+    let d = acl.decide(ctx, replay, bytes).expect("accepted");
+    replay.commit(&d);
+    match d.command {
+        Command::RemoveController { controller } => {
+            assert!(acl.remove(&controller));
+            replay.forget(&controller);
+        }
+        Command::AddController { key, role, .. } => assert!(acl.upsert(key, role, now)),
+        _ => {}
+    }
+}
+
+fn revoke(signer: u8, counter: u64, target: u8, issued_at: u64) -> Vec<u8> {
+    sign(signer, &CommandPayload { issued_at, ..command(signer, counter, Command::RemoveController { controller: controller(target) }) })
+}
+
+fn share(signer: u8, counter: u64, target: u8, role: Role, issued_at: u64) -> Vec<u8> {
+    let enc = hearth_proto::e2e::EncSecretKey::derive(b"acl test").public().clone();
+    let add = Command::AddController { key: public(target), enc, role, scope: Default::default() };
+    sign(signer, &CommandPayload { issued_at, ..command(signer, counter, add) })
+}
+
+/// Security review: the signer's counter is forgotten when it is removed,
+/// so step 6 no longer orders its old revokes. An admin's revoke, kept by
+/// the cloud, must not remove the member again after the owner removed and
+/// re-added both of them.
+#[test]
+fn an_old_revoke_does_not_outlive_a_re_add_of_its_signer() {
+    const ADMIN: u8 = 3;
+    let mut acl = access_list();
+    let mut replay = ReplayState::default();
+    assert!(acl.upsert(public(ADMIN), Role::Admin, PAIRED_AT));
+    let old = revoke(ADMIN, 5, MEMBER, NOW - 10 * DAY);
+    apply(&mut acl, &mut replay, &old, NOW - 10 * DAY);
+    assert!(acl.get(&controller(MEMBER)).is_none());
+    apply(&mut acl, &mut replay, &revoke(OWNER, 1, ADMIN, NOW - 8 * DAY), NOW - 8 * DAY);
+    apply(&mut acl, &mut replay, &share(OWNER, 2, ADMIN, Role::Admin, NOW - 5 * DAY), NOW - 5 * DAY);
+    apply(&mut acl, &mut replay, &share(OWNER, 3, MEMBER, Role::Member, NOW - 5 * DAY), NOW - 5 * DAY);
+    assert_eq!(replay.last(&controller(ADMIN)), None, "the admin's counter was forgotten");
+
+    let device = device(0x11);
+    let ctx = hearth_proto::acl::DeviceContext { device: &device, kind: DeviceKind::Plug, now: NOW };
+    assert_eq!(acl.decide(ctx, &replay, &old).unwrap_err().reason, Refusal::Stale);
+    // A new revoke by the re-added admin, held as long, is still honoured.
+    let held = revoke(ADMIN, 1, MEMBER, NOW - 4 * DAY);
+    assert_eq!(acl.decide(ctx, &replay, &held).unwrap().counter, 1);
+}
+
+/// Security review: an owner's revoke withheld by the cloud must not remove
+/// a controller another owner re-added after the revoke was signed.
+#[test]
+fn an_old_revoke_does_not_outlive_a_re_add_of_its_target() {
+    const OWNER2: u8 = 4;
+    let mut acl = access_list();
+    let mut replay = ReplayState::default();
+    assert!(acl.upsert(public(OWNER2), Role::Owner, PAIRED_AT));
+    let withheld = revoke(OWNER, 9, MEMBER, NOW - 10 * DAY);
+    apply(&mut acl, &mut replay, &revoke(OWNER2, 1, MEMBER, NOW - 8 * DAY), NOW - 8 * DAY);
+    apply(&mut acl, &mut replay, &share(OWNER2, 2, MEMBER, Role::Member, NOW - 5 * DAY), NOW - 5 * DAY);
+
+    let device = device(0x11);
+    let ctx = hearth_proto::acl::DeviceContext { device: &device, kind: DeviceKind::Plug, now: NOW };
+    assert_eq!(acl.decide(ctx, &replay, &withheld).unwrap_err().reason, Refusal::Stale);
+    // The same revoke, delivered before the re-add, would have been honoured.
+    let before = hearth_proto::acl::DeviceContext { now: NOW - 9 * DAY, ..ctx };
+    assert_eq!(access_list().decide(before, &ReplayState::default(), &withheld).unwrap().counter, 9);
+}
+
+/// The exemption still covers what it is for: a revoke held longer than the
+/// freshness window, issued after both entries were added, is accepted.
+#[test]
+fn a_held_revoke_issued_after_the_entries_were_added_is_accepted() {
+    let device = device(0x11);
+    let ctx = hearth_proto::acl::DeviceContext { device: &device, kind: DeviceKind::Plug, now: NOW };
+    let mut acl = AccessList::default();
+    assert!(acl.upsert(public(OWNER), Role::Owner, NOW - 1_000));
+    assert!(acl.upsert(public(MEMBER), Role::Member, NOW - 500));
+    let replay = ReplayState::default();
+    assert_eq!(acl.decide(ctx, &replay, &revoke(OWNER, 3, MEMBER, NOW - 500)).unwrap().counter, 3);
+    assert_eq!(acl.decide(ctx, &replay, &revoke(OWNER, 3, MEMBER, NOW - 121)).unwrap().counter, 3);
+    assert_eq!(acl.decide(ctx, &replay, &revoke(OWNER, 3, MEMBER, NOW - 501)).unwrap_err().reason, Refusal::Stale);
 }
