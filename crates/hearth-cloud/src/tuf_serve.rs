@@ -197,23 +197,50 @@ fn not_found() -> Response {
 }
 
 async fn metadata(State(cfg): State<Arc<TufConfig>>, UrlPath(file): UrlPath<String>) -> Response {
-    match resolve(&cfg.repo_dir.join("metadata"), &file, 1) {
+    let base = cfg.repo_dir.join("metadata");
+    match resolve(&base, &file, 1) {
         // Metadata changes in place (timestamp.json): caches must revalidate.
-        Some(path) => serve_file(&path, MAX_METADATA, "application/json", "no-cache").await,
+        Some(path) => serve_file(&base, &path, MAX_METADATA, "application/json", "no-cache").await,
         None => not_found(),
     }
 }
 
 async fn target(State(cfg): State<Arc<TufConfig>>, UrlPath(path): UrlPath<String>) -> Response {
-    match resolve(&cfg.repo_dir.join("targets"), &path, MAX_SEGMENTS) {
+    let base = cfg.repo_dir.join("targets");
+    match resolve(&base, &path, MAX_SEGMENTS) {
         // Under consistent snapshots a target's name contains its hash.
-        Some(p) => serve_file(&p, MAX_TARGET, "application/octet-stream", "public, max-age=3600").await,
+        Some(p) => serve_file(&base, &p, MAX_TARGET, "application/octet-stream", "public, max-age=3600").await,
         None => not_found(),
     }
 }
 
-/// Streams a regular file (not a symlink) of at most `max` bytes.
-async fn serve_file(path: &Path, max: u64, content_type: &'static str, cache: &'static str) -> Response {
+/// True when no component of `path` below `base` is a symlink: every
+/// intermediate one is a real directory (`symlink_metadata`, which does not
+/// follow), so `targets/dir -> /` cannot take a request outside the
+/// repository. `path` comes from [`resolve`], i.e. `base` plus plain names.
+async fn no_symlink_below(base: &Path, path: &Path) -> bool {
+    let Ok(rel) = path.strip_prefix(base) else { return false };
+    let mut at = base.to_path_buf();
+    let mut components = rel.components().peekable();
+    while let Some(c) = components.next() {
+        at.push(c);
+        if components.peek().is_none() {
+            break; // the file itself is checked by the caller
+        }
+        match tokio::fs::symlink_metadata(&at).await {
+            Ok(m) if m.is_dir() => {}
+            _ => return false,
+        }
+    }
+    true
+}
+
+/// Streams a regular file of at most `max` bytes below `base`; a symlink
+/// at any component below `base` (directory or file) is not followed.
+async fn serve_file(base: &Path, path: &Path, max: u64, content_type: &'static str, cache: &'static str) -> Response {
+    if !no_symlink_below(base, path).await {
+        return not_found();
+    }
     let meta = match tokio::fs::symlink_metadata(path).await {
         Ok(m) if m.is_file() => m,
         _ => return not_found(),
@@ -391,6 +418,16 @@ mod tests {
         big.set_len(MAX_METADATA + 1).unwrap();
         let app = routes(TufConfig { repo_dir: r.dir.path().to_path_buf(), keys: None, timestamp_lifetime: Duration::from_secs(60) });
         assert_eq!(get(app.clone(), "/tuf/targets/link.bin").await.0, StatusCode::NOT_FOUND);
+        // An intermediate directory symlink is not followed either (the
+        // file behind it is a regular file, so only the walk refuses it).
+        std::fs::create_dir(r.dir.path().join("elsewhere")).unwrap();
+        std::fs::write(r.dir.path().join("elsewhere/secret.bin"), b"outside").unwrap();
+        std::os::unix::fs::symlink(r.dir.path().join("elsewhere"), r.dir.path().join("targets/dir")).unwrap();
+        let (s, body) = get(app.clone(), "/tuf/targets/dir/secret.bin").await;
+        assert_eq!(s, StatusCode::NOT_FOUND);
+        assert!(!body.windows(7).any(|w| w == b"outside"));
+        // A real subdirectory still works.
+        assert_eq!(get(app.clone(), "/tuf/targets/plug/fw-2.bin").await.0, StatusCode::OK);
         assert_eq!(get(app, "/tuf/metadata/big.json").await.0, StatusCode::NOT_FOUND);
     }
 }

@@ -91,6 +91,38 @@ pub struct PendingInstall {
     pub state: PendingState,
 }
 
+/// Longest target path accepted in a pending record.
+pub const MAX_TARGET_LEN: usize = 255;
+/// Longest version string accepted in a pending record.
+pub const MAX_VERSION_LEN: usize = 64;
+
+impl PendingInstall {
+    /// The record comes from the agent-writable state directory and its
+    /// strings reach the hook's environment: strict charset and length.
+    /// Target (a TUF target path, or the image path for the CLI `stage`;
+    /// only a label for the hook, never opened): 1–[`MAX_TARGET_LEN`] bytes
+    /// of ASCII letters, digits and `._-+~@/`; version:
+    /// at most [`MAX_VERSION_LEN`] bytes (its charset is already digits and
+    /// dots, [`Version::parse`]); sha256: 64 lower-case hex digits.
+    ///
+    /// # Errors
+    /// What is wrong.
+    pub fn validate(&self) -> Result<(), String> {
+        let t = &self.target;
+        let charset_ok = t.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-+~@/".contains(&b));
+        if t.is_empty() || t.len() > MAX_TARGET_LEN || !charset_ok {
+            return Err(format!("target {:?} is not a plain target path (at most {MAX_TARGET_LEN} bytes of [A-Za-z0-9._-+~@/])", t.chars().take(80).collect::<String>()));
+        }
+        if self.version.to_string().len() > MAX_VERSION_LEN {
+            return Err(format!("version longer than {MAX_VERSION_LEN} bytes"));
+        }
+        if self.sha256.len() != 64 || !self.sha256.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+            return Err("sha256 is not 64 lower-case hex digits".into());
+        }
+        Ok(())
+    }
+}
+
 /// Path of the pending record.
 pub fn pending_path(dir: &Path) -> PathBuf {
     dir.join(PENDING)
@@ -107,8 +139,13 @@ pub fn staged_path(dir: &Path) -> PathBuf {
 /// [`Error::Io`], [`Error::BadRecord`].
 pub fn load_pending(dir: &Path) -> Result<Option<PendingInstall>, Error> {
     let path = pending_path(dir);
-    match std::fs::read(&path) {
-        Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| Error::BadRecord { path, reason: e.to_string() }),
+    // No symlink, FIFO or oversized file: the supervisor reads this as root.
+    match store::read_small(&path) {
+        Ok(bytes) => {
+            let p: PendingInstall = serde_json::from_slice(&bytes).map_err(|e| Error::BadRecord { path: path.clone(), reason: e.to_string() })?;
+            p.validate().map_err(|reason| Error::BadRecord { path, reason })?;
+            Ok(Some(p))
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(Error::io("read", &path)(e)),
     }
@@ -118,7 +155,8 @@ fn save_pending(dir: &Path, pending: &PendingInstall) -> Result<(), Error> {
     let path = pending_path(dir);
     let tmp = dir.join(format!("{PENDING}.tmp.{}", std::process::id()));
     let bytes = serde_json::to_vec_pretty(pending).map_err(|e| Error::BadRecord { path: path.clone(), reason: e.to_string() })?;
-    let mut f = File::create(&tmp).map_err(Error::io("create", &tmp))?;
+    // Root writes here into the agent-writable directory: no symlink follow.
+    let mut f = store::create_temp(&tmp)?;
     f.write_all(&bytes).map_err(Error::io("write", &tmp))?;
     f.sync_all().map_err(Error::io("fsync", &tmp))?;
     drop(f);
@@ -156,6 +194,15 @@ pub fn stage(dir: &Path, running: &Version, src: impl Read, expected: &ExpectedI
     if let Some(p) = load_pending(dir)? {
         return Err(Error::InstallCommand { command: "hand-off".into(), reason: format!("{} is already staged for the system updater", p.version) });
     }
+    let pending = PendingInstall {
+        target: expected.target.clone(),
+        version: expected.version.clone(),
+        length: expected.length,
+        sha256: hex::encode(expected.sha256),
+        state: PendingState::Staged,
+    };
+    // The supervisor refuses a record that fails this; refuse it here first.
+    pending.validate().map_err(|reason| Error::Target { target: expected.target.clone(), reason })?;
     let path = staged_path(dir);
     let result = (|| {
         let mut out = File::create(&path).map_err(Error::io("create", &path))?;
@@ -163,13 +210,6 @@ pub fn stage(dir: &Path, running: &Version, src: impl Read, expected: &ExpectedI
         drop(out);
         store::sync_dir(dir)?;
         store::crash_point(steps::HANDOFF_STAGED);
-        let pending = PendingInstall {
-            target: expected.target.clone(),
-            version: expected.version.clone(),
-            length: expected.length,
-            sha256: hex::encode(expected.sha256),
-            state: PendingState::Staged,
-        };
         save_pending(dir, &pending)
     })();
     if result.is_err() {
@@ -256,7 +296,9 @@ fn check_and_run(dir: &Path, pending: &PendingInstall, record: &mut crate::state
     // Re-verify what is on disk against the record (ADR 0010): a torn,
     // truncated or swapped file never reaches the hook.
     let path = staged_path(dir);
-    let (sha, len) = store::hash_file(&path).map_err(|e| format!("staged image: {e}"))?;
+    // No symlink, FIFO or device (a root-only file's length or a hang), and
+    // never more than length + 1 bytes read.
+    let (sha, len) = store::hash_state_file(&path, pending.length).map_err(|e| format!("staged image: {e}"))?;
     if len != pending.length {
         return Err(format!("staged image length {len} != recorded {}", pending.length));
     }

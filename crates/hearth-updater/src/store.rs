@@ -78,7 +78,7 @@ pub fn record_path(dir: &Path) -> PathBuf {
 /// [`Error::Io`] (including not found), [`Error::BadRecord`].
 pub fn load_record(dir: &Path) -> Result<BootRecord, Error> {
     let path = record_path(dir);
-    let bytes = fs::read(&path).map_err(Error::io("read", &path))?;
+    let bytes = read_small(&path).map_err(Error::io("read", &path))?;
     serde_json::from_slice(&bytes).map_err(|e| Error::BadRecord { path, reason: e.to_string() })
 }
 
@@ -93,7 +93,7 @@ pub fn save_record(dir: &Path, record: &BootRecord) -> Result<(), Error> {
     let tmp = dir.join(format!("{RECORD}.tmp.{}", std::process::id()));
     // serde_json cannot fail on this plain data (no maps with non-string keys).
     let bytes = serde_json::to_vec_pretty(record).map_err(|e| Error::BadRecord { path: path.clone(), reason: e.to_string() })?;
-    let mut f = File::create(&tmp).map_err(Error::io("create", &tmp))?;
+    let mut f = create_temp(&tmp)?;
     f.write_all(&bytes).map_err(Error::io("write", &tmp))?;
     f.sync_all().map_err(Error::io("fsync", &tmp))?;
     drop(f);
@@ -101,6 +101,62 @@ pub fn save_record(dir: &Path, record: &BootRecord) -> Result<(), Error> {
     fs::rename(&tmp, &path).map_err(Error::io("rename", &path))?;
     crash_point(steps::SWITCH_AFTER_RENAME);
     sync_dir(dir)
+}
+
+/// Largest `boot.json` / `pending-install.json` read (both are a few hundred bytes).
+pub const MAX_RECORD: u64 = 64 * 1024;
+
+/// Opens a file in the state directory without following a symlink
+/// (`O_NOFOLLOW`) and without blocking on a FIFO (`O_NONBLOCK`), and requires
+/// a regular file (fstat of the opened descriptor, so no check-then-open
+/// race). The state directory is writable by the sandboxed agent while the
+/// supervisor reads it as root: a planted symlink to a root-only file, a
+/// device or a FIFO is refused instead of read (DESIGN.md §3, "Firmware";
+/// ADR 0010).
+///
+/// # Errors
+/// The OS error; `ELOOP` for a symlink, `InvalidData` for a non-regular file.
+pub fn open_regular(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let f = OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC).open(path)?;
+    if !f.metadata()?.is_file() {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "not a regular file"));
+    }
+    Ok(f)
+}
+
+/// Reads a small record file through [`open_regular`], refusing one over
+/// [`MAX_RECORD`] bytes (a planted `/dev/zero`-like file cannot exhaust memory).
+///
+/// # Errors
+/// The OS error (`NotFound` kept as is); `InvalidData` when too large.
+pub fn read_small(path: &Path) -> std::io::Result<Vec<u8>> {
+    let f = open_regular(path)?;
+    let mut bytes = Vec::new();
+    f.take(MAX_RECORD + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_RECORD {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("larger than {MAX_RECORD} bytes")));
+    }
+    Ok(bytes)
+}
+
+/// Creates a temp file for an atomic replace in the state directory, safely
+/// when root writes into a directory the sandboxed agent can write: a stale
+/// entry (possibly a planted symlink; `remove_file` removes the link, not its
+/// target) is removed first, then the file is created with `O_CREAT|O_EXCL`
+/// (`create_new`) and `O_NOFOLLOW`, so a symlink planted in between makes
+/// the create fail instead of redirecting root's write.
+///
+/// # Errors
+/// [`Error::Io`].
+pub(crate) fn create_temp(tmp: &Path) -> Result<File, Error> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    match fs::remove_file(tmp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::io("remove stale", tmp)(e)),
+    }
+    OpenOptions::new().write(true).create_new(true).custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC).open(tmp).map_err(Error::io("create", tmp))
 }
 
 /// fsyncs a directory so a rename or create in it is durable.
@@ -116,7 +172,23 @@ pub fn sync_dir(dir: &Path) -> Result<(), Error> {
 /// # Errors
 /// [`Error::Io`].
 pub fn hash_file(path: &Path) -> Result<(String, u64), Error> {
-    let mut f = File::open(path).map_err(Error::io("open", path))?;
+    let f = File::open(path).map_err(Error::io("open", path))?;
+    hash_reader(f, path)
+}
+
+/// Like [`hash_file`] for a file in the agent-writable state directory:
+/// opened with [`open_regular`] (no symlink, no FIFO or device) and read
+/// to at most `max + 1` bytes, so a caller comparing against a trusted
+/// length `max` sees "too long" without reading an unbounded file.
+///
+/// # Errors
+/// [`Error::Io`] (a symlink or non-regular file included).
+pub fn hash_state_file(path: &Path, max: u64) -> Result<(String, u64), Error> {
+    let f = open_regular(path).map_err(Error::io("open", path))?;
+    hash_reader(f.take(max.saturating_add(1)), path)
+}
+
+fn hash_reader(mut f: impl Read, path: &Path) -> Result<(String, u64), Error> {
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 64 * 1024];
     let mut len = 0u64;
@@ -142,7 +214,7 @@ pub fn verify_slot(dir: &Path, slot: Slot, image: &SlotImage) -> Result<(), Erro
     if !path.exists() {
         return Err(Error::Verify { what, reason: "missing".into() });
     }
-    let (sha, len) = hash_file(&path)?;
+    let (sha, len) = hash_state_file(&path, image.length)?;
     if len != image.length {
         return Err(Error::Verify { what, reason: format!("length {len} != {}", image.length) });
     }

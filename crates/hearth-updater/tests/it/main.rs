@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod keyscan;
+mod state_dir_links;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
