@@ -12,12 +12,15 @@
 //!   the key it learned at pairing and/or the manufacturer CA
 //!   ([`DevicePin`]); the device asks for no client certificate, because
 //!   authorization is the signature on each command (ADR 0001).
-//! * Bounds: at most [`MAX_CONNECTIONS`] connections at once (more are
+//! * Bounds: at most [`MAX_CONNECTIONS`] connections at once and
+//!   [`MAX_CONNECTIONS_PER_ADDRESS`] from one source address (more are
 //!   closed before the handshake), the TLS handshake within
 //!   [`HANDSHAKE_TIMEOUT`], nothing received for [`IDLE_TIMEOUT`] closes
-//!   the connection, frames at most 64 KiB (`link::frame_len`, checked on
-//!   the header before the body is read), at most
-//!   [`MAX_COMMANDS_PER_CONNECTION`] commands per connection.
+//!   the connection, and so does reaching [`MAX_LIFETIME`] whatever it
+//!   carries (so pings cannot hold a slot for ever), frames at most 64 KiB
+//!   (`link::frame_len`, checked on the header before the body is read), at
+//!   most [`MAX_FRAMES_PER_CONNECTION`] frames (commands and pings) per
+//!   connection.
 //! * Pairing is not offered on the LAN (it stays a cloud-mediated step,
 //!   ADR 0003); a `pair` frame closes the connection.
 //!
@@ -25,7 +28,7 @@
 //! lan`) and by a motion sensor sending to its target ([`MotionSender`]).
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -58,8 +61,72 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Reading the rest of a frame, or writing one, must finish within this.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
-/// Commands served on one connection before it is closed.
-pub const MAX_COMMANDS_PER_CONNECTION: u32 = 256;
+/// Frames (commands and pings alike) served on one connection before it
+/// is closed.
+pub const MAX_FRAMES_PER_CONNECTION: u32 = 256;
+/// At most this many LAN connections from one source address at once, so
+/// one host cannot take all [`MAX_CONNECTIONS`] slots.
+pub const MAX_CONNECTIONS_PER_ADDRESS: usize = 2;
+/// A LAN connection is closed this long after it was accepted, whatever it
+/// carries: a controller dials again for its next command.
+pub const MAX_LIFETIME: Duration = Duration::from_secs(60);
+
+/// The bounds [`serve_with`] enforces; [`Limits::default`] is the
+/// constants above (tests shorten them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections at once ([`MAX_CONNECTIONS`]).
+    pub connections: usize,
+    /// Connections at once from one source address ([`MAX_CONNECTIONS_PER_ADDRESS`]).
+    pub per_address: usize,
+    /// Lifetime of one connection ([`MAX_LIFETIME`]).
+    pub lifetime: Duration,
+    /// Frames on one connection ([`MAX_FRAMES_PER_CONNECTION`]).
+    pub frames: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            connections: MAX_CONNECTIONS,
+            per_address: MAX_CONNECTIONS_PER_ADDRESS,
+            lifetime: MAX_LIFETIME,
+            frames: MAX_FRAMES_PER_CONNECTION,
+        }
+    }
+}
+
+/// One source address's share of the connections; gives it back on drop.
+struct AddressSlot {
+    open: Arc<std::sync::Mutex<BTreeMap<IpAddr, usize>>>,
+    ip: IpAddr,
+}
+
+impl AddressSlot {
+    /// Takes one of `ip`'s `limit` slots, or `None` when it holds them all.
+    /// The map only has addresses with an open connection, so it is bounded
+    /// by the total connection limit.
+    fn take(open: &Arc<std::sync::Mutex<BTreeMap<IpAddr, usize>>>, ip: IpAddr, limit: usize) -> Option<AddressSlot> {
+        let mut map = open.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if map.get(&ip).copied().unwrap_or(0) >= limit {
+            return None;
+        }
+        *map.entry(ip).or_insert(0) += 1;
+        Some(AddressSlot { open: Arc::clone(open), ip })
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut map = self.open.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
+    }
+}
 
 /// A command that arrived on the LAN, for the agent task that owns the
 /// core. `reply` gets the frames to send back (the signed result).
@@ -81,8 +148,14 @@ pub fn server_config(cert_pem: &str, key_pem: &str) -> anyhow::Result<rustls::Se
 /// Serves the LAN endpoint until the agent goes away. `to_agent` is the
 /// agent's event channel; each command waits for its signed answer.
 pub async fn serve<T: From<LanCommand> + Send + 'static>(listener: TcpListener, tls: Arc<rustls::ServerConfig>, to_agent: mpsc::Sender<T>) {
+    serve_with(listener, tls, to_agent, Limits::default()).await;
+}
+
+/// [`serve`] with other [`Limits`] (tests).
+pub async fn serve_with<T: From<LanCommand> + Send + 'static>(listener: TcpListener, tls: Arc<rustls::ServerConfig>, to_agent: mpsc::Sender<T>, limits: Limits) {
     let acceptor = TlsAcceptor::from(tls);
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let slots = Arc::new(Semaphore::new(limits.connections));
+    let per_address = Arc::new(std::sync::Mutex::new(BTreeMap::new()));
     loop {
         let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -97,23 +170,29 @@ pub async fn serve<T: From<LanCommand> + Send + 'static>(listener: TcpListener, 
             () = to_agent.closed() => return,
         };
         let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-            warn!(%peer, "LAN connection refused: {MAX_CONNECTIONS} already open");
+            warn!(%peer, "LAN connection refused: {} already open", limits.connections);
+            drop(tcp);
+            continue;
+        };
+        let Some(address_slot) = AddressSlot::take(&per_address, peer.ip().to_canonical(), limits.per_address) else {
+            warn!(%peer, "LAN connection refused: {} already open from this address", limits.per_address);
             drop(tcp);
             continue;
         };
         let acceptor = acceptor.clone();
         let to_agent = to_agent.clone();
         tokio::spawn(async move {
-            let _slot = slot;
-            match connection(acceptor, tcp, &to_agent).await {
-                Ok(n) => info!(%peer, commands = n, "LAN connection closed"),
-                Err(why) => warn!(%peer, "LAN connection dropped: {why}"),
+            let _slots = (slot, address_slot);
+            match timeout(limits.lifetime, connection(acceptor, tcp, &to_agent, limits.frames)).await {
+                Ok(Ok(n)) => info!(%peer, frames = n, "LAN connection closed"),
+                Ok(Err(why)) => warn!(%peer, "LAN connection dropped: {why}"),
+                Err(_) => info!(%peer, "LAN connection closed at its lifetime ({:?})", limits.lifetime),
             }
         });
     }
 }
 
-async fn connection<T: From<LanCommand>>(acceptor: TlsAcceptor, tcp: TcpStream, to_agent: &mpsc::Sender<T>) -> Result<u32, String> {
+async fn connection<T: From<LanCommand>>(acceptor: TlsAcceptor, tcp: TcpStream, to_agent: &mpsc::Sender<T>, max_frames: u32) -> Result<u32, String> {
     let _ = tcp.set_nodelay(true);
     let mut tls = match timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
         Ok(Ok(s)) => s,
@@ -123,14 +202,15 @@ async fn connection<T: From<LanCommand>>(acceptor: TlsAcceptor, tcp: TcpStream, 
     let mut served = 0u32;
     loop {
         let Some(frame) = read_frame::<_, CloudFrame>(&mut tls, IDLE_TIMEOUT).await? else { return Ok(served) };
+        // Pings count too: otherwise a host could keep a slot busy with them.
+        if served >= max_frames {
+            return Err(format!("more than {max_frames} frames on one connection"));
+        }
+        served += 1;
         let out = match frame {
             CloudFrame::Ping { n } => vec![DeviceFrame::Pong { n }],
             CloudFrame::Pair { .. } => return Err("pairing is not offered on the LAN".into()),
             CloudFrame::Command { envelope } => {
-                if served >= MAX_COMMANDS_PER_CONNECTION {
-                    return Err(format!("more than {MAX_COMMANDS_PER_CONNECTION} commands on one connection"));
-                }
-                served += 1;
                 let (reply, answer) = oneshot::channel();
                 to_agent.send(T::from(LanCommand { envelope, reply })).await.map_err(|_| "the agent stopped".to_owned())?;
                 match timeout(IO_TIMEOUT, answer).await {

@@ -174,22 +174,24 @@ fn an_unpaired_host_on_the_lan_is_refused() {
         let end = hearth_device::lan::read_frame::<_, DeviceFrame>(&mut s, Duration::from_secs(5)).await;
         assert!(matches!(end, Ok(None) | Err(_)), "an oversized frame closes the connection: {end:?}");
 
-        // At most MAX_CONNECTIONS at once: the next one is closed before any
-        // handshake; once they are gone, a new one is served again.
+        // At most MAX_CONNECTIONS at once (each from its own loopback
+        // address, as only MAX_CONNECTIONS_PER_ADDRESS may come from one): the
+        // next one is closed before any handshake; once they are gone, a new
+        // one is served again.
         drop(s);
         let mut held = Vec::new();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while held.len() < hearth_device::lan::MAX_CONNECTIONS {
             assert!(tokio::time::Instant::now() < deadline, "the device did not free its connection slots");
             // Slots of the connections above free up as the device sees them close.
-            let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+            let tcp = dial_from(&addr, [127, 0, 0, 2 + held.len() as u8]).await;
             let name = rustls::pki_types::ServerName::IpAddress(tcp.peer_addr().unwrap().ip().into());
             match tokio_rustls::TlsConnector::from(Arc::clone(&config)).connect(name, tcp).await {
                 Ok(tls) => held.push(tls),
                 Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
             }
         }
-        let mut extra = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let mut extra = dial_from(&addr, [127, 0, 0, 20]).await;
         let mut buf = [0u8; 16];
         let n = tokio::time::timeout(Duration::from_secs(4), tokio::io::AsyncReadExt::read(&mut extra, &mut buf)).await;
         assert!(matches!(n, Ok(Ok(0)) | Ok(Err(_))), "a connection over the limit is closed at once: {n:?}");
@@ -349,4 +351,90 @@ fn rt_probe(addr: &str, config: &Arc<rustls::ClientConfig>) -> bool {
     })
     .join()
     .unwrap()
+}
+
+/// A TCP connection to `addr` from the loopback address `from` (all of
+/// 127.0.0.0/8 is local on Linux), so tests can act as several LAN hosts.
+async fn dial_from(addr: &str, from: [u8; 4]) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::from((from, 0))).unwrap();
+    socket.connect(addr.parse().unwrap()).await.unwrap()
+}
+
+/// Whether the peer closes `s` within `wait` without sending a frame.
+async fn closed_within<S: tokio::io::AsyncRead + Unpin>(s: &mut S, wait: Duration) -> bool {
+    let mut buf = [0u8; 16];
+    matches!(tokio::time::timeout(wait, tokio::io::AsyncReadExt::read(s, &mut buf)).await, Ok(Ok(0) | Err(_)))
+}
+
+/// Security review: pings every 25 s let one unauthenticated LAN host hold
+/// every connection slot for ever. Now a third connection from one address
+/// is closed before the handshake, pings count toward the frame limit, and
+/// a connection is closed at its lifetime (shortened here) even while busy.
+#[test]
+fn one_lan_host_cannot_hold_the_connection_slots() {
+    let w = World::new();
+    let p = w.provision("slots", "plug");
+    let device: DeviceId = p.id.parse().unwrap();
+    let cert = std::fs::read_to_string(p.state.join("device.pem")).unwrap();
+    let key = std::fs::read_to_string(p.state.join("device.key")).unwrap();
+    let config = Arc::new(hearth_device::lan::client_config(pin(&w, &device)).unwrap());
+    rt().block_on(async {
+        use hearth_device::lan::{read_frame, serve_with, write_frame, LanCommand, Limits};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let tls = Arc::new(hearth_device::lan::server_config(&cert, &key).unwrap());
+        let (to_agent, _agent) = tokio::sync::mpsc::channel::<LanCommand>(4);
+        let lifetime = Duration::from_millis(1500);
+        let limits = Limits { lifetime, frames: 3, ..Limits::default() };
+        assert_eq!(limits.per_address, 2);
+        tokio::spawn(serve_with(listener, tls, to_agent, limits));
+        let tls_from = |from: [u8; 4]| {
+            let (addr, config) = (addr.clone(), Arc::clone(&config));
+            async move {
+                let tcp = dial_from(&addr, from).await;
+                let name = rustls::pki_types::ServerName::IpAddress(tcp.peer_addr().unwrap().ip().into());
+                tokio_rustls::TlsConnector::from(config).connect(name, tcp).await
+            }
+        };
+
+        // Two from one address are served, the third is closed at once;
+        // another address still gets in.
+        let started = tokio::time::Instant::now();
+        let mut a = tls_from([127, 0, 0, 2]).await.unwrap();
+        let mut b = tls_from([127, 0, 0, 2]).await.unwrap();
+        let mut third = dial_from(&addr, [127, 0, 0, 2]).await;
+        assert!(closed_within(&mut third, Duration::from_secs(1)).await, "a third connection from one address was kept");
+        let mut c = tls_from([127, 0, 0, 3]).await.unwrap();
+
+        // Pings are frames: the fourth on one connection closes it.
+        for n in 1..=3 {
+            write_frame(&mut a, &CloudFrame::Ping { n }).await.unwrap();
+            let f: DeviceFrame = read_frame(&mut a, Duration::from_secs(1)).await.unwrap().unwrap();
+            assert!(matches!(f, DeviceFrame::Pong { n: m } if m == n), "{f:?}");
+        }
+        let _ = write_frame(&mut a, &CloudFrame::Ping { n: 4 }).await;
+        let end = read_frame::<_, DeviceFrame>(&mut a, Duration::from_secs(1)).await;
+        assert!(matches!(end, Ok(None) | Err(_)), "a fourth ping was answered: {end:?}");
+
+        // A connection that stays busy is still closed at its lifetime
+        // (well before the 30 s idle timeout).
+        write_frame(&mut b, &CloudFrame::Ping { n: 1 }).await.unwrap();
+        assert!(read_frame::<_, DeviceFrame>(&mut b, Duration::from_secs(1)).await.unwrap().is_some());
+        assert!(closed_within(&mut c, Duration::from_secs(5)).await, "not closed at its lifetime");
+        assert!(closed_within(&mut b, Duration::from_secs(1)).await, "not closed at its lifetime");
+        assert!(started.elapsed() >= lifetime - Duration::from_millis(200), "closed before its lifetime");
+
+        // Its slots are free again (as soon as the device's task has ended).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        let mut d = loop {
+            match tls_from([127, 0, 0, 2]).await {
+                Ok(d) => break d,
+                Err(e) => assert!(tokio::time::Instant::now() < deadline, "the address's slots were not freed: {e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        write_frame(&mut d, &CloudFrame::Ping { n: 9 }).await.unwrap();
+        assert!(read_frame::<_, DeviceFrame>(&mut d, Duration::from_secs(1)).await.unwrap().is_some());
+    });
 }
