@@ -100,7 +100,7 @@ struct RunArgs {
     #[arg(long)]
     nodes: Option<usize>,
     /// Cluster mode: the PostgreSQL server (a schema is created per run and dropped after it).
-    #[arg(long, env = "HEARTH_TEST_POSTGRES", requires = "nodes")]
+    #[arg(long, env = "HEARTH_TEST_POSTGRES")]
     postgres: Option<String>,
     /// Cluster mode: the NATS server (a subject prefix per run).
     #[arg(long, env = "HEARTH_TEST_NATS", default_value = "nats://127.0.0.1:4222")]
