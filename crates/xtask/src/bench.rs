@@ -3,7 +3,10 @@
 //! `hearth-bench run --hearth target/release/hearth ARGS…` from the
 //! repository root (so `--write BENCHMARKS.md` lands in the repository).
 //! See BENCHMARKS.md for the commands behind the published figures and
-//! `hearth-bench run --help` for every option.
+//! `hearth-bench run --help` for every option. `--nodes K` runs the cloud
+//! as K cluster nodes on PostgreSQL (`$HEARTH_TEST_POSTGRES` or
+//! `--postgres`) and NATS (`$HEARTH_TEST_NATS` or `--nats`), a throwaway
+//! schema and subject prefix per run.
 
 use std::process::Command;
 
