@@ -67,9 +67,20 @@ async fn rogue(cert: &CertifiedKey) -> (SocketAddr, JoinHandle<Seen>) {
         match tokio::time::timeout(T, acceptor.accept(tcp)).await.expect("handshake hung") {
             Err(e) => Seen::HandshakeFailed(e.to_string()),
             Ok(mut tls) => {
-                let mut got = vec![0u8; 4096];
-                let n = tokio::time::timeout(Duration::from_secs(2), tls.read(&mut got)).await.unwrap_or(Ok(0)).unwrap_or(0);
-                got.truncate(n);
+                // Read the whole request head (a loaded machine may deliver
+                // it late or in pieces), so the answer never races the
+                // client's write.
+                let mut got = Vec::new();
+                let _ = tokio::time::timeout(T, async {
+                    let mut buf = [0u8; 4096];
+                    while !got.windows(4).any(|w| w == b"\r\n\r\n") && got.len() < 64 * 1024 {
+                        match tls.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => got.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                })
+                .await;
                 // Answer like the cloud so a genuine client call succeeds.
                 let _ = tls
                     .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
