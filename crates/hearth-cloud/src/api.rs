@@ -614,10 +614,10 @@ pub(crate) struct CommandAnswer {
     request_body = CommandBody,
     responses(
         (status = 200, description = "The device's answer", body = CommandAnswer),
-        (status = 202, description = "The device is offline and the command is a revoke: the cloud holds it and sends it before anything else when the device reconnects", body = ErrorBody),
+        (status = 202, description = "The device is offline and the command is a revoke signed by a controller registered to this account (key id = its controller, signature checked with the registered key): the cloud holds it (at most 30 days) and sends it before anything else when the device reconnects", body = ErrorBody),
         (status = 404, description = "No such device on this account", body = ErrorBody),
-        (status = 409, description = "A command with this counter is already waiting", body = ErrorBody),
-        (status = 503, description = "The device is offline or its queue is full", body = ErrorBody),
+        (status = 409, description = "A command with this counter is already waiting (for an offline device: a different revoke with this controller and counter is held)", body = ErrorBody),
+        (status = 503, description = "The device is offline (and the command is not a revoke the cloud may hold), or its queue is full", body = ErrorBody),
         (status = 504, description = "The device did not answer in time", body = ErrorBody),
     ))]
 pub(crate) async fn command(
@@ -636,12 +636,14 @@ pub(crate) async fn command(
     if peek.device != device {
         return Err(ApiError::bad_request(format!("the command is for device {}, not {device}", peek.device)));
     }
-    // Issue 3: a revoke for an offline device is held and sent first on reconnect.
+    // Issue 3: a revoke for an offline device is held and sent first on
+    // reconnect, if it verifies with a controller key of the caller's account
+    // (`device_link::hold_revoke`; otherwise the usual 503).
     let revoke = hearth_proto::message::peek_is_revoke(&envelope).then(|| envelope.clone());
     // The device's link may be on this node or (cluster mode) another.
     let result = match s.route_command(&device, envelope, peek.controller.clone(), peek.counter).await {
         Err(RouteError::Offline) if revoke.is_some() => {
-            return Err(crate::device_link::hold_revoke(&s, &device, &peek, revoke.unwrap_or_default()).await)
+            return Err(crate::device_link::hold_revoke(&s, &session.account, &device, &peek, revoke.unwrap_or_default()).await)
         }
         other => other.map_err(route_error)?,
     };

@@ -24,14 +24,14 @@ use std::time::Duration;
 use hearth_proto::ids::{ControllerId, DeviceId};
 use hearth_proto::keys::PublicKey;
 use hearth_proto::link::{decode_body, frame_len, CloudFrame, DeviceFrame};
-use hearth_proto::message::{verify_result, verify_state};
+use hearth_proto::message::{verify_result, verify_state, Peek};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{timeout, Instant, MissedTickBehavior};
 use tokio_rustls::server::TlsStream;
 
 use crate::router::{DeviceInfo, LinkHandle};
-use crate::store::unix_now;
+use crate::store::{unix_now, AccountId, StoreError};
 use crate::AppState;
 
 /// Time allowed for the first frame.
@@ -203,7 +203,7 @@ async fn send_pending_revokes(
     let mut sent = Vec::new();
     // A database error ends the link (fail closed): routing commands to a
     // device whose held revokes could not be read would let them overtake.
-    for p in state.store.pending_revokes(id.clone()).await? {
+    for p in state.store.pending_revokes(id.clone(), unix_now()).await? {
         let bytes = hearth_proto::link::encode_frame(&CloudFrame::Command { envelope: p.envelope })?;
         write_frame(tls, &bytes).await?;
         tracing::info!(controller = %p.controller, counter = p.counter, "delivered a revoke held while the device was offline");
@@ -223,18 +223,55 @@ async fn revoke_answered(state: &AppState, id: &DeviceId, revokes: &mut Vec<(Con
     }
 }
 
-/// The answer to a signed revoke for a device that is offline (issue 3):
-/// the cloud keeps it and sends it before anything else when the device
-/// reconnects. 202 when kept, 503 when the device already has
-/// [`crate::store::PENDING_REVOKES_MAX`] waiting. The cloud cannot verify
-/// the signature and does not try: the device does.
-pub async fn hold_revoke(state: &AppState, device: &DeviceId, peek: &hearth_proto::message::Peek, envelope: Vec<u8>) -> crate::error::ApiError {
+/// Whether the cloud may hold `envelope`, a claimed revoke for an offline
+/// device, on behalf of `account`: its key id must be the controller its
+/// payload names, that controller must be registered to `account`
+/// (`POST /controllers`), and the COSE_Sign1 signature must verify with the
+/// key registered for it (ADR 0001). Otherwise any account that can reach
+/// the device could fill its queue with junk the device would refuse under
+/// another key id, so never answer, and so never leave the queue.
+///
+/// This check only decides what the cloud *stores*; it grants nothing. The
+/// device alone decides access (DESIGN.md "Cloud": not trusted with
+/// control; ADR 0006) and verifies the revoke again against its own access
+/// list when it reads it.
+async fn revoke_may_be_held(state: &AppState, account: &AccountId, envelope: &[u8], peek: &Peek) -> Result<bool, StoreError> {
+    let Ok(unverified) = hearth_proto::envelope::open(envelope) else { return Ok(false) };
+    if unverified.key_id() != hex::decode(peek.controller.as_str()).unwrap_or_default().as_slice() {
+        return Ok(false);
+    }
+    let registered = state.store.controllers_of(account.clone()).await?;
+    let Some(row) = registered.iter().find(|c| c.id == peek.controller.as_str()) else { return Ok(false) };
+    let Ok(key) = PublicKey::from_sec1(&row.public_key) else { return Ok(false) };
+    let Ok(payload) = unverified.verify_as(hearth_proto::envelope::Kind::Command, &key) else { return Ok(false) };
+    // The verified payload must be the one peeked at (it is: same bytes).
+    Ok(hearth_proto::message::decode_command(&payload).is_ok_and(|p| {
+        p.controller == peek.controller && p.counter == peek.counter && p.device == peek.device
+    }))
+}
+
+/// The answer to a claimed revoke for a device that is offline (issue 3):
+/// if [`revoke_may_be_held`], the cloud keeps it and sends it before
+/// anything else when the device reconnects (202); a different envelope
+/// already waiting under the same controller and counter gives 409; a full
+/// queue ([`crate::store::PENDING_REVOKES_MAX`]) or a revoke the cloud may
+/// not hold gives the same 503 "device is offline" as any other command.
+pub async fn hold_revoke(state: &AppState, account: &AccountId, device: &DeviceId, peek: &Peek, envelope: Vec<u8>) -> crate::error::ApiError {
     use axum::http::StatusCode;
     use crate::error::ApiError;
+    use crate::store::RevokeQueued;
+    match revoke_may_be_held(state, account, &envelope, peek).await {
+        Err(e) => return ApiError::from(e),
+        Ok(false) => return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "device is offline"),
+        Ok(true) => {}
+    }
     match state.store.queue_revoke(device.clone(), peek.controller.to_string(), peek.counter, envelope.clone(), unix_now()).await {
         Err(e) => ApiError::from(e),
-        Ok(false) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "device is offline and has too many revokes waiting already"),
-        Ok(true) => {
+        Ok(RevokeQueued::Full) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "device is offline and has too many revokes waiting already"),
+        Ok(RevokeQueued::Conflict) => {
+            ApiError::new(StatusCode::CONFLICT, "a different revoke with this controller and counter is already waiting")
+        }
+        Ok(RevokeQueued::Held) => {
             // The device may have connected after the caller saw it offline
             // but before the revoke was stored (its link read the queue
             // already): send it now too. A second copy is refused as replayed.

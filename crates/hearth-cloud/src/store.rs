@@ -194,6 +194,22 @@ const MIGRATIONS: &[Migration] = &[
 /// retries when it is online). Bounds what any account can make the cloud store.
 pub const PENDING_REVOKES_MAX: u64 = 32;
 
+/// How long a held revoke is kept, seconds (30 days): older ones are
+/// dropped when the device's queue is written or read, so nothing the
+/// device never answers can occupy it for ever.
+pub const PENDING_REVOKE_MAX_AGE: u64 = 30 * 24 * 3600;
+
+/// What [`Store::queue_revoke`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RevokeQueued {
+    /// Stored now, or this very envelope was stored already.
+    Held,
+    /// The device already has [`PENDING_REVOKES_MAX`] waiting.
+    Full,
+    /// A different envelope with the same controller and counter is waiting.
+    Conflict,
+}
+
 /// A signed revoke waiting for its device to reconnect.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PendingRevoke {
@@ -1250,25 +1266,40 @@ impl Store {
         Ok(n > 0)
     }
 
-    /// Keeps a signed revoke for an offline device (issue 3). Returns false
-    /// when the device already has [`PENDING_REVOKES_MAX`] waiting; the same
-    /// (controller, counter) twice is stored once.
-    pub async fn queue_revoke(&self, id: DeviceId, controller: String, counter: u64, envelope: Vec<u8>, now: u64) -> Result<bool, StoreError> {
+    /// Keeps a signed revoke for an offline device (issue 3), after dropping
+    /// the device's held revokes older than [`PENDING_REVOKE_MAX_AGE`].
+    /// The same envelope twice is stored once; a different envelope with the
+    /// same (controller, counter) is not stored and reported as a conflict.
+    pub async fn queue_revoke(&self, id: DeviceId, controller: String, counter: u64, envelope: Vec<u8>, now: u64) -> Result<RevokeQueued, StoreError> {
+        let cutoff = sql_time(now.saturating_sub(PENDING_REVOKE_MAX_AGE));
         let (counter, now, max) = (sql_time(counter), sql_time(now), PENDING_REVOKES_MAX as i64);
         match &self.backend {
             Backend::Sqlite(conn) => {
                 Self::run(conn, move |c| {
                     let tx = c.transaction()?;
+                    tx.execute("DELETE FROM pending_revokes WHERE device_id = ?1 AND queued_at < ?2", params![id.as_str(), cutoff])?;
+                    let existing: Option<Vec<u8>> = tx
+                        .query_row(
+                            "SELECT envelope FROM pending_revokes WHERE device_id = ?1 AND controller_id = ?2 AND counter = ?3",
+                            params![id.as_str(), controller, counter],
+                            |r| r.get(0),
+                        )
+                        .optional()?;
+                    if let Some(existing) = existing {
+                        tx.commit()?;
+                        return Ok(if existing == envelope { RevokeQueued::Held } else { RevokeQueued::Conflict });
+                    }
                     let n: i64 = tx.query_row("SELECT COUNT(*) FROM pending_revokes WHERE device_id = ?1", params![id.as_str()], |r| r.get(0))?;
                     if n >= max {
-                        return Ok(false);
+                        tx.commit()?;
+                        return Ok(RevokeQueued::Full);
                     }
                     tx.execute(
-                        "INSERT OR IGNORE INTO pending_revokes (device_id, controller_id, counter, queued_at, envelope) VALUES (?1, ?2, ?3, ?4, ?5)",
+                        "INSERT INTO pending_revokes (device_id, controller_id, counter, queued_at, envelope) VALUES (?1, ?2, ?3, ?4, ?5)",
                         params![id.as_str(), controller, counter, now, envelope],
                     )?;
                     tx.commit()?;
-                    Ok(true)
+                    Ok(RevokeQueued::Held)
                 })
                 .await
             }
@@ -1278,33 +1309,46 @@ impl Store {
                 // Serialises queueing per device, so the count cannot be
                 // overshot by two nodes at once.
                 tx.execute("SELECT id FROM devices WHERE id = $1 FOR UPDATE", &[&id.as_str()]).await?;
+                tx.execute("DELETE FROM pending_revokes WHERE device_id = $1 AND queued_at < $2", &[&id.as_str(), &cutoff]).await?;
+                let existing = tx
+                    .query_opt(
+                        "SELECT envelope FROM pending_revokes WHERE device_id = $1 AND controller_id = $2 AND counter = $3",
+                        &[&id.as_str(), &controller, &counter],
+                    )
+                    .await?;
+                if let Some(row) = existing {
+                    tx.commit().await?;
+                    let existing: Vec<u8> = row.get(0);
+                    return Ok(if existing == envelope { RevokeQueued::Held } else { RevokeQueued::Conflict });
+                }
                 let n: i64 = tx.query_one("SELECT COUNT(*) FROM pending_revokes WHERE device_id = $1", &[&id.as_str()]).await?.get(0);
                 if n >= max {
-                    tx.rollback().await?;
-                    return Ok(false);
+                    tx.commit().await?;
+                    return Ok(RevokeQueued::Full);
                 }
                 tx.execute(
-                    "INSERT INTO pending_revokes (device_id, controller_id, counter, queued_at, envelope) VALUES ($1, $2, $3, $4, $5)
-                     ON CONFLICT (device_id, controller_id, counter) DO NOTHING",
+                    "INSERT INTO pending_revokes (device_id, controller_id, counter, queued_at, envelope) VALUES ($1, $2, $3, $4, $5)",
                     &[&id.as_str(), &controller, &counter, &now, &envelope],
                 )
                 .await?;
                 tx.commit().await?;
-                Ok(true)
+                Ok(RevokeQueued::Held)
             }
         }
     }
 
     /// The revokes waiting for a device, oldest first (the order the owner
     /// signed them in, so the device's counters accept them in turn).
-    pub async fn pending_revokes(&self, id: DeviceId) -> Result<Vec<PendingRevoke>, StoreError> {
+    /// Ones older than [`PENDING_REVOKE_MAX_AGE`] at `now` are left out.
+    pub async fn pending_revokes(&self, id: DeviceId, now: u64) -> Result<Vec<PendingRevoke>, StoreError> {
+        let cutoff = sql_time(now.saturating_sub(PENDING_REVOKE_MAX_AGE));
         let rows: Vec<(String, i64, Vec<u8>)> = match &self.backend {
             Backend::Sqlite(conn) => {
                 Self::run(conn, move |c| {
                     let mut stmt = c.prepare(
-                        "SELECT controller_id, counter, envelope FROM pending_revokes WHERE device_id = ?1 ORDER BY seq",
+                        "SELECT controller_id, counter, envelope FROM pending_revokes WHERE device_id = ?1 AND queued_at >= ?2 ORDER BY seq",
                     )?;
-                    let rows = stmt.query_map(params![id.as_str()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+                    let rows = stmt.query_map(params![id.as_str(), cutoff], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
                     Ok(rows.collect::<Result<Vec<_>, _>>()?)
                 })
                 .await?
@@ -1313,8 +1357,8 @@ impl Store {
                 .client()
                 .await?
                 .query(
-                    "SELECT controller_id, counter, envelope FROM pending_revokes WHERE device_id = $1 ORDER BY seq",
-                    &[&id.as_str()],
+                    "SELECT controller_id, counter, envelope FROM pending_revokes WHERE device_id = $1 AND queued_at >= $2 ORDER BY seq",
+                    &[&id.as_str(), &cutoff],
                 )
                 .await?
                 .iter()
@@ -1803,27 +1847,38 @@ mod tests {
             let id = DeviceId::random();
             store.device_connected(id.clone(), DeviceKind::Plug, vec![1], 5).await.unwrap();
             store.pair_device(id.clone(), alice.clone(), "lamp".into(), 6).await.unwrap();
-            assert!(store.pending_revokes(id.clone()).await.unwrap().is_empty(), "{n}");
+            assert!(store.pending_revokes(id.clone(), 10).await.unwrap().is_empty(), "{n}");
             // Kept in the order they were queued, the same one once.
             for counter in [7u64, 3, 9, 3] {
-                assert!(store.queue_revoke(id.clone(), "ca".into(), counter, vec![counter as u8], 10).await.unwrap(), "{n}");
+                assert_eq!(store.queue_revoke(id.clone(), "ca".into(), counter, vec![counter as u8], 10).await.unwrap(), RevokeQueued::Held, "{n}");
             }
-            let kept: Vec<(u64, Vec<u8>)> = store.pending_revokes(id.clone()).await.unwrap().into_iter().map(|p| (p.counter, p.envelope)).collect();
+            let kept: Vec<(u64, Vec<u8>)> = store.pending_revokes(id.clone(), 10).await.unwrap().into_iter().map(|p| (p.counter, p.envelope)).collect();
             assert_eq!(kept, vec![(7, vec![7]), (3, vec![3]), (9, vec![9])], "{n}");
+            // A different envelope under a waiting (controller, counter) is
+            // refused, not silently dropped behind a "held".
+            assert_eq!(store.queue_revoke(id.clone(), "ca".into(), 3, vec![42], 10).await.unwrap(), RevokeQueued::Conflict, "{n}");
+            assert_eq!(store.pending_revokes(id.clone(), 10).await.unwrap()[1].envelope, vec![3], "{n}");
             // Answered ones go; another device's are untouched.
             store.revoke_delivered(id.clone(), "ca".into(), 3).await.unwrap();
             store.revoke_delivered(id.clone(), "other".into(), 7).await.unwrap();
-            let counters: Vec<u64> = store.pending_revokes(id.clone()).await.unwrap().iter().map(|p| p.counter).collect();
+            let counters: Vec<u64> = store.pending_revokes(id.clone(), 10).await.unwrap().iter().map(|p| p.counter).collect();
             assert_eq!(counters, vec![7, 9], "{n}");
             // Bounded per device.
             for counter in 100..100 + PENDING_REVOKES_MAX - 2 {
-                assert!(store.queue_revoke(id.clone(), "ca".into(), counter, vec![1], 11).await.unwrap(), "{n}");
+                assert_eq!(store.queue_revoke(id.clone(), "ca".into(), counter, vec![1], 11).await.unwrap(), RevokeQueued::Held, "{n}");
             }
-            assert!(!store.queue_revoke(id.clone(), "ca".into(), 1_000, vec![1], 11).await.unwrap(), "{n}");
-            assert_eq!(store.pending_revokes(id.clone()).await.unwrap().len() as u64, PENDING_REVOKES_MAX, "{n}");
+            assert_eq!(store.queue_revoke(id.clone(), "ca".into(), 1_000, vec![1], 11).await.unwrap(), RevokeQueued::Full, "{n}");
+            assert_eq!(store.pending_revokes(id.clone(), 11).await.unwrap().len() as u64, PENDING_REVOKES_MAX, "{n}");
+            // Aged out: not read once 30 days old, and dropped (making room) on
+            // the next queueing. The ones queued at 11 outlive those at 10.
+            let later = 10 + PENDING_REVOKE_MAX_AGE + 1;
+            let counters: Vec<u64> = store.pending_revokes(id.clone(), later).await.unwrap().iter().map(|p| p.counter).collect();
+            assert_eq!(counters, (100..100 + PENDING_REVOKES_MAX - 2).collect::<Vec<_>>(), "{n}");
+            assert_eq!(store.queue_revoke(id.clone(), "ca".into(), 1_000, vec![1], later).await.unwrap(), RevokeQueued::Held, "{n}");
+            assert_eq!(store.pending_revokes(id.clone(), 11 + PENDING_REVOKE_MAX_AGE + 1).await.unwrap().len(), 1, "{n}");
             // A re-paired device starts with none.
             store.pair_device(id.clone(), alice.clone(), "lamp".into(), 12).await.unwrap();
-            assert!(store.pending_revokes(id.clone()).await.unwrap().is_empty(), "{n}");
+            assert!(store.pending_revokes(id.clone(), 12).await.unwrap().is_empty(), "{n}");
         }
     }
 }

@@ -624,6 +624,12 @@ async fn a_revoke_for_an_offline_device_is_held_and_goes_first_on_reconnect() {
     drop(quit);
     plug.await.unwrap();
     eventually(|| async { (cloud.devices(&alice).await[0]["online"] == false).then_some(()) }).await;
+    // Only a revoke signed by a controller registered to the caller's
+    // account is held (see the next test).
+    let (status, answer) = cloud
+        .call("POST", "/api/v1/controllers", Some(&alice), Some(json!({"public_key": PublicKey::from(&ctl), "name": "a"})))
+        .await;
+    assert_eq!(status, 201, "{answer}");
 
     let path = format!("/api/v1/devices/{}/command", dev.id);
     let post = |env: Vec<u8>| {
@@ -699,4 +705,85 @@ async fn a_revoke_for_an_offline_device_is_held_and_goes_first_on_reconnect() {
         next_command(&mut again, std::time::Duration::from_millis(300)).await.is_none().then_some(())
     })
     .await;
+}
+
+/// A revoke signed `by` for `device`, removing a fresh controller.
+fn revoke_by(by: &SigningKey, device: &DeviceId, counter: u64) -> Vec<u8> {
+    let payload = CommandPayload {
+        v: PROTOCOL_VERSION,
+        device: device.clone(),
+        controller: PublicKey::from(by).controller_id(),
+        counter,
+        issued_at: now(),
+        command: Command::RemoveController { controller: PublicKey::from(&hearth_proto::keys::generate()).controller_id() },
+    };
+    message::sign_command(by, &payload).unwrap()
+}
+
+/// Security review: the cloud holds a revoke for an offline device only if
+/// its key id is the controller it names, that controller is registered to
+/// the caller's account, and the signature verifies with the registered key.
+/// Anything else gets the plain 503, so a member about to be revoked cannot
+/// fill the device's queue with junk the device would never answer, and the
+/// owner's real revoke is still held and delivered first.
+#[tokio::test]
+async fn a_revoke_the_caller_cannot_sign_for_is_not_held() {
+    use hearth_proto::envelope::{self, Kind};
+    let cloud = Cloud::start().await;
+    let alice = cloud.account("alice@example.com").await;
+    let bob = cloud.account("bob@example.com").await;
+    let (alice_ctl, bob_ctl) = (hearth_proto::keys::generate(), hearth_proto::keys::generate());
+    let bob_id = PublicKey::from(&bob_ctl).controller_id();
+    let dev = TestDevice::new(&cloud.manufacturer);
+    let secret = SetupSecret::random();
+    let mut conn = dev.connect(&cloud).await.unwrap();
+    conn.hello(Some(secret.lookup())).await;
+    let (_seen, quit, plug) = run_plug(&dev, conn, secret.clone());
+    assert_eq!(pair(&cloud, &alice, &alice_ctl, &secret, "plug").await.0, 200);
+    for (who, ctl) in [(&alice, &alice_ctl), (&bob, &bob_ctl)] {
+        let body = json!({"public_key": PublicKey::from(ctl), "name": "phone"});
+        assert_eq!(cloud.call("POST", "/api/v1/controllers", Some(who), Some(body)).await.0, 201);
+    }
+    let members = format!("/api/v1/devices/{}/members", dev.id);
+    assert_eq!(cloud.call("POST", &members, Some(&alice), Some(json!({"controller": bob_id}))).await.0, 201);
+    drop(quit);
+    plug.await.unwrap();
+    eventually(|| async { (cloud.devices(&alice).await[0]["online"] == false).then_some(()) }).await;
+
+    let path = format!("/api/v1/devices/{}/command", dev.id);
+    let post = |who: &str, env: &[u8]| {
+        let (cloud, who, path, body) = (&cloud, who.to_owned(), path.clone(), json!({"envelope": b64::encode(env)}));
+        async move { cloud.call("POST", &path, Some(&who), Some(body)).await }
+    };
+    let bob_payload = |counter| envelope::open(&revoke_by(&bob_ctl, &dev.id, counter)).unwrap().verify(&PublicKey::from(&bob_ctl)).unwrap();
+    // More junk than the queue holds, from the member: signed by bob's own
+    // registered key but under another key id (the device would refuse it
+    // addressed to that id, and nobody would ever delete it) ...
+    for counter in 1..=40 {
+        let other_kid = hex::decode(PublicKey::from(&hearth_proto::keys::generate()).controller_id().as_str()).unwrap();
+        let forged = envelope::sign(&bob_ctl, Kind::Command, &other_kid, bob_payload(counter)).unwrap();
+        let (status, answer) = post(&bob, &forged).await;
+        assert_eq!((status, answer["error"].as_str()), (503, Some("device is offline")), "key id is not the payload's controller");
+    }
+    // ... under bob's key id but not signed by bob's key ...
+    let unsigned = envelope::sign(&hearth_proto::keys::generate(), Kind::Command, &hex::decode(bob_id.as_str()).unwrap(), bob_payload(41)).unwrap();
+    assert_eq!(post(&bob, &unsigned).await.0, 503, "the signature does not verify with bob's registered key");
+    // ... signed by a key registered to another account (alice's, replayed
+    // by bob's account) ...
+    assert_eq!(post(&bob, &revoke_by(&alice_ctl, &dev.id, 1)).await.0, 503, "alice's controller is not on bob's account");
+    // ... or by a key no account registered.
+    assert_eq!(post(&bob, &revoke_by(&hearth_proto::keys::generate(), &dev.id, 1)).await.0, 503);
+
+    // The owner's real revoke is still held, and is the first thing the
+    // device reads when it reconnects: none of the junk was kept.
+    let real = revoke_by(&alice_ctl, &dev.id, 7);
+    let (status, answer) = post(&alice, &real).await;
+    assert_eq!(status, 202, "{answer}");
+    assert_eq!(post(&alice, &real).await.0, 202, "the same revoke again is idempotent");
+    let (status, answer) = post(&alice, &revoke_by(&alice_ctl, &dev.id, 7)).await;
+    assert_eq!(status, 409, "another envelope under the same counter is not silently dropped: {answer}");
+    let mut conn = dev.connect(&cloud).await.unwrap();
+    conn.hello(None).await;
+    assert_eq!(next_command(&mut conn, T).await, Some(real));
+    assert_eq!(next_command(&mut conn, std::time::Duration::from_millis(300)).await, None, "nothing else was held");
 }
