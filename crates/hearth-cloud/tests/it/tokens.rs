@@ -137,39 +137,51 @@ fn median(mut v: Vec<Duration>) -> Duration {
 #[tokio::test]
 async fn unknown_accounts_are_answered_like_wrong_passwords_in_similar_time() {
     let cloud = Cloud::start().await;
-    let (status, _) = cloud.signup("known@example.com", PW).await;
-    assert_eq!(status, 201);
-    let (mut known, mut unknown) = (Vec::new(), Vec::new());
-    let mut answers = Vec::new();
-    // Alternate the two cases so load changes hit both; each round from its
-    // own loopback address and email, under the rate limits.
-    for round in 0..9u8 {
-        let source = IpAddr::from([127, 0, 1, round + 1]);
-        let (r, t) = login_from(&cloud, source, "known@example.com", "wrong password!").await;
-        known.push(t);
+    // Timing on a shared CI machine is noisy: up to three measurements, each
+    // with its own account, addresses and emails (so no rate limit is hit);
+    // one within the bound passes. Without the dummy hash the two cases
+    // differ about 35× (21 ms against 0.6 ms), which fails all three.
+    let mut medians = Vec::new();
+    for attempt in 0..3u8 {
+        let email = format!("known{attempt}@example.com");
+        let (status, _) = cloud.signup(&email, PW).await;
+        assert_eq!(status, 201);
+        let (mut known, mut unknown) = (Vec::new(), Vec::new());
+        let mut answers = Vec::new();
+        // Alternate the two cases so load changes hit both; each round from its
+        // own loopback address and email, under the rate limits.
+        for round in 0..9u8 {
+            let source = IpAddr::from([127, 1 + attempt, 1, round + 1]);
+            let (r, t) = login_from(&cloud, source, &email, "wrong password!").await;
+            known.push(t);
+            answers.push(r);
+            let (r, t) = login_from(&cloud, source, &format!("nobody{attempt}-{round}@example.com"), "wrong password!").await;
+            unknown.push(t);
+            answers.push(r);
+        }
+        // A password of the wrong length for a real account is answered the same way too.
+        let (r, _) = login_from(&cloud, IpAddr::from([127, 1 + attempt, 1, 100]), &email, "short").await;
         answers.push(r);
-        let (r, t) = login_from(&cloud, source, &format!("nobody{round}@example.com"), "wrong password!").await;
-        unknown.push(t);
-        answers.push(r);
+        let first = &answers[0];
+        assert_eq!(first.status, 401);
+        for r in &answers {
+            assert_eq!((r.status, &r.body), (first.status, &first.body));
+            let names = |r: &Response| {
+                let mut n: Vec<_> = r.headers.iter().filter(|(k, _)| !k.eq_ignore_ascii_case("date")).cloned().collect();
+                n.sort();
+                n
+            };
+            assert_eq!(names(r), names(first));
+        }
+        let (k, u) = (median(known), median(unknown));
+        eprintln!("median login time: wrong password {k:?}, unknown email {u:?}");
+        if u * 3 >= k && k * 3 >= u {
+            cloud.shutdown().await.unwrap();
+            return;
+        }
+        medians.push((k, u));
     }
-    // A password of the wrong length for a real account is answered the same way too.
-    let (r, _) = login_from(&cloud, IpAddr::from([127, 0, 1, 100]), "known@example.com", "short").await;
-    answers.push(r);
-    let first = &answers[0];
-    assert_eq!(first.status, 401);
-    for r in &answers {
-        assert_eq!((r.status, &r.body), (first.status, &first.body));
-        let names = |r: &Response| {
-            let mut n: Vec<_> = r.headers.iter().filter(|(k, _)| !k.eq_ignore_ascii_case("date")).cloned().collect();
-            n.sort();
-            n
-        };
-        assert_eq!(names(r), names(first));
-    }
-    let (k, u) = (median(known), median(unknown));
-    eprintln!("median login time: wrong password {k:?}, unknown email {u:?}");
-    assert!(u * 3 >= k && k * 3 >= u, "timing tells accounts apart: wrong password {k:?}, unknown email {u:?}");
-    cloud.shutdown().await.unwrap();
+    panic!("timing tells accounts apart in all three measurements (wrong password, unknown email): {medians:?}");
 }
 
 /// A live controller link is not a way around a password change: the cloud
