@@ -259,34 +259,41 @@ where
 pub async fn serve_api(listener: TcpListener, acc: Acceptor, app: axum::Router) {
     let stop = acc.stop.clone();
     accept_loop(listener, acc, "api", move |stream, addr, guard| {
-        let app = app.clone();
-        let mut stop = stop.clone();
-        async move {
-            let guard_ext = guard.clone();
-            let svc = app.map_request(move |mut req: hyper::Request<Incoming>| {
-                req.extensions_mut().insert(ClientAddr(addr));
-                req.extensions_mut().insert(guard_ext.clone());
-                req
-            });
-            let mut builder = hyper::server::conn::http1::Builder::new();
-            builder.timer(TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT);
-            let conn = builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc)).with_upgrades();
-            tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => {
-                    if let Err(e) = r {
-                        tracing::debug!(error = %e, "HTTP connection ended with an error");
-                    }
-                }
-                () = crate::stopped(&mut stop) => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(DRAIN_TIMEOUT, conn).await;
-                }
-            }
-            drop(guard);
-        }
+        serve_http(stream, addr, guard, app.clone(), stop.clone())
     })
     .await;
+}
+
+/// One HTTP/1.1 connection (upgrades allowed) of either listener: each
+/// request carries the client's address and the connection's guard; the
+/// header deadline applies; at shutdown in-flight requests get
+/// [`DRAIN_TIMEOUT`].
+async fn serve_http<S>(stream: S, addr: SocketAddr, guard: ConnGuard, app: axum::Router, mut stop: watch::Receiver<bool>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let guard_ext = guard.clone();
+    let svc = app.map_request(move |mut req: hyper::Request<Incoming>| {
+        req.extensions_mut().insert(ClientAddr(addr));
+        req.extensions_mut().insert(guard_ext.clone());
+        req
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder.timer(TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT);
+    let conn = builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc)).with_upgrades();
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "HTTP connection ended with an error");
+            }
+        }
+        () = crate::stopped(&mut stop) => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(DRAIN_TIMEOUT, conn).await;
+        }
+    }
+    drop(guard);
 }
 
 /// Serves the device port.
@@ -346,36 +353,8 @@ pub async fn serve_loopback_http(listener: TcpListener, limit: Arc<Semaphore>, d
         let Some(slot) = per_address.take(addr.ip()) else { continue };
         let _ = tcp.set_nodelay(true);
         let guard = ConnGuard(Arc::new((permit, done.clone(), slot)));
-        let app = app.clone();
-        let mut stop = stop.clone();
         let span = tracing::info_span!("conn", kind = "web", peer = %addr);
-        tokio::spawn(
-            async move {
-                let guard_ext = guard.clone();
-                let svc = app.map_request(move |mut req: hyper::Request<Incoming>| {
-                    req.extensions_mut().insert(ClientAddr(addr));
-                    req.extensions_mut().insert(guard_ext.clone());
-                    req
-                });
-                let mut builder = hyper::server::conn::http1::Builder::new();
-                builder.timer(TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT);
-                let conn = builder.serve_connection(TokioIo::new(tcp), TowerToHyperService::new(svc)).with_upgrades();
-                tokio::pin!(conn);
-                tokio::select! {
-                    r = conn.as_mut() => {
-                        if let Err(e) = r {
-                            tracing::debug!(error = %e, "HTTP connection ended with an error");
-                        }
-                    }
-                    () = crate::stopped(&mut stop) => {
-                        conn.as_mut().graceful_shutdown();
-                        let _ = tokio::time::timeout(DRAIN_TIMEOUT, conn).await;
-                    }
-                }
-                drop(guard);
-            }
-            .instrument(span),
-        );
+        tokio::spawn(serve_http(tcp, addr, guard, app.clone(), stop.clone()).instrument(span));
     }
 }
 
