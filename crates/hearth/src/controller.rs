@@ -892,6 +892,24 @@ pub async fn rules(cfg: &mut Config, wanted: &str, file: Option<&std::path::Path
 /// that long after it goes on (replaces any countdown rule it had).
 pub async fn timer(cfg: &mut Config, wanted: &str, off_after_secs: u32) -> Result<u8> {
     use hearth_rules::model::{Countdown, Rule, RuleKind};
+    edit_rules(cfg, wanted, "the timer", |set| {
+        set.rules.retain(|r| !matches!(r.kind, RuleKind::Countdown(_)));
+        let id = set.rules.iter().map(|r| r.id).max().unwrap_or(0).saturating_add(1);
+        set.rules.push(Rule {
+            id,
+            name: format!("off after {}", describe_secs(off_after_secs)),
+            enabled: true,
+            kind: RuleKind::Countdown(Countdown { off_after_secs }),
+        });
+    })
+    .await
+}
+
+/// Reads the device's rule set, applies `edit`, checks the result (errors
+/// name `what`) and stores it on the version read, so a concurrent edit is
+/// refused rather than overwritten. A refused read exits with
+/// [`EXIT_REFUSED`].
+async fn edit_rules(cfg: &mut Config, wanted: &str, what: &str, edit: impl FnOnce(&mut RuleSet)) -> Result<u8> {
     let devices = list(cfg).await?;
     let dev = resolve(&devices, wanted)?.clone();
     let (dev_key, _) = device_key(cfg, &dev).ok_or_else(|| anyhow!("cannot check {}'s answer: device key unknown", dev.name))?;
@@ -903,15 +921,8 @@ pub async fn timer(cfg: &mut Config, wanted: &str, off_after_secs: u32) -> Resul
         }
     };
     let base = set.version;
-    set.rules.retain(|r| !matches!(r.kind, RuleKind::Countdown(_)));
-    let id = set.rules.iter().map(|r| r.id).max().unwrap_or(0).saturating_add(1);
-    set.rules.push(Rule {
-        id,
-        name: format!("off after {}", describe_secs(off_after_secs)),
-        enabled: true,
-        kind: RuleKind::Countdown(Countdown { off_after_secs }),
-    });
-    set.validate().context("the timer")?;
+    edit(&mut set);
+    set.validate().with_context(|| what.to_string())?;
     write_rules(cfg, &dev, &dev_key, base, &set).await
 }
 
@@ -978,20 +989,10 @@ pub async fn settings(cfg: &mut Config, wanted: &str, change: &Settings) -> Resu
     if *change == Settings::default() {
         bail!("nothing to change: give --power-on, --standby-below, --long-on, --price/--currency, --max-toggles, --max-on, --no-motion-delay or --sensitivity");
     }
-    let devices = list(cfg).await?;
-    let dev = resolve(&devices, wanted)?.clone();
-    let (dev_key, _) = device_key(cfg, &dev).ok_or_else(|| anyhow!("cannot check {}'s answer: device key unknown", dev.name))?;
-    let mut set = match read_rules(cfg, &dev, &dev_key).await? {
-        Ok(set) => set,
-        Err(reason) => {
-            eprintln!("{} refused: {reason}", dev.name);
-            return Ok(EXIT_REFUSED);
-        }
-    };
-    let base = set.version;
-    change.apply(&mut set);
-    set.validate().context("the settings")?;
-    write_rules(cfg, &dev, &dev_key, base, &set).await
+    edit_rules(cfg, wanted, "the settings", |set| {
+        change.apply(set);
+    })
+    .await
 }
 
 /// Parses a power in watts, `3w`, `2.5W` or `3`, into milliwatts.
