@@ -23,7 +23,7 @@
 //! result, the recipient controller ids and the ciphertext length
 //! (`docs/security.md`, "What the cloud still sees").
 
-use hpke::{Deserializable, Kem as _, OpModeR, OpModeS, Serializable};
+use hpke::{Deserializable, Kem as _, OpModeR, Serializable};
 use p256::ecdsa::SigningKey;
 use rand::{CryptoRng, RngCore};
 use serde::{Deserialize, Serialize};
@@ -80,10 +80,6 @@ impl EncPublicKey {
     pub fn fingerprint(&self) -> String {
         let d = Sha256::digest(&self.0);
         hex::encode(&d[..8])
-    }
-
-    fn parsed(&self) -> Result<<Kem as hpke::Kem>::PublicKey, Error> {
-        <Kem as hpke::Kem>::PublicKey::from_bytes(&self.0).map_err(|e| Error::InvalidKey(format!("HPKE key: {e}")))
     }
 }
 
@@ -366,17 +362,9 @@ fn seal_padded<R: RngCore + CryptoRng>(
     // Step 3.
     let mut wrapped = Vec::with_capacity(recipients.len());
     for (controller, key) in recipients {
-        let pk = key.parsed()?;
-        let (enc, ct) = hpke::single_shot_seal::<HpkeAead, Kdf, Kem, _>(
-            &OpModeS::Base,
-            &pk,
-            HPKE_INFO,
-            &cek,
-            &key_aad(&header.device, controller, &nonce),
-            rng,
-        )
-        .map_err(|_| Error::Encode("HPKE seal"))?;
-        wrapped.push(Wrapped { controller: controller.clone(), enc: enc.to_bytes().to_vec(), key: ct });
+        // RFC 9180 §6.1 single-shot Seal (sender side on `ring`, `hpke_seal`).
+        let (enc, ct) = crate::hpke_seal::seal(key.as_bytes(), HPKE_INFO, &key_aad(&header.device, controller, &nonce), &cek)?;
+        wrapped.push(Wrapped { controller: controller.clone(), enc: enc.to_vec(), key: ct });
     }
     // Step 4.
     let kid = device_key_id(&header.device);

@@ -8,8 +8,8 @@
 //! [`Unverified::verify`] has checked the signature.
 
 use coset::{iana, CborSerializable, CoseSign1, CoseSign1Builder, HeaderBuilder, TaggedCborSerializable};
-use p256::ecdsa::signature::{Signer, Verifier};
-use p256::ecdsa::{Signature, SigningKey};
+use p256::ecdsa::SigningKey;
+use ring::signature::{self as ring_sig, EcdsaKeyPair, UnparsedPublicKey};
 
 use crate::error::malformed;
 use crate::keys::PublicKey;
@@ -69,12 +69,37 @@ pub fn sign(key: &SigningKey, kind: Kind, key_id: &[u8], payload: Vec<u8>) -> Re
         .protected(protected)
         .payload(payload)
         // RFC 9053 §2.1: the ES256 signature is r || s, 64 bytes.
-        .create_signature(&[], |data| {
-            let sig: Signature = key.sign(data);
-            sig.to_bytes().to_vec()
-        })
+        .try_create_signature(&[], |data| es256_sign(key, data))?
         .build();
     sign1.to_tagged_vec().map_err(|_| Error::Encode("COSE_Sign1"))
+}
+
+/// ES256 (RFC 9053 §2.1) over the COSE `Sig_structure` bytes: ECDSA P-256
+/// with SHA-256, the signature as `r || s` (64 bytes).
+///
+/// The arithmetic is `ring`'s (assembly-backed P-256: ~8× faster than the
+/// `p256` crate's here, which mattered for issue 8: every command costs the
+/// device four signatures and the cloud and controller several checks);
+/// keys stay `p256` types everywhere else. `ring` draws the nonce from the
+/// operating system's generator rather than RFC 6979; both are valid ECDSA.
+fn es256_sign(key: &SigningKey, data: &[u8]) -> Result<Vec<u8>, Error> {
+    let rng = ring::rand::SystemRandom::new();
+    let public = key.verifying_key().to_encoded_point(false);
+    let pair = EcdsaKeyPair::from_private_key_and_public_key(
+        &ring_sig::ECDSA_P256_SHA256_FIXED_SIGNING,
+        &key.to_bytes(),
+        public.as_bytes(),
+        &rng,
+    )
+    .map_err(|_| Error::Encode("ES256 key"))?;
+    let sig = pair.sign(&rng, data).map_err(|_| Error::Encode("ES256 signature"))?;
+    Ok(sig.as_ref().to_vec())
+}
+
+/// Checks an ES256 signature (`r || s`, 64 bytes) with `ring`; see
+/// [`es256_sign`] for why `ring`.
+fn es256_verify(key: &PublicKey, data: &[u8], sig: &[u8]) -> bool {
+    UnparsedPublicKey::new(&ring_sig::ECDSA_P256_SHA256_FIXED, key.to_sec1()).verify(data, sig).is_ok()
 }
 
 /// A decoded envelope whose signature has not been checked yet.
@@ -100,10 +125,7 @@ impl Unverified {
     pub fn verify(self, key: &PublicKey) -> Result<Vec<u8>, Error> {
         let what = self.kind.name();
         self.sign1
-            .verify_signature(&[], |sig, data| {
-                let sig = Signature::from_slice(sig).map_err(|_| ())?;
-                key.verifying_key().verify(data, &sig).map_err(|_| ())
-            })
+            .verify_signature(&[], |sig, data| if es256_verify(key, data, sig) { Ok(()) } else { Err(()) })
             .map_err(|()| Error::BadSignature { what })?;
         self.sign1.payload.ok_or_else(|| malformed("envelope", "detached payloads are not used"))
     }
@@ -176,14 +198,32 @@ mod tests {
 
     const FIXED: &str = "d284583aa301260378226170706c69636174696f6e2f6865617274682e636f6d6d616e642e76312b63626f720450ababababababababababababababababa041a05840785ff659dfc3e9bd220141de54693c6e5c8caab28d96ab65997b84cc0411509637e9f9cd33d9db7fb59ae2faf77c18183d1b2c8b58a01b9e399507d7b56e8504";
 
-    /// ECDSA here is deterministic (RFC 6979), so the whole envelope is a
-    /// fixed vector: any change to the encoding shows up as a diff.
+    /// Everything but the signature is a fixed vector, so any change to the
+    /// encoding shows up as a diff. The signature (last 64 bytes) is random
+    /// since signing moved to `ring` (ADR 0015); `FIXED` itself was signed by
+    /// the `p256` crate (RFC 6979), so it also checks that `ring` verifies
+    /// what another ES256 implementation signed, and the `p256` crate checks
+    /// what `ring` signs.
     #[test]
     fn fixed_vector() {
+        use p256::ecdsa::signature::Verifier as _;
+        let fixed = hex::decode(FIXED).unwrap();
         let signed = sign(&key(1), Kind::Command, &[0xab; 16], vec![0xa0]).unwrap();
-        assert_eq!(hex::encode(&signed), FIXED);
+        assert_eq!(signed.len(), fixed.len());
+        assert_eq!(hex::encode(&signed[..signed.len() - 64]), FIXED[..FIXED.len() - 128]);
+        let pk = PublicKey::from(&key(1));
+        assert_eq!(open(&fixed).unwrap().verify(&pk).unwrap(), vec![0xa0]);
+        assert_eq!(open(&signed).unwrap().verify(&pk).unwrap(), vec![0xa0]);
+        // The p256 crate over the same Sig_structure accepts ring's signature.
+        let sign1 = coset::CoseSign1::from_tagged_slice(&signed).unwrap();
+        sign1
+            .verify_signature(&[], |sig, data| {
+                let sig = p256::ecdsa::Signature::from_slice(sig).map_err(|_| ())?;
+                pk.verifying_key().verify(data, &sig).map_err(|_| ())
+            })
+            .unwrap();
         let again = sign(&key(1), Kind::Command, &[0xab; 16], vec![0xa0]).unwrap();
-        assert_eq!(signed, again);
+        assert_ne!(signed, again, "ECDSA nonces must differ between signatures");
     }
 
     #[test]

@@ -24,6 +24,7 @@ pub mod b64;
 pub mod capability;
 pub mod e2e;
 pub mod envelope;
+mod hpke_seal;
 mod error;
 #[doc(hidden)]
 pub mod fuzzing;
