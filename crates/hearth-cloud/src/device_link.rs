@@ -9,15 +9,21 @@
 //! has something to answer). A malformed frame ends the link, never the
 //! process.
 //!
-//! An idle link is cheap (issue 8): one task of about 1.6 KiB (database
-//! calls and frame handling are boxed, so their futures take memory only
-//! while they run), a parked read of a 4-byte header (a frame body is
-//! allocated only once its header arrived and is freed after decoding), an
-//! empty bounded queue, one timer, and the last state report for device
-//! listings. What is left is rustls's: the 1.2 KiB connection (boxed once,
-//! not copied into every async layer) and its 4 KiB record buffer, which it
-//! shrinks back after a large record. In cluster mode the link also has a
-//! NATS subscription on its device's subject (`cluster.rs`).
+//! An idle link is cheap (issue 8): one task with one loop, no reader and
+//! writer halves ([`Conn::serve`]; database calls and frame handling are
+//! boxed, so their futures take memory only while they run). It is parked
+//! on the read of a 4-byte header (a frame body is allocated once its
+//! header arrived and freed after decoding), on a queue that holds no
+//! buffer while empty ([`crate::router::queue`]), and on one timer for all
+//! its deadlines (idle limit, frame body, write, ping, state report). The
+//! newest state report reaches the database within [`STATE_PERSIST_EVERY`]
+//! even if the device then falls silent, and the router's copy is dropped
+//! one such interval later, so device listings then read it from the
+//! database. What is left is rustls's: the 1.2 KiB connection (boxed once,
+//! not copied into every async layer), its 4 KiB record buffer, the key
+//! schedules and the peer's certificate.
+//! In cluster mode the link also has a NATS subscription on its device's
+//! subject (`cluster.rs`).
 
 use std::time::Duration;
 
@@ -25,12 +31,15 @@ use hearth_proto::ids::{ControllerId, DeviceId};
 use hearth_proto::keys::PublicKey;
 use hearth_proto::link::{decode_body, frame_len, CloudFrame, DeviceFrame};
 use hearth_proto::message::{verify_result, verify_state, Peek};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::time::{timeout, Instant, MissedTickBehavior};
+use tokio::time::{timeout, Instant};
 use tokio_rustls::server::TlsStream;
 
-use crate::router::{DeviceInfo, LinkHandle};
+use crate::router::{DeviceInfo, LinkHandle, QueueReceiver};
 use crate::store::{unix_now, AccountId, StoreError};
 use crate::AppState;
 
@@ -105,14 +114,18 @@ async fn write_frame<W: AsyncWrite + Unpin>(wr: &mut W, bytes: &[u8]) -> Result<
 
 /// Serves one device link until it ends; the caller logs the outcome.
 pub async fn run(state: AppState, mut tls: Box<TlsStream<TcpStream>>) -> Result<(), LinkError> {
-    let cert = tls
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|chain| chain.first())
-        .cloned()
-        .ok_or_else(|| LinkError::Certificate("no client certificate".into()))?;
-    let (id, key) = hearth_pki::device_identity(&cert).map_err(|e| LinkError::Certificate(e.to_string()))?;
+    // The certificate's copy is moved into the database call below, not
+    // kept for the link's life (rustls keeps its own).
+    let (id, key, cert) = {
+        let cert = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .ok_or_else(|| LinkError::Certificate("no client certificate".into()))?;
+        let (id, key) = hearth_pki::device_identity(cert).map_err(|e| LinkError::Certificate(e.to_string()))?;
+        (id, key, cert.to_vec())
+    };
     tracing::Span::current().record("device", tracing::field::display(&id));
 
     let (kind, setup_lookup) = match read_frame(&mut tls, HELLO_TIMEOUT, "a hello").await? {
@@ -129,7 +142,7 @@ pub async fn run(state: AppState, mut tls: Box<TlsStream<TcpStream>>) -> Result<
     // of them for as long as the link lives (7 KiB when measured), while
     // boxed ones take memory only while they run (issue 8: idle links must
     // be cheap).
-    let owner = Box::pin(state.store.device_connected(id.clone(), kind, cert.to_vec(), unix_now())).await?;
+    let owner = Box::pin(state.store.device_connected(id.clone(), kind, cert, unix_now())).await?;
     // Members only matter for a paired device.
     let members = if owner.is_some() { Box::pin(state.store.members_of(id.clone())).await? } else { Vec::new() };
     let paired = owner.is_some();
@@ -148,7 +161,8 @@ pub async fn run(state: AppState, mut tls: Box<TlsStream<TcpStream>>) -> Result<
         }
     }
 
-    let mut conn = Conn { state: &state, id: &id, key: &key, link, pending_state: None, last_persist: None, revokes: Vec::new() };
+    let mut conn =
+        Conn { state: &state, id: &id, key: &key, link, pending_state: None, last_persist: None, held_since: None, revokes: Vec::new() };
     // Revokes first (issue 3): written before `serve` starts draining the
     // commands routed to this link, so the device applies them before any.
     let result = match Box::pin(send_pending_revokes(&state, &id, paired, &mut tls)).await {
@@ -180,6 +194,9 @@ struct Conn<'a> {
     /// A state report not yet written to the database.
     pending_state: Option<Vec<u8>>,
     last_persist: Option<Instant>,
+    /// When the router's copy of the newest state report reached the
+    /// database; the copy is dropped [`STATE_PERSIST_EVERY`] later.
+    held_since: Option<Instant>,
     /// Held revokes sent on this link and not answered yet (issue 3).
     revokes: Vec<(ControllerId, u64)>,
 }
@@ -288,44 +305,90 @@ pub async fn hold_revoke(state: &AppState, account: &AccountId, device: &DeviceI
 }
 
 impl Conn<'_> {
+    /// The link's one loop (issue 8: one task per link, no reader and
+    /// writer halves): frames from the device are read and handled, queued
+    /// frames and pings are written, and one timer serves every deadline.
     async fn serve(&mut self, tls: &mut TlsStream<TcpStream>, handle: LinkHandle<Vec<u8>>) -> Result<(), LinkError> {
         let LinkHandle { mut rx, close, .. } = handle;
         let mut stop = self.state.stop.clone();
-        let (mut rd, mut wr) = tokio::io::split(tls);
-
-        let writer = async move {
-            let mut ping = tokio::time::interval_at(Instant::now() + PING_EVERY, PING_EVERY);
-            ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
-            let mut n = 0u64;
-            loop {
-                tokio::select! {
-                    out = rx.recv() => match out {
-                        Some(bytes) => write_frame(&mut wr, &bytes).await?,
-                        None => return Ok::<(), LinkError>(()),
-                    },
-                    _ = ping.tick() => {
-                        n += 1;
-                        let bytes = hearth_proto::link::encode_frame(&CloudFrame::Ping { n })?;
-                        write_frame(&mut wr, &bytes).await?;
+        let mut io = LinkIo::default();
+        let mut last_frame = Instant::now();
+        let mut next_ping = last_frame + PING_EVERY;
+        let mut pings = 0u64;
+        let timer = tokio::time::sleep_until(next_ping);
+        tokio::pin!(timer);
+        loop {
+            // Each deadline of the link; the earliest arms the timer.
+            let read_deadline = match io.body_since {
+                Some(t) => t + BODY_TIMEOUT,
+                None => last_frame + IDLE_LIMIT,
+            };
+            let write_deadline = io.write_since.map(|t| t + WRITE_TIMEOUT);
+            let deadline = [Some(read_deadline), Some(next_ping), write_deadline, self.state_deadline()]
+                .into_iter()
+                .flatten()
+                .min()
+                .unwrap_or(read_deadline);
+            if timer.deadline() != deadline {
+                timer.as_mut().reset(deadline);
+            }
+            let event = tokio::select! {
+                r = std::future::poll_fn(|cx| io.poll(tls, &mut rx, cx)) => r?,
+                () = &mut timer => Event::Timer,
+                () = close.notified() => {
+                    tracing::info!("link replaced by a newer one or too slow; closing");
+                    return Ok(());
+                }
+                () = crate::stopped(&mut stop) => return Ok(()),
+            };
+            match event {
+                Event::Frame(frame) => {
+                    Box::pin(self.handle(frame)).await;
+                    Box::pin(self.flush_state(false)).await;
+                    last_frame = Instant::now();
+                }
+                // The router dropped this link.
+                Event::QueueClosed => return Ok(()),
+                Event::Timer => {
+                    let now = Instant::now();
+                    if now >= read_deadline {
+                        return Err(LinkError::Timeout(if io.body_since.is_some() { "a frame body" } else { "any frame (idle link)" }));
                     }
+                    if write_deadline.is_some_and(|t| now >= t) {
+                        return Err(LinkError::Timeout("the device to accept a frame"));
+                    }
+                    if now >= next_ping {
+                        pings += 1;
+                        io.ping(hearth_proto::link::encode_frame(&CloudFrame::Ping { n: pings })?);
+                        next_ping = now + PING_EVERY;
+                    }
+                    Box::pin(self.flush_state(false)).await;
+                    self.forget_state_if_stored();
                 }
             }
-        };
-        let reader = async {
-            loop {
-                let frame = read_frame(&mut rd, IDLE_LIMIT, "any frame (idle link)").await?;
-                Box::pin(self.handle(frame)).await;
-                Box::pin(self.flush_state(false)).await;
-            }
-        };
-        tokio::select! {
-            r = reader => r,
-            w = writer => w,
-            () = close.notified() => {
-                tracing::info!("link replaced by a newer one or too slow; closing");
-                Ok(())
-            }
-            () = crate::stopped(&mut stop) => Ok(()),
+        }
+    }
+
+    /// When a held state report is due for the database, or the router's
+    /// copy of a stored one is due to be dropped.
+    fn state_deadline(&self) -> Option<Instant> {
+        match (&self.pending_state, self.last_persist, self.held_since) {
+            (Some(_), Some(t), _) => Some(t + STATE_PERSIST_EVERY),
+            (Some(_), None, _) => Some(Instant::now()),
+            (None, _, Some(t)) => Some(t + STATE_PERSIST_EVERY),
+            (None, _, None) => None,
+        }
+    }
+
+    /// Drops the router's copy of the newest state report once the
+    /// database has had it for [`STATE_PERSIST_EVERY`]: a device listing
+    /// that read the database just before the write still finds the
+    /// report in the router meanwhile, and an idle device then costs no
+    /// copy (issue 8).
+    fn forget_state_if_stored(&mut self) {
+        if self.pending_state.is_none() && self.held_since.is_some_and(|t| t.elapsed() >= STATE_PERSIST_EVERY) {
+            self.held_since = None;
+            self.state.router.forget_state(self.id, self.link);
         }
     }
 
@@ -375,6 +438,8 @@ impl Conn<'_> {
                             }
                         }
                         self.pending_state = Some(envelope);
+                        // The router holds this newer report until it is stored.
+                        self.held_since = None;
                     }
                     Err(e) => tracing::warn!(error = %e, "dropping a state report that does not verify"),
                 }
@@ -408,6 +473,8 @@ impl Conn<'_> {
 
     /// Writes the pending state report if the last write is long enough
     /// ago (or `force`), so a chatty device cannot keep the database busy.
+    /// A report held back is written when its time comes even if the
+    /// device sends nothing more (the link's timer).
     async fn flush_state(&mut self, force: bool) {
         let due = force || self.last_persist.is_none_or(|t| t.elapsed() >= STATE_PERSIST_EVERY);
         if !due {
@@ -415,8 +482,147 @@ impl Conn<'_> {
         }
         let Some(envelope) = self.pending_state.take() else { return };
         self.last_persist = Some(Instant::now());
-        if let Err(e) = self.state.store.set_last_state(self.id.clone(), envelope).await {
-            tracing::warn!(error = %e, "could not store a state report");
+        match self.state.store.set_last_state(self.id.clone(), envelope).await {
+            Ok(()) => self.held_since = Some(Instant::now()),
+            // The router keeps its copy, so listings still show the report.
+            Err(e) => tracing::warn!(error = %e, "could not store a state report"),
+        }
+    }
+}
+
+/// What woke a link's loop.
+enum Event {
+    /// A whole frame from the device.
+    Frame(DeviceFrame),
+    /// The router dropped the link's queue.
+    QueueClosed,
+    /// The timer: some deadline of the link passed.
+    Timer,
+}
+
+/// Both directions of a link's TLS stream, driven by one poll: the frame
+/// being read (a 4-byte header, then a body allocated once the header
+/// arrived) and the frame being written (a queued frame or a ping).
+/// Between frames it holds no buffer.
+#[derive(Default)]
+struct LinkIo {
+    header: [u8; 4],
+    header_got: usize,
+    body: Vec<u8>,
+    body_got: usize,
+    /// When the header of the body being read arrived.
+    body_since: Option<Instant>,
+    /// A ping to write once the frame in flight is out.
+    ping: Option<Vec<u8>>,
+    out: Vec<u8>,
+    out_sent: usize,
+    /// When the frame being written was taken; `None` when all is flushed.
+    write_since: Option<Instant>,
+}
+
+impl LinkIo {
+    fn ping(&mut self, bytes: Vec<u8>) {
+        // A ping still waiting behind a stuck write is enough.
+        self.ping.get_or_insert(bytes);
+    }
+
+    /// Writes what it can, then reads until a whole frame is in. Never
+    /// waits on one direction while the other could move.
+    fn poll<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        tls: &mut S,
+        rx: &mut QueueReceiver<Vec<u8>>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Event, LinkError>> {
+        if let Poll::Ready(r) = self.poll_write(tls, rx, cx) {
+            return Poll::Ready(r);
+        }
+        self.poll_read(tls, cx)
+    }
+
+    /// Pending while it waits for the device or for a queued frame.
+    fn poll_write<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        tls: &mut S,
+        rx: &mut QueueReceiver<Vec<u8>>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Event, LinkError>> {
+        loop {
+            if self.out_sent < self.out.len() {
+                match Pin::new(&mut *tls).poll_write(cx, &self.out[self.out_sent..]) {
+                    Poll::Ready(Ok(0)) => return Poll::Ready(Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into())),
+                    Poll::Ready(Ok(n)) => self.out_sent += n,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e.into())),
+                    Poll::Pending => return Poll::Pending,
+                }
+                continue;
+            }
+            if self.write_since.is_some() {
+                match Pin::new(&mut *tls).poll_flush(cx) {
+                    Poll::Ready(Ok(())) => {
+                        self.out = Vec::new();
+                        self.out_sent = 0;
+                        self.write_since = None;
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e.into())),
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+            let next = match self.ping.take() {
+                Some(ping) => ping,
+                None => match rx.poll_recv(cx) {
+                    Poll::Ready(Some(bytes)) => bytes,
+                    Poll::Ready(None) => return Poll::Ready(Ok(Event::QueueClosed)),
+                    Poll::Pending => return Poll::Pending,
+                },
+            };
+            self.out = next;
+            self.out_sent = 0;
+            self.write_since = Some(Instant::now());
+        }
+    }
+
+    fn poll_read<S: AsyncRead + Unpin>(&mut self, tls: &mut S, cx: &mut Context<'_>) -> Poll<Result<Event, LinkError>> {
+        loop {
+            let reading_body = self.body_since.is_some();
+            let dest = if reading_body { &mut self.body[self.body_got..] } else { &mut self.header[self.header_got..] };
+            if !dest.is_empty() {
+                let mut buf = ReadBuf::new(dest);
+                match Pin::new(&mut *tls).poll_read(cx, &mut buf) {
+                    Poll::Ready(Ok(())) => {}
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e.into())),
+                    Poll::Pending => return Poll::Pending,
+                }
+                let n = buf.filled().len();
+                if n == 0 {
+                    // End of stream: between frames (or in a header) the
+                    // device hung up; inside a body the frame is cut short.
+                    return Poll::Ready(Err(if reading_body {
+                        std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into()
+                    } else {
+                        LinkError::Closed
+                    }));
+                }
+                if reading_body {
+                    self.body_got += n;
+                } else {
+                    self.header_got += n;
+                }
+                continue;
+            }
+            if !reading_body {
+                // The limit is enforced on the header, before the body is allocated.
+                let len = frame_len(self.header)?;
+                self.body = vec![0u8; len];
+                self.body_got = 0;
+                self.body_since = Some(Instant::now());
+                continue;
+            }
+            let body = std::mem::take(&mut self.body);
+            self.header_got = 0;
+            self.body_got = 0;
+            self.body_since = None;
+            return Poll::Ready(Ok(Event::Frame(decode_body(&body)?)));
         }
     }
 }
@@ -437,6 +643,46 @@ mod tests {
         }
         let size = size_of_run(run);
         assert!(size <= 2048, "device_link::run's future is {size} bytes; box the large awaits");
+    }
+
+    /// The link's one loop reads frames that arrive in pieces and writes
+    /// queued frames while a read is pending; the queue's end ends it.
+    #[tokio::test]
+    async fn one_poll_reads_and_writes_and_holds_no_buffer_between_frames() {
+        let (mut device, mut cloud) = tokio::io::duplex(1024);
+        let (tx, mut rx) = crate::router::queue::<Vec<u8>>(4);
+        let mut io = LinkIo::default();
+        async fn next(
+            io: &mut LinkIo,
+            cloud: &mut tokio::io::DuplexStream,
+            rx: &mut QueueReceiver<Vec<u8>>,
+        ) -> Result<Result<Event, LinkError>, tokio::time::error::Elapsed> {
+            timeout(Duration::from_millis(200), std::future::poll_fn(|cx| io.poll(cloud, rx, cx))).await
+        }
+
+        // A queued frame goes out although no frame comes in.
+        let ping = hearth_proto::link::encode_frame(&CloudFrame::Ping { n: 1 }).unwrap();
+        tx.try_send(ping.clone()).unwrap();
+        assert!(next(&mut io, &mut cloud, &mut rx).await.is_err(), "no frame from the device yet");
+        let mut got = vec![0u8; ping.len()];
+        device.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, ping);
+        assert!(io.write_since.is_none() && io.out.capacity() == 0, "nothing kept once written");
+
+        // A frame in two pieces is one frame.
+        let pong = hearth_proto::link::encode_frame(&DeviceFrame::Pong { n: 1 }).unwrap();
+        device.write_all(&pong[..3]).await.unwrap();
+        assert!(next(&mut io, &mut cloud, &mut rx).await.is_err(), "half a header is no frame");
+        device.write_all(&pong[3..]).await.unwrap();
+        match next(&mut io, &mut cloud, &mut rx).await {
+            Ok(Ok(Event::Frame(f))) => assert_eq!(f, DeviceFrame::Pong { n: 1 }),
+            other => panic!("expected the pong, got {:?}", other.map(|r| r.map(|_| ()))),
+        }
+        assert!(io.body_since.is_none() && io.body.capacity() == 0, "nothing kept once read");
+
+        // The router dropped the link.
+        drop(tx);
+        assert!(matches!(next(&mut io, &mut cloud, &mut rx).await, Ok(Ok(Event::QueueClosed))));
     }
 
     #[tokio::test(start_paused = true)]

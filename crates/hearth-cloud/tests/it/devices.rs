@@ -159,6 +159,15 @@ async fn pair_command_push_and_presence_end_to_end() {
             other => panic!("unexpected push {other:?}"),
         }
     }
+    // Issue 8: once the device is idle, the cloud keeps its newest report
+    // only in the database (it is written within a second even though the
+    // device sends nothing more, and the router's copy goes a second
+    // later): the listing still shows that report, online.
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    let listed = cloud.devices(&alice).await;
+    assert_eq!(listed[0]["online"], true);
+    assert_eq!(listed[0]["last_state"], b64::encode(got_state.as_ref().unwrap()), "an idle device's listing comes from the store");
+
     // A WebSocket command for a device that is not ours is undeliverable.
     let stranger = DeviceId::random();
     let frame = ControllerFrame::Command { device: stranger.clone(), envelope: command(&ctl, &stranger, 3) };
