@@ -1,17 +1,32 @@
-//! Cluster mode: routing between cloud nodes over NATS (ADR 0008).
+//! Cluster mode: routing between cloud nodes over NATS (ADR 0008, with
+//! the per-node subject and device directory of ADR 0014).
 //!
 //! Every node keeps only its own links in its [`Router`]; accounts,
-//! sessions, pairings, members and event history are in the shared
-//! PostgreSQL database, so any node can serve any request and a killed node
-//! loses nothing but its open links (the devices redial another node).
+//! sessions, pairings, members, event history and the device directory
+//! (which node holds each device's link) are in the shared PostgreSQL
+//! database, so any node can serve any request and a killed node loses
+//! nothing but its open links (the devices redial another node).
 //!
 //! Subjects (under a configurable prefix, `hearth` by default):
 //!
 //! | subject | subscribed by | carries |
 //! |---|---|---|
-//! | `P.dev.<device>` | the node holding the device's link | [`DeviceMsg`]: commands and pairing requests (request/reply), info, refresh, link claims |
+//! | `P.node.<node>` | that node (one subscription, whatever its links) | a [`NodeMsg`]: a [`DeviceMsg`] for one of its devices: commands and pairing requests (request/reply), info, refresh, link claims |
 //! | `P.acct.<account>.push` | every node with a controller link of the account | a [`ControllerPush`](hearth_proto::link::ControllerPush) as JSON text |
 //! | `P.setup.<lookup>` | every node (one wildcard subscription) | "which device announced this setup code?"; only the holder answers |
+//!
+//! A node that registers a device link records itself in the directory
+//! (`device_links`, [`Store::claim_link`]) and removes the entry when that
+//! link ends, if the entry is still that link's. A node with a request for
+//! a device not linked to it reads the holder from the directory and asks
+//! that node. The holder answers every request: with the device's answer,
+//! or "offline" if it does not hold the device (any more). A holder that
+//! died leaves its entries behind; NATS then answers "no responders" at
+//! once, which means offline, as it did when nobody subscribed to a
+//! device's own subject. After either "offline" the requester reads the
+//! directory once more and asks the new holder if the device moved
+//! meanwhile; neither answer means the message reached a device, so this
+//! never delivers a command twice.
 //!
 //! Delivery is at most once: NATS core does not store or redeliver. A
 //! command whose answer is lost is reported as a timeout; the controller
@@ -19,9 +34,10 @@
 //! refuses a copy it already executed, so no state change happens twice.
 //!
 //! Every message is bounded ([`MAX_MESSAGE`]) and every request has a
-//! deadline. When NATS is unreachable, commands for devices on other nodes
-//! fail with 503 while links on this node keep working; `async-nats`
-//! reconnects by itself and restores the subscriptions.
+//! deadline, the directory look-up included. When NATS is unreachable,
+//! commands for devices on other nodes fail with 503 while links on this
+//! node keep working; `async-nats` reconnects by itself and restores the
+//! subscriptions.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -43,7 +59,7 @@ use tokio::task::JoinHandle;
 use crate::api::{COMMAND_TIMEOUT, PAIR_TIMEOUT};
 use crate::metrics::{ErrorKind, Metrics, Route};
 use crate::router::{PushSink, RouteError, Router};
-use crate::store::{AccountId, Store};
+use crate::store::{AccountId, LinkClaimed, LinkEntry, Store};
 use crate::Shared;
 
 /// Largest message a node sends or accepts on NATS: a device frame's worth
@@ -138,7 +154,16 @@ pub struct ClusterConfig {
     pub subject_prefix: SubjectPrefix,
 }
 
-/// A message for the node that holds a device's link, on `P.dev.<device>`.
+/// A message for the node that holds a device's link, on `P.node.<node>`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NodeMsg {
+    /// The device it is about.
+    device: DeviceId,
+    msg: DeviceMsg,
+}
+
+/// What a [`NodeMsg`] asks of the node holding the device.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 enum DeviceMsg {
@@ -156,8 +181,9 @@ enum DeviceMsg {
     Info {},
     /// The device's owner or members changed in the database: re-read them.
     Refresh {},
-    /// A node registered a link of this device at `at_ms`; an older link
-    /// elsewhere is stale and is dropped (the newest link wins).
+    /// A node registered a link of this device at `at_ms` and replaced this
+    /// node's directory entry; an older link here is stale and is dropped
+    /// (the newest link wins).
     Claim { node: String, at_ms: u64 },
 }
 
@@ -192,6 +218,11 @@ enum Failure {
     Conflict,
     Timeout,
     WentAway,
+    /// The asked node does not hold the device's link (any more); nothing
+    /// was delivered.
+    Offline,
+    /// The asked node could not read the message.
+    Unavailable,
 }
 
 impl From<Failure> for RouteError {
@@ -202,21 +233,22 @@ impl From<Failure> for RouteError {
             Failure::Conflict => RouteError::Conflict,
             Failure::Timeout => RouteError::Timeout,
             Failure::WentAway => RouteError::WentAway,
+            Failure::Offline => RouteError::Offline,
+            Failure::Unavailable => RouteError::Unavailable,
         }
     }
 }
 
-impl Failure {
-    /// The failure to report for a local error; `None` for "not here",
-    /// which a holding node never says (it stays silent instead).
-    fn of(e: &RouteError) -> Option<Self> {
+impl From<&RouteError> for Failure {
+    fn from(e: &RouteError) -> Self {
         match e {
-            RouteError::TooLarge => Some(Self::TooLarge),
-            RouteError::Overflow => Some(Self::Overflow),
-            RouteError::Conflict => Some(Self::Conflict),
-            RouteError::Timeout => Some(Self::Timeout),
-            RouteError::WentAway => Some(Self::WentAway),
-            RouteError::Offline | RouteError::Unavailable => None,
+            RouteError::TooLarge => Self::TooLarge,
+            RouteError::Overflow => Self::Overflow,
+            RouteError::Conflict => Self::Conflict,
+            RouteError::Timeout => Self::Timeout,
+            RouteError::WentAway => Self::WentAway,
+            RouteError::Offline => Self::Offline,
+            RouteError::Unavailable => Self::Unavailable,
         }
     }
 }
@@ -234,7 +266,18 @@ pub struct Cluster {
     store: Store,
     metrics: Arc<Metrics>,
     accounts: Mutex<HashMap<AccountId, AccountSub>>,
+    /// The directory entry each device link on this node recorded, to
+    /// settle a claim from another node and to remove only its own entry.
+    links: Mutex<HashMap<DeviceId, LocalLink>>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct LocalLink {
+    /// The router's link number.
+    link: u64,
+    /// When this node registered it (the directory entry's `at_ms`).
+    at_ms: u64,
 }
 
 struct AccountSub {
@@ -284,6 +327,12 @@ impl Cluster {
             .await
             .map_err(|_| anyhow::anyhow!("no answer from NATS at {} within {:?}", config.nats_url, CONNECT_TIMEOUT * 2))?
             .with_context(|| format!("connecting to NATS at {}", config.nats_url))?;
+        // Entries left by an earlier run of this node (killed without
+        // removing them) name links that no longer exist.
+        let stale = store.release_node_links(node.0.clone()).await.context("clearing this node's old device directory entries")?;
+        if stale > 0 {
+            tracing::info!(stale, "removed device directory entries of this node's previous run");
+        }
         let (push_tx, push_rx) = mpsc::channel(PUSH_QUEUE);
         let router = Router::with_sink(Arc::new(NatsSink { tx: push_tx, metrics: metrics.clone() }));
         let cluster = Arc::new(Self {
@@ -294,16 +343,26 @@ impl Cluster {
             store,
             metrics,
             accounts: Mutex::new(HashMap::new()),
+            links: Mutex::new(HashMap::new()),
             tasks: Mutex::new(Vec::new()),
         });
+        let inbox = cluster
+            .client
+            .subscribe(cluster.node_subject(&cluster.node))
+            .await
+            .context("subscribing to this node's subject on NATS")?;
         let setup = cluster
             .client
             .subscribe(format!("{}.setup.*", cluster.prefix))
             .await
             .context("subscribing to setup-code questions on NATS")?;
+        // Links are taken only once NATS has both subscriptions, so no
+        // request for a device linked here finds nobody listening.
+        cluster.client.flush().await.context("subscribing on NATS")?;
         let publisher = tokio::spawn(cluster.clone().publish_pushes(push_rx, stop.clone()));
-        let answerer = tokio::spawn(cluster.clone().answer_setup(setup, stop));
-        cluster.lock_tasks().extend([publisher, answerer]);
+        let node_answerer = tokio::spawn(cluster.clone().answer_node(inbox, stop.clone()));
+        let setup_answerer = tokio::spawn(cluster.clone().answer_setup(setup, stop));
+        cluster.lock_tasks().extend([publisher, node_answerer, setup_answerer]);
         tracing::info!(node = %cluster.node, prefix = %cluster.prefix, "joined the cluster");
         Ok(cluster)
     }
@@ -318,12 +377,17 @@ impl Cluster {
         self.client.connection_state() == async_nats::connection::State::Connected
     }
 
-    /// Waits for the background tasks after shutdown and flushes what is
-    /// still queued for NATS.
+    /// Waits for the background tasks after shutdown, removes this node's
+    /// directory entries (its links are closed) and flushes what is still
+    /// queued for NATS.
     pub async fn finish(&self) {
         let tasks = std::mem::take(&mut *self.lock_tasks());
         for t in tasks {
             let _ = t.await;
+        }
+        let released = tokio::time::timeout(QUICK_TIMEOUT, self.store.release_node_links(self.node.0.clone())).await;
+        if !matches!(released, Ok(Ok(_))) {
+            tracing::warn!("could not remove this node's device directory entries; they stay until the devices link again");
         }
         let _ = tokio::time::timeout(Duration::from_secs(2), self.client.flush()).await;
     }
@@ -337,8 +401,13 @@ impl Cluster {
         self.accounts.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn device_subject(&self, id: &DeviceId) -> String {
-        format!("{}.dev.{id}", self.prefix)
+    fn lock_links(&self) -> MutexGuard<'_, HashMap<DeviceId, LocalLink>> {
+        // Single inserts and removes: a panic elsewhere leaves it consistent.
+        self.links.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn node_subject(&self, node: &NodeId) -> String {
+        format!("{}.node.{node}", self.prefix)
     }
 
     fn account_subject(&self, account: &AccountId) -> String {
@@ -388,86 +457,123 @@ impl Cluster {
         }
     }
 
-    // ---- a device link on this node ----
+    // ---- device links on this node ----
 
-    /// Starts answering for a device link that was just registered in the
-    /// router: subscribes to its subject and claims it, so an older link on
-    /// another node is dropped. The subscription ends when the returned
-    /// guard is dropped (the link ended).
-    pub fn device_up(self: &Arc<Self>, id: &DeviceId, link: u64) -> DeviceSub {
-        let this = self.clone();
-        let id = id.clone();
-        let at_ms = now_ms();
-        let task = tokio::spawn(async move {
-            let subject = this.device_subject(&id);
-            let mut sub = match this.client.subscribe(subject.clone()).await {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "could not subscribe for a device; it is reachable only from this node");
-                    this.metrics.error(ErrorKind::Cluster);
-                    return;
-                }
-            };
-            // After subscribing, so this node never misses a later claim.
-            let claim = DeviceMsg::Claim { node: this.node.0.clone(), at_ms };
-            if let Ok(bytes) = serde_json::to_vec(&claim) {
-                this.publish(subject, bytes).await;
-            }
-            while let Some(msg) = sub.next().await {
-                this.metrics.cluster_in();
-                if !this.on_device_msg(&id, link, at_ms, msg).await {
-                    return;
-                }
-            }
-        });
-        DeviceSub { task }
+    /// Records a device link that was just registered in the router in the
+    /// directory, so other nodes route its messages here, and settles
+    /// which link wins if the device has another one: an older link on
+    /// another node is told to give way, and this link gives way itself if
+    /// a newer one is recorded. The entry is removed when the returned
+    /// guard is dropped (the link ended), if it is still this link's.
+    pub async fn device_up(self: &Arc<Self>, id: &DeviceId, link: u64) -> DeviceClaim {
+        self.device_up_at(id, link, now_ms()).await
     }
 
-    /// Handles one message for a device whose link `link` is (or was) on
-    /// this node. Returns false once the link is gone, ending the
-    /// subscription.
-    async fn on_device_msg(self: &Arc<Self>, id: &DeviceId, link: u64, at_ms: u64, msg: async_nats::Message) -> bool {
-        if self.router.device_link(id) != Some(link) {
-            return false;
+    async fn device_up_at(self: &Arc<Self>, id: &DeviceId, link: u64, at_ms: u64) -> DeviceClaim {
+        // Before the directory says so, so a claim racing with this one is
+        // settled against this link's time.
+        self.lock_links().insert(id.clone(), LocalLink { link, at_ms });
+        let guard = DeviceClaim { cluster: self.clone(), id: id.clone(), link, at_ms };
+        let claim = LinkEntry { node: self.node.0.clone(), at_ms };
+        match self.store.claim_link(id.clone(), claim).await {
+            Ok(LinkClaimed::Recorded { replaced: Some(old) }) if old.node != self.node.0 => {
+                // The older link elsewhere is stale (a device holds one link
+                // at a time): tell its node, which drops it if it still has it.
+                match old.node.parse::<NodeId>() {
+                    Ok(node) => self.send(&node, id, DeviceMsg::Claim { node: self.node.0.clone(), at_ms }).await,
+                    Err(e) => tracing::warn!(error = %e, "the device directory names an invalid node"),
+                }
+            }
+            Ok(LinkClaimed::Recorded { .. }) => {}
+            Ok(LinkClaimed::Outdated { newer }) => {
+                // A newer link registered first (its node told this one
+                // nothing, since it replaced no entry of this link's).
+                if newer.node != self.node.0 {
+                    tracing::info!(node = %newer.node, "the device has a newer link on another node; dropping this one");
+                    self.forget(id, link);
+                    self.router.supersede(id, link);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not record the device's link in the directory; it is reachable only from this node");
+                self.metrics.error(ErrorKind::Cluster);
+            }
         }
+        guard
+    }
+
+    /// Forgets a link's directory bookkeeping; true if it was this link's.
+    fn forget(&self, id: &DeviceId, link: u64) -> bool {
+        let mut links = self.lock_links();
+        match links.get(id) {
+            Some(l) if l.link == link => {
+                links.remove(id);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    async fn answer_node(self: Arc<Self>, mut sub: async_nats::Subscriber, mut stop: watch::Receiver<bool>) {
+        loop {
+            let msg = tokio::select! {
+                m = sub.next() => match m { Some(m) => m, None => return },
+                () = crate::stopped(&mut stop) => return,
+            };
+            self.metrics.cluster_in();
+            self.on_node_msg(msg).await;
+        }
+    }
+
+    /// Handles one message for a device that is (or was) linked to this
+    /// node. Every request gets an answer, so no requester waits for its
+    /// deadline because of this node; long waits (commands, pairing) run
+    /// in their own task so they do not hold up the others.
+    async fn on_node_msg(self: &Arc<Self>, msg: async_nats::Message) {
+        let reply = msg.reply.map(|r| r.to_string());
         if msg.payload.len() > MAX_MESSAGE {
-            tracing::warn!(len = msg.payload.len(), "dropping an oversized cluster message");
-            return true;
+            tracing::warn!(len = msg.payload.len(), "refusing an oversized cluster message");
+            self.metrics.error(ErrorKind::Cluster);
+            return self.reply_outcome(reply, Err(RouteError::Unavailable)).await;
         }
-        let parsed: DeviceMsg = match serde_json::from_slice(&msg.payload) {
+        let NodeMsg { device: id, msg: parsed } = match serde_json::from_slice(&msg.payload) {
             Ok(m) => m,
             Err(e) => {
-                tracing::warn!(error = %e, "dropping a malformed cluster message");
+                tracing::warn!(error = %e, "refusing a malformed cluster message");
                 self.metrics.error(ErrorKind::Cluster);
-                return true;
+                return self.reply_outcome(reply, Err(RouteError::Unavailable)).await;
             }
         };
-        let reply = msg.reply.map(|r| r.to_string());
+        let Some(link) = self.router.device_link(&id) else {
+            // Not here (any more): say so, and the requester re-reads the
+            // directory. A claim or refresh for it has nothing to change.
+            return self.reply_outcome(reply, Err(RouteError::Offline)).await;
+        };
         match parsed {
             DeviceMsg::Claim { node, at_ms: theirs } => {
+                let ours = self.lock_links().get(&id).filter(|l| l.link == link).map(|l| l.at_ms);
+                let theirs = LinkEntry { node, at_ms: theirs };
                 // The newest link wins; equal times are settled by node id
                 // so exactly one of two nodes gives way.
-                if node != self.node.0 && (theirs, node.as_str()) > (at_ms, self.node.0.as_str()) {
-                    tracing::info!(%node, "the device has a newer link on another node; dropping this one");
-                    self.router.supersede(id, link);
-                    return false;
+                if let Some(ours) = ours {
+                    let ours = LinkEntry { node: self.node.0.clone(), at_ms: ours };
+                    if theirs.node != ours.node && theirs.is_newer_than(&ours) {
+                        tracing::info!(node = %theirs.node, "the device has a newer link on another node; dropping this one");
+                        self.forget(&id, link);
+                        self.router.supersede(&id, link);
+                    }
                 }
             }
             DeviceMsg::Info {} => {
-                if let Some(reply) = reply {
-                    let last_state = self.router.last_state(id).map(b64::encode);
-                    self.answer(reply, &Reply::Info { last_state }).await;
-                }
+                let last_state = self.router.last_state(&id).map(b64::encode);
+                self.reply_outcome(reply, Ok(Reply::Info { last_state })).await;
             }
             DeviceMsg::Refresh {} => {
                 let this = self.clone();
-                let id = id.clone();
                 tokio::spawn(async move { this.refresh(&id).await });
             }
             DeviceMsg::Command { envelope, wait } => {
                 let this = self.clone();
-                let id = id.clone();
-                // Waiting for the device must not hold up this subscription.
                 tokio::spawn(async move {
                     let outcome = if wait {
                         match hearth_proto::message::peek_command(&envelope) {
@@ -485,7 +591,6 @@ impl Cluster {
             }
             DeviceMsg::Pair { request } => {
                 let this = self.clone();
-                let id = id.clone();
                 tokio::spawn(async move {
                     let outcome =
                         local_pairing(&this.router, &id, request)
@@ -495,25 +600,15 @@ impl Cluster {
                 });
             }
         }
-        true
     }
 
     async fn reply_outcome(&self, reply: Option<String>, outcome: Result<Reply, RouteError>) {
         let Some(reply) = reply else { return };
         let answer = match outcome {
             Ok(r) => r,
-            Err(e) => match Failure::of(&e) {
-                Some(error) => Reply::Failed { error },
-                // The link went away meanwhile: say nothing, as a node
-                // without the link would.
-                None => return,
-            },
+            Err(e) => Reply::Failed { error: Failure::from(&e) },
         };
-        self.answer(reply, &answer).await;
-    }
-
-    async fn answer(&self, reply: String, answer: &Reply) {
-        match serde_json::to_vec(answer) {
+        match serde_json::to_vec(&answer) {
             Ok(bytes) => self.publish(reply, bytes).await,
             Err(e) => tracing::error!(error = %e, "could not encode a cluster reply"),
         }
@@ -533,18 +628,79 @@ impl Cluster {
 
     // ---- asking the node that holds a device ----
 
-    async fn request(&self, id: &DeviceId, msg: &DeviceMsg, wait: Duration) -> Result<Reply, RouteError> {
-        let payload = serde_json::to_vec(msg).map_err(|_| RouteError::TooLarge)?;
+    /// The nodes the directory names for `ids`, in order (`None`: no link
+    /// recorded), with one query. Fails (503) if the database does not
+    /// answer by `deadline`.
+    async fn holders(&self, ids: Vec<DeviceId>, deadline: Instant) -> Result<Vec<Option<NodeId>>, RouteError> {
+        let found = match tokio::time::timeout_at(deadline.into(), self.store.link_holders(ids)).await {
+            Ok(Ok(found)) => found,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "could not read the device directory");
+                self.metrics.error(ErrorKind::Cluster);
+                return Err(RouteError::Unavailable);
+            }
+            Err(_) => {
+                tracing::warn!("the device directory did not answer in time");
+                self.metrics.error(ErrorKind::Cluster);
+                return Err(RouteError::Unavailable);
+            }
+        };
+        Ok(found
+            .into_iter()
+            .map(|node| {
+                let node = node?;
+                // The directory is written by nodes only; a value that is
+                // no subject token is a corrupt row, never a subject.
+                node.parse()
+                    .map_err(|e: NameError| tracing::warn!(error = %e, "the device directory names an invalid node"))
+                    .ok()
+            })
+            .collect())
+    }
+
+    async fn holder(&self, id: &DeviceId, deadline: Instant) -> Result<Option<NodeId>, RouteError> {
+        Ok(self.holders(vec![id.clone()], deadline).await?.pop().flatten())
+    }
+
+    fn encode(id: &DeviceId, msg: DeviceMsg) -> Result<Vec<u8>, RouteError> {
+        let payload = serde_json::to_vec(&NodeMsg { device: id.clone(), msg }).map_err(|_| RouteError::TooLarge)?;
         if payload.len() > MAX_MESSAGE {
             return Err(RouteError::TooLarge);
         }
+        Ok(payload)
+    }
+
+    /// Asks the node holding the device, within `wait` in all. If that
+    /// node says it does not hold the device, or no node answers on its
+    /// subject (killed), the directory is read once more and the new
+    /// holder asked if the device moved meanwhile: neither answer means
+    /// the message reached a device, so it is never delivered twice.
+    async fn request(&self, id: &DeviceId, msg: DeviceMsg, wait: Duration) -> Result<Reply, RouteError> {
+        let deadline = Instant::now() + wait;
+        let payload = Self::encode(id, msg)?;
+        let Some(node) = self.holder(id, deadline).await? else { return Err(RouteError::Offline) };
+        match self.request_node(&node, payload.clone(), deadline).await {
+            Err(RouteError::Offline) => match self.holder(id, deadline).await? {
+                Some(moved) if moved != node => self.request_node(&moved, payload, deadline).await,
+                _ => Err(RouteError::Offline),
+            },
+            other => other,
+        }
+    }
+
+    async fn request_node(&self, node: &NodeId, payload: Vec<u8>, deadline: Instant) -> Result<Reply, RouteError> {
+        let wait = deadline.saturating_duration_since(Instant::now());
+        if wait.is_zero() {
+            return Err(RouteError::Timeout);
+        }
         let request = async_nats::Request::new().payload(payload.into()).timeout(Some(wait));
         self.metrics.cluster_out();
-        let answer = match self.client.send_request(self.device_subject(id), request).await {
+        let answer = match self.client.send_request(self.node_subject(node), request).await {
             Ok(m) => m,
             Err(e) => {
                 return Err(match e.kind() {
-                    // Nobody subscribes to the device: no node holds its link.
+                    // Nobody subscribes to the node's subject: it died
+                    // holding the link, which is gone with it.
                     RequestErrorKind::NoResponders => RouteError::Offline,
                     RequestErrorKind::TimedOut => RouteError::Timeout,
                     RequestErrorKind::MaxPayloadExceeded => RouteError::TooLarge,
@@ -572,11 +728,39 @@ impl Cluster {
         }
     }
 
+    /// Publishes a message for a device to a node, expecting no answer.
+    async fn send(&self, node: &NodeId, id: &DeviceId, msg: DeviceMsg) {
+        match Self::encode(id, msg) {
+            Ok(bytes) => self.publish(self.node_subject(node), bytes).await,
+            Err(_) => self.metrics.error(ErrorKind::TooLarge),
+        }
+    }
+
     /// Tells the node holding the device that its accounts changed.
     async fn publish_refresh(&self, id: &DeviceId) {
-        if let Ok(bytes) = serde_json::to_vec(&DeviceMsg::Refresh {}) {
-            self.publish(self.device_subject(id), bytes).await;
+        if let Ok(Some(node)) = self.holder(id, Instant::now() + QUICK_TIMEOUT).await {
+            self.send(&node, id, DeviceMsg::Refresh {}).await;
         }
+    }
+
+    /// Whether the device is linked to a node, and that node's newest state
+    /// report of it, for each of `ids`: one directory query for all, then
+    /// one question to the holding node per device that has one.
+    async fn presence(&self, ids: Vec<DeviceId>) -> Vec<(bool, Option<Vec<u8>>)> {
+        let deadline = Instant::now() + QUICK_TIMEOUT;
+        let holders = match self.holders(ids.clone(), deadline).await {
+            Ok(h) => h,
+            Err(_) => return vec![(false, None); ids.len()],
+        };
+        let one = |(id, node): (DeviceId, Option<NodeId>)| async move {
+            let Some(node) = node else { return (false, None) };
+            let Ok(payload) = Self::encode(&id, DeviceMsg::Info {}) else { return (false, None) };
+            match self.request_node(&node, payload, deadline).await {
+                Ok(Reply::Info { last_state }) => (true, last_state.and_then(|s| b64::decode(&s).ok())),
+                _ => (false, None),
+            }
+        };
+        futures_util::stream::iter(ids.into_iter().zip(holders)).map(one).buffered(PRESENCE_PARALLEL).collect().await
     }
 
     // ---- controller links on this node ----
@@ -634,15 +818,48 @@ impl Cluster {
     }
 }
 
-/// A device link's subscription; dropping it unsubscribes.
-pub struct DeviceSub {
-    task: JoinHandle<()>,
+/// A device link's directory entry; dropping it (the link ended) removes
+/// the entry if it is still this link's.
+pub struct DeviceClaim {
+    cluster: Arc<Cluster>,
+    id: DeviceId,
+    link: u64,
+    at_ms: u64,
 }
 
-impl Drop for DeviceSub {
+impl Drop for DeviceClaim {
     fn drop(&mut self) {
-        // Aborting drops the subscriber, which unsubscribes.
-        self.task.abort();
+        let c = &self.cluster;
+        let newer_here = {
+            let mut links = c.lock_links();
+            match links.get(&self.id) {
+                Some(l) if l.link == self.link => {
+                    links.remove(&self.id);
+                    false
+                }
+                // A newer link of the device on this node owns the entry
+                // now (it replaced this one in the router, then recorded
+                // itself), possibly within the same millisecond.
+                Some(_) => true,
+                // This link gave way to a newer one elsewhere.
+                None => false,
+            }
+        };
+        if newer_here {
+            return;
+        }
+        // Removed only if still exactly this link's entry, so a newer link
+        // elsewhere keeps its own. A short task, gone once the row is; if
+        // the runtime is shutting down, `finish` removes the node's rows.
+        let (store, id) = (c.store.clone(), self.id.clone());
+        let entry = LinkEntry { node: c.node.0.clone(), at_ms: self.at_ms };
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                if let Err(e) = store.release_link(id, entry).await {
+                    tracing::warn!(error = %e, "could not remove an ended link from the device directory");
+                }
+            });
+        }
     }
 }
 
@@ -726,7 +943,7 @@ impl Shared {
             return true;
         }
         match &self.cluster {
-            Some(c) => matches!(c.request(id, &DeviceMsg::Info {}, QUICK_TIMEOUT).await, Ok(Reply::Info { .. })),
+            Some(c) => matches!(c.request(id, DeviceMsg::Info {}, QUICK_TIMEOUT).await, Ok(Reply::Info { .. })),
             None => false,
         }
     }
@@ -734,17 +951,19 @@ impl Shared {
     /// For each device: whether it is online, and the newest state report
     /// its link has seen.
     pub(crate) async fn device_presence(&self, ids: &[DeviceId]) -> Vec<(bool, Option<Vec<u8>>)> {
-        let one = |id: DeviceId| async move {
-            if self.router.is_online(&id) {
-                return (true, self.router.last_state(&id));
-            }
-            let Some(c) = &self.cluster else { return (false, None) };
-            match c.request(&id, &DeviceMsg::Info {}, QUICK_TIMEOUT).await {
-                Ok(Reply::Info { last_state }) => (true, last_state.and_then(|s| b64::decode(&s).ok())),
-                _ => (false, None),
-            }
-        };
-        futures_util::stream::iter(ids.iter().cloned()).map(one).buffered(PRESENCE_PARALLEL).collect().await
+        let mut found: Vec<(bool, Option<Vec<u8>>)> =
+            ids.iter().map(|id| if self.router.is_online(id) { (true, self.router.last_state(id)) } else { (false, None) }).collect();
+        let Some(c) = &self.cluster else { return found };
+        // The others may be on other nodes: one directory query for all.
+        let (at, remote): (Vec<usize>, Vec<DeviceId>) =
+            ids.iter().enumerate().filter(|(i, _)| !found[*i].0).map(|(i, id)| (i, id.clone())).unzip();
+        if remote.is_empty() {
+            return found;
+        }
+        for (i, presence) in at.into_iter().zip(c.presence(remote).await) {
+            found[i] = presence;
+        }
+        found
     }
 
     /// Delivers a command and waits for the device's signed result.
@@ -759,7 +978,7 @@ impl Shared {
         let (route, outcome) = match &self.cluster {
             Some(c) if !self.router.is_online(id) => {
                 let wait = COMMAND_TIMEOUT + REMOTE_MARGIN;
-                let outcome = match c.request(id, &DeviceMsg::Command { envelope, wait: true }, wait).await {
+                let outcome = match c.request(id, DeviceMsg::Command { envelope, wait: true }, wait).await {
                     Ok(Reply::Result { envelope }) => Ok(envelope),
                     Ok(_) => Err(RouteError::Unavailable),
                     Err(e) => Err(e),
@@ -779,7 +998,7 @@ impl Shared {
     pub(crate) async fn route_send(&self, id: &DeviceId, envelope: Vec<u8>) -> Result<(), RouteError> {
         let outcome = match &self.cluster {
             Some(c) if !self.router.is_online(id) => {
-                match c.request(id, &DeviceMsg::Command { envelope, wait: false }, QUICK_TIMEOUT).await {
+                match c.request(id, DeviceMsg::Command { envelope, wait: false }, QUICK_TIMEOUT).await {
                     Ok(Reply::Queued) => Ok(()),
                     Ok(_) => Err(RouteError::Unavailable),
                     Err(e) => Err(e),
@@ -813,7 +1032,7 @@ impl Shared {
     pub(crate) async fn route_pairing(&self, id: &DeviceId, request: PairRequest) -> Result<(PairOutcome, PublicKey), RouteError> {
         match &self.cluster {
             Some(c) if !self.router.is_online(id) => {
-                match c.request(id, &DeviceMsg::Pair { request }, PAIR_TIMEOUT + REMOTE_MARGIN).await? {
+                match c.request(id, DeviceMsg::Pair { request }, PAIR_TIMEOUT + REMOTE_MARGIN).await? {
                     Reply::Paired { outcome, key } => Ok((*outcome, *key)),
                     _ => Err(RouteError::Unavailable),
                 }
@@ -866,8 +1085,209 @@ mod tests {
         let text = serde_json::to_string(&m).unwrap();
         assert!(matches!(serde_json::from_str(&text).unwrap(), DeviceMsg::Command { wait: true, .. }));
         assert!(serde_json::from_str::<DeviceMsg>(r#"{"type":"info","x":1}"#).is_err());
-        let r = Reply::Failed { error: Failure::Conflict };
+        let r = Reply::Failed { error: Failure::Offline };
         let back: Reply = serde_json::from_slice(&serde_json::to_vec(&r).unwrap()).unwrap();
-        assert!(matches!(back, Reply::Failed { error: Failure::Conflict }));
+        assert!(matches!(back, Reply::Failed { error: Failure::Offline }));
+        let id = DeviceId::random();
+        let bytes = Cluster::encode(&id, DeviceMsg::Info {}).unwrap();
+        let back: NodeMsg = serde_json::from_slice(&bytes).unwrap();
+        assert!(back.device == id && matches!(back.msg, DeviceMsg::Info {}));
+        let extra = format!(r#"{{"device":"{id}","msg":{{"type":"info"}},"x":1}}"#);
+        assert!(serde_json::from_str::<NodeMsg>(&extra).is_err());
+        assert!(serde_json::from_str::<NodeMsg>(r#"{"device":"../x","msg":{"type":"info"}}"#).is_err());
+        let big = DeviceMsg::Command { envelope: vec![0; MAX_MESSAGE], wait: true };
+        assert_eq!(Cluster::encode(&id, big).unwrap_err(), RouteError::TooLarge);
+    }
+
+    // ---- several nodes on the test PostgreSQL and NATS ----
+
+    /// A PostgreSQL schema of one test, dropped with everything in it.
+    struct TestSchema {
+        base: String,
+        name: String,
+    }
+
+    impl Drop for TestSchema {
+        fn drop(&mut self) {
+            // Not inside the test's runtime: a short-lived thread of its own.
+            let (base, name) = (self.base.clone(), self.name.clone());
+            let _ = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                rt.block_on(async {
+                    let (client, conn) = tokio_postgres::connect(&base, tokio_postgres::NoTls).await.unwrap();
+                    tokio::spawn(conn);
+                    let end = "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1";
+                    client.execute(end, &[&name]).await.unwrap();
+                    client.batch_execute(&format!("DROP SCHEMA {name} CASCADE")).await.unwrap();
+                });
+            })
+            .join();
+        }
+    }
+
+    /// Nodes `n0`, `n1`, … of one cluster: a schema and a subject prefix of
+    /// their own, so tests running at once never see each other.
+    struct TestCluster {
+        nodes: Vec<Arc<Cluster>>,
+        store: Store,
+        stop: watch::Sender<bool>,
+        _schema: TestSchema,
+    }
+
+    impl TestCluster {
+        async fn start(test: &str, n: usize) -> Option<Self> {
+            let (Ok(base), Ok(nats)) = (std::env::var("HEARTH_TEST_POSTGRES"), std::env::var("HEARTH_TEST_NATS")) else {
+                println!("skipping {test}: HEARTH_TEST_POSTGRES or HEARTH_TEST_NATS is unset");
+                return None;
+            };
+            let name = format!("t_{}", hex::encode(rand::random::<[u8; 8]>()));
+            let (client, conn) = tokio_postgres::connect(&base, tokio_postgres::NoTls).await.unwrap();
+            tokio::spawn(conn);
+            client.batch_execute(&format!("CREATE SCHEMA {name}")).await.unwrap();
+            let sep = if base.contains('?') { '&' } else { '?' };
+            let url = format!("{base}{sep}options=-csearch_path%3D{name}&application_name={name}").parse().unwrap();
+            let schema = TestSchema { base, name };
+            let store = Store::connect(&url).await.unwrap();
+            let prefix: SubjectPrefix = format!("t{}", hex::encode(rand::random::<[u8; 8]>())).parse().unwrap();
+            let (stop, stop_rx) = watch::channel(false);
+            let mut nodes = Vec::new();
+            for i in 0..n {
+                let config =
+                    ClusterConfig { nats_url: nats.clone(), node_id: format!("n{i}").parse().unwrap(), subject_prefix: prefix.clone() };
+                nodes.push(Cluster::start(&config, store.clone(), Metrics::new(), stop_rx.clone()).await.unwrap());
+            }
+            Some(Self { nodes, store, stop, _schema: schema })
+        }
+
+        async fn holder(&self, id: &DeviceId) -> Option<String> {
+            self.store.link_holders(vec![id.clone()]).await.unwrap().pop().flatten()
+        }
+    }
+
+    /// A device link registered in a node's router, as `device_link` does.
+    fn link(node: &Cluster, id: &DeviceId) -> crate::router::LinkHandle<Vec<u8>> {
+        node.router.add_device(id, crate::router::DeviceInfo { owner: None, setup_lookup: None, members: Vec::new() })
+    }
+
+    async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !check() {
+            assert!(Instant::now() < deadline, "not within 5 s: {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_request_reaches_the_node_the_directory_names_after_the_device_moved() {
+        let Some(t) = TestCluster::start("a_request_reaches_the_node_the_directory_names_after_the_device_moved", 3).await
+        else {
+            return;
+        };
+        let (a, b, c) = (&t.nodes[0], &t.nodes[1], &t.nodes[2]);
+        let id = DeviceId::random();
+        // The directory names a node that died holding the device: nobody
+        // answers on its subject, which means offline, at once.
+        t.store.claim_link(id.clone(), LinkEntry { node: "gone".into(), at_ms: now_ms() - 60_000 }).await.unwrap();
+        let asked = Instant::now();
+        assert_eq!(c.request(&id, DeviceMsg::Info {}, QUICK_TIMEOUT).await.unwrap_err(), RouteError::Offline);
+        assert!(asked.elapsed() < QUICK_TIMEOUT, "offline took {:?}", asked.elapsed());
+
+        // The device links to a: its entry replaces the dead node's.
+        let ha = link(a, &id);
+        let _ga = a.device_up(&id, ha.link).await;
+        assert_eq!(t.holder(&id).await.as_deref(), Some("n0"));
+        assert!(matches!(c.request(&id, DeviceMsg::Info {}, QUICK_TIMEOUT).await, Ok(Reply::Info { .. })));
+
+        // It moves to b: a hears the claim and drops its older link, and a
+        // command from c reaches the device on b.
+        let mut hb = link(b, &id);
+        let _gb = b.device_up(&id, hb.link).await;
+        eventually("a drops its older link", || a.router.device_link(&id).is_none()).await;
+        assert_eq!(t.holder(&id).await.as_deref(), Some("n1"));
+        let queued = c.request(&id, DeviceMsg::Command { envelope: vec![7; 100], wait: false }, QUICK_TIMEOUT).await;
+        assert!(matches!(queued, Ok(Reply::Queued)), "{queued:?}");
+        let frame = tokio::time::timeout(Duration::from_secs(2), hb.rx.recv()).await.unwrap().unwrap();
+        assert!(matches!(
+            hearth_proto::link::decode_frame::<CloudFrame>(&frame).unwrap(),
+            Some((CloudFrame::Command { envelope }, _)) if envelope == vec![7; 100]
+        ));
+
+        // A node asked about a device it does not hold says so at once
+        // rather than leaving the requester to its deadline.
+        let asked = Instant::now();
+        let payload = Cluster::encode(&id, DeviceMsg::Info {}).unwrap();
+        assert_eq!(c.request_node(&a.node, payload, Instant::now() + QUICK_TIMEOUT).await.unwrap_err(), RouteError::Offline);
+        assert!(asked.elapsed() < Duration::from_secs(1), "took {:?}", asked.elapsed());
+
+        // A listing asks the directory once and each holder for the rest.
+        let absent = DeviceId::random();
+        let on_c = DeviceId::random();
+        let hc = link(c, &on_c);
+        let _gc = c.device_up(&on_c, hc.link).await;
+        let presence = a.presence(vec![id.clone(), absent, on_c]).await;
+        assert_eq!(presence.iter().map(|p| p.0).collect::<Vec<_>>(), [true, false, true]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stale_claim_does_not_drop_a_newer_link() {
+        let Some(t) = TestCluster::start("a_stale_claim_does_not_drop_a_newer_link", 2).await else { return };
+        let (a, b) = (&t.nodes[0], &t.nodes[1]);
+        let id = DeviceId::random();
+        let hb = link(b, &id);
+        let _gb = b.device_up(&id, hb.link).await;
+        // An older link of the device is recorded on a only now (its node
+        // was slow): the directory keeps b's entry and a's link gives way.
+        let ha = link(a, &id);
+        let _ga = a.device_up_at(&id, ha.link, now_ms() - 5_000).await;
+        assert_eq!(a.router.device_link(&id), None, "the older link stays on a");
+        assert_eq!(t.holder(&id).await.as_deref(), Some("n1"));
+        // An older link's claim reaching b changes nothing there. NATS keeps
+        // one publisher's order, so once the request after it is answered,
+        // b has handled the claim.
+        a.send(&b.node, &id, DeviceMsg::Claim { node: "n0".into(), at_ms: now_ms() - 5_000 }).await;
+        assert!(matches!(a.request(&id, DeviceMsg::Info {}, QUICK_TIMEOUT).await, Ok(Reply::Info { .. })));
+        assert_eq!(b.router.device_link(&id), Some(hb.link), "a stale claim dropped the newer link");
+        // A newer one does.
+        a.send(&b.node, &id, DeviceMsg::Claim { node: "n0".into(), at_ms: now_ms() + 1_000 }).await;
+        eventually("b drops its link for a newer claim", || b.router.device_link(&id).is_none()).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_directory_entry_goes_with_the_link_that_made_it() {
+        let Some(t) = TestCluster::start("the_directory_entry_goes_with_the_link_that_made_it", 2).await else { return };
+        let (a, b) = (&t.nodes[0], &t.nodes[1]);
+        let id = DeviceId::random();
+        // Two links of the device on a within one millisecond, the second
+        // replacing the first in the router: the first's end leaves the
+        // second's entry.
+        let at = now_ms();
+        let h1 = link(a, &id);
+        let g1 = a.device_up_at(&id, h1.link, at).await;
+        let h2 = link(a, &id);
+        let g2 = a.device_up_at(&id, h2.link, at).await;
+        drop(g1);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(t.holder(&id).await.as_deref(), Some("n0"), "an older link's end removed the newer entry");
+        // The device moves to b; a's link ends afterwards: b's entry stays.
+        let hb = link(b, &id);
+        let gb = b.device_up(&id, hb.link).await;
+        drop(g2);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(t.holder(&id).await.as_deref(), Some("n1"), "an older link's end on another node removed the entry");
+        // b's link ends: the entry goes, and asking is answered at once.
+        b.router.remove_device(&id, hb.link);
+        drop(gb);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while t.holder(&id).await.is_some() {
+            assert!(Instant::now() < deadline, "the entry outlived its link");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(a.request(&id, DeviceMsg::Info {}, QUICK_TIMEOUT).await.unwrap_err(), RouteError::Offline);
+        // A node that stops removes whatever entries it still has.
+        let h = link(a, &id);
+        let _g = a.device_up(&id, h.link).await;
+        t.stop.send_replace(true);
+        tokio::time::timeout(Duration::from_secs(10), a.finish()).await.expect("the node did not stop");
+        assert_eq!(t.holder(&id).await, None);
     }
 }

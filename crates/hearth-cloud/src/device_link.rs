@@ -22,8 +22,8 @@
 //! database. What is left is rustls's: the 1.2 KiB connection (boxed once,
 //! not copied into every async layer), its 4 KiB record buffer, the key
 //! schedules and the peer's certificate.
-//! In cluster mode the link also has a NATS subscription on its device's
-//! subject (`cluster.rs`).
+//! In cluster mode the link also has an entry in the cluster's device
+//! directory (`cluster.rs`).
 
 use std::time::Duration;
 
@@ -148,9 +148,13 @@ pub async fn run(state: AppState, mut tls: Box<TlsStream<TcpStream>>) -> Result<
     let paired = owner.is_some();
     let handle = state.router.add_device(&id, DeviceInfo { owner, setup_lookup, members });
     let link = handle.link;
-    // Cluster mode: answer for this device on NATS while the link lives,
-    // and make an older link of it on another node give way.
-    let _cluster_sub = state.cluster.as_ref().map(|c| c.device_up(&id, link));
+    // Cluster mode: record this node as the device's holder in the
+    // directory while the link lives, and make an older link of it on
+    // another node give way.
+    let _cluster_claim = match &state.cluster {
+        Some(c) => Some(Box::pin(c.device_up(&id, link)).await),
+        None => None,
+    };
     if paired {
         // A share recorded between the read above and add_device updated no
         // router entry (there was none yet); read again now that there is.

@@ -188,6 +188,35 @@ const MIGRATIONS: &[Migration] = &[
     CREATE INDEX pending_revokes_device ON pending_revokes(device_id, seq);
     "#,
     },
+    // 5: the cluster's device directory (ADR 0014): which node holds each
+    // device's link, so a node asks that one node instead of every link
+    // having its own NATS subscription. Soft state: no foreign key, rows of
+    // a killed node linger until the device links again, and a stale row
+    // only costs a "no responders" answer. `replaced_*` is scratch space
+    // that lets one upsert report the entry it replaced. The node id is
+    // compared bytewise (`COLLATE "C"`, SQLite's default), like in Rust.
+    Migration {
+        sqlite: r#"
+    CREATE TABLE device_links (
+        device_id      TEXT PRIMARY KEY,
+        node           TEXT NOT NULL,
+        at_ms          INTEGER NOT NULL,
+        replaced_node  TEXT,
+        replaced_at_ms INTEGER
+    );
+    CREATE INDEX device_links_node ON device_links(node);
+    "#,
+        postgres: r#"
+    CREATE TABLE device_links (
+        device_id      TEXT PRIMARY KEY,
+        node           TEXT COLLATE "C" NOT NULL,
+        at_ms          BIGINT NOT NULL,
+        replaced_node  TEXT COLLATE "C",
+        replaced_at_ms BIGINT
+    );
+    CREATE INDEX device_links_node ON device_links(node);
+    "#,
+    },
 ];
 
 /// Most revokes kept for one offline device; more are refused (the owner
@@ -219,6 +248,41 @@ pub struct PendingRevoke {
     pub counter: u64,
     /// The signed command envelope.
     pub envelope: Vec<u8>,
+}
+
+/// One entry of the cluster's device directory: the node that registered a
+/// link of the device, and when (milliseconds since the Unix epoch). Of two
+/// entries the newer is the greater `(at_ms, node)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkEntry {
+    /// The node's id (as it named itself; the cluster validates it again).
+    pub node: String,
+    /// When the node registered the link, in its own clock's milliseconds.
+    pub at_ms: u64,
+}
+
+impl LinkEntry {
+    /// Whether `self` is the newer of the two (time, then node id), so
+    /// exactly one of two different entries is.
+    pub fn is_newer_than(&self, other: &LinkEntry) -> bool {
+        (self.at_ms, self.node.as_str()) > (other.at_ms, other.node.as_str())
+    }
+}
+
+/// What [`Store::claim_link`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkClaimed {
+    /// The claim is now the device's entry; `replaced` is the entry it took
+    /// over (`None` if there was none).
+    Recorded {
+        /// The previous entry, possibly of this same node.
+        replaced: Option<LinkEntry>,
+    },
+    /// A newer entry is recorded; the claim was not.
+    Outdated {
+        /// The entry that stays.
+        newer: LinkEntry,
+    },
 }
 
 /// Most events kept per device.
@@ -1423,6 +1487,132 @@ impl Store {
         };
         Ok(rows.into_iter().map(AccountId).collect())
     }
+
+    // ---- the cluster's device directory (ADR 0014) ----
+
+    /// Records that `claim.node` holds a link of the device since
+    /// `claim.at_ms`, unless a newer entry is recorded (newest link wins).
+    /// One statement in both dialects, so two nodes claiming at once are
+    /// ordered by the database and each learns what it replaced or lost to.
+    pub async fn claim_link(&self, id: DeviceId, claim: LinkEntry) -> Result<LinkClaimed, StoreError> {
+        // Every SET expression reads the row as it was, so `replaced_*` gets
+        // the old entry whether or not the claim wins.
+        const SET: &str = "
+            ON CONFLICT (device_id) DO UPDATE SET
+                replaced_node = d.node,
+                replaced_at_ms = d.at_ms,
+                node = CASE WHEN (excluded.at_ms, excluded.node) > (d.at_ms, d.node) THEN excluded.node ELSE d.node END,
+                at_ms = CASE WHEN (excluded.at_ms, excluded.node) > (d.at_ms, d.node) THEN excluded.at_ms ELSE d.at_ms END
+            RETURNING node, at_ms, replaced_node, replaced_at_ms";
+        let at_ms = sql_time(claim.at_ms);
+        let (node, at, replaced_node, replaced_at): (String, i64, Option<String>, Option<i64>) = match &self.backend {
+            Backend::Sqlite(conn) => {
+                let node = claim.node.clone();
+                Self::run(conn, move |c| {
+                    Ok(c.query_row(
+                        &format!("INSERT INTO device_links AS d (device_id, node, at_ms) VALUES (?1, ?2, ?3) {SET}"),
+                        params![id.as_str(), node, at_ms],
+                        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+                    )?)
+                })
+                .await?
+            }
+            Backend::Postgres(pool) => {
+                let row = pool
+                    .client()
+                    .await?
+                    .query_one(
+                        &format!("INSERT INTO device_links AS d (device_id, node, at_ms) VALUES ($1, $2, $3) {SET}"),
+                        &[&id.as_str(), &claim.node, &at_ms],
+                    )
+                    .await?;
+                (row.get(0), row.get(1), row.get(2), row.get(3))
+            }
+        };
+        let entry = |node: String, at: i64| LinkEntry { node, at_ms: u64::try_from(at).unwrap_or(0) };
+        let current = entry(node, at);
+        if current != claim {
+            return Ok(LinkClaimed::Outdated { newer: current });
+        }
+        let replaced = match (replaced_node, replaced_at) {
+            (Some(node), Some(at)) => Some(entry(node, at)),
+            _ => None,
+        };
+        Ok(LinkClaimed::Recorded { replaced })
+    }
+
+    /// Removes the device's entry if it is still exactly `claim` (the link
+    /// that ends is the one recorded): a newer link's entry stays.
+    pub async fn release_link(&self, id: DeviceId, claim: LinkEntry) -> Result<bool, StoreError> {
+        let at_ms = sql_time(claim.at_ms);
+        let n = match &self.backend {
+            Backend::Sqlite(conn) => {
+                Self::run(conn, move |c| {
+                    Ok(c.execute(
+                        "DELETE FROM device_links WHERE device_id = ?1 AND node = ?2 AND at_ms = ?3",
+                        params![id.as_str(), claim.node, at_ms],
+                    )? as u64)
+                })
+                .await?
+            }
+            Backend::Postgres(pool) => {
+                pool.client()
+                    .await?
+                    .execute(
+                        "DELETE FROM device_links WHERE device_id = $1 AND node = $2 AND at_ms = $3",
+                        &[&id.as_str(), &claim.node, &at_ms],
+                    )
+                    .await?
+            }
+        };
+        Ok(n > 0)
+    }
+
+    /// The node recorded as holding each device's link (`None`: no entry),
+    /// in the order asked, with one query.
+    pub async fn link_holders(&self, ids: Vec<DeviceId>) -> Result<Vec<Option<String>>, StoreError> {
+        let found: std::collections::HashMap<String, String> = match &self.backend {
+            Backend::Sqlite(conn) => {
+                let ids = ids.clone();
+                Self::run(conn, move |c| {
+                    let mut stmt = c.prepare_cached("SELECT node FROM device_links WHERE device_id = ?1")?;
+                    let mut found = std::collections::HashMap::new();
+                    for id in &ids {
+                        if let Some(node) = stmt.query_row(params![id.as_str()], |r| r.get(0)).optional()? {
+                            found.insert(id.as_str().to_owned(), node);
+                        }
+                    }
+                    Ok(found)
+                })
+                .await?
+            }
+            Backend::Postgres(pool) => {
+                let keys: Vec<&str> = ids.iter().map(DeviceId::as_str).collect();
+                pool.client()
+                    .await?
+                    .query("SELECT device_id, node FROM device_links WHERE device_id = ANY($1)", &[&keys])
+                    .await?
+                    .iter()
+                    .map(|r| (r.get(0), r.get(1)))
+                    .collect()
+            }
+        };
+        Ok(ids.iter().map(|id| found.get(id.as_str()).cloned()).collect())
+    }
+
+    /// Removes every entry of `node`: a node starting (after a crash, its
+    /// rows are stale) or shutting down. Returns how many.
+    pub async fn release_node_links(&self, node: String) -> Result<u64, StoreError> {
+        match &self.backend {
+            Backend::Sqlite(conn) => {
+                Self::run(conn, move |c| Ok(c.execute("DELETE FROM device_links WHERE node = ?1", params![node])? as u64))
+                    .await
+            }
+            Backend::Postgres(pool) => {
+                Ok(pool.client().await?.execute("DELETE FROM device_links WHERE node = $1", &[&node]).await?)
+            }
+        }
+    }
 }
 
 fn configure(conn: &Connection) -> Result<(), StoreError> {
@@ -1630,7 +1820,7 @@ mod tests {
             if matches!(db.url, DatabaseUrl::Sqlite(_)) {
                 continue;
             }
-            db.execute_raw("DROP TABLE pending_revokes, device_members, device_events, devices, controllers, sessions, accounts, schema_migrations")
+            db.execute_raw("DROP TABLE device_links, pending_revokes, device_members, device_events, devices, controllers, sessions, accounts, schema_migrations")
                 .await;
             let opens: Vec<_> = (0..4)
                 .map(|_| {
@@ -1879,6 +2069,46 @@ mod tests {
             // A re-paired device starts with none.
             store.pair_device(id.clone(), alice.clone(), "lamp".into(), 12).await.unwrap();
             assert!(store.pending_revokes(id.clone(), 12).await.unwrap().is_empty(), "{n}");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_device_directory_keeps_the_newest_link_and_forgets_only_the_recorded_one() {
+        for db in test_dbs("the_device_directory_keeps_the_newest_link_and_forgets_only_the_recorded_one").await {
+            let (store, n) = (&db.store, db.name());
+            let e = |node: &str, at_ms: u64| LinkEntry { node: node.into(), at_ms };
+            let (id, other) = (DeviceId::random(), DeviceId::random());
+            let claim = |entry: LinkEntry| store.claim_link(id.clone(), entry);
+            assert_eq!(claim(e("a", 10)).await.unwrap(), LinkClaimed::Recorded { replaced: None }, "{n}");
+            // A newer link elsewhere takes over and learns whom to tell.
+            assert_eq!(claim(e("b", 20)).await.unwrap(), LinkClaimed::Recorded { replaced: Some(e("a", 10)) }, "{n}");
+            // A stale claim (an older link registering late) changes nothing
+            // and learns which link is newer.
+            assert_eq!(claim(e("a", 15)).await.unwrap(), LinkClaimed::Outdated { newer: e("b", 20) }, "{n}");
+            // Equal times: the node id decides, bytewise on both backends
+            // ("b" < "c", and "Z" < "c", which a language collation would
+            // order the other way round).
+            assert_eq!(claim(e("c", 20)).await.unwrap(), LinkClaimed::Recorded { replaced: Some(e("b", 20)) }, "{n}");
+            assert_eq!(claim(e("Z", 20)).await.unwrap(), LinkClaimed::Outdated { newer: e("c", 20) }, "{n}");
+            assert!(e("c", 20).is_newer_than(&e("Z", 20)) && !e("Z", 20).is_newer_than(&e("c", 20)));
+            store.claim_link(other.clone(), e("a", 5)).await.unwrap();
+            assert_eq!(
+                store.link_holders(vec![id.clone(), DeviceId::random(), other.clone()]).await.unwrap(),
+                vec![Some("c".to_owned()), None, Some("a".to_owned())],
+                "{n}"
+            );
+            // An older link's end leaves the newer entry alone.
+            assert!(!store.release_link(id.clone(), e("b", 20)).await.unwrap(), "{n}");
+            assert!(!store.release_link(id.clone(), e("c", 19)).await.unwrap(), "{n}");
+            assert_eq!(store.link_holders(vec![id.clone()]).await.unwrap(), vec![Some("c".to_owned())], "{n}");
+            // The recorded link's end removes it; the next link starts afresh.
+            assert!(store.release_link(id.clone(), e("c", 20)).await.unwrap(), "{n}");
+            assert_eq!(store.link_holders(vec![id.clone()]).await.unwrap(), vec![None], "{n}");
+            assert_eq!(claim(e("a", 30)).await.unwrap(), LinkClaimed::Recorded { replaced: None }, "{n}");
+            // A node (re)starting forgets its own entries only.
+            store.claim_link(DeviceId::random(), e("b", 5)).await.unwrap();
+            assert_eq!(store.release_node_links("a".into()).await.unwrap(), 2, "{n}");
+            assert_eq!(store.link_holders(vec![id.clone(), other.clone()]).await.unwrap(), vec![None, None], "{n}");
         }
     }
 }
