@@ -19,9 +19,11 @@
 //! newest state report reaches the database within [`STATE_PERSIST_EVERY`]
 //! even if the device then falls silent, and the router's copy is dropped
 //! one such interval later, so device listings then read it from the
-//! database. What is left is rustls's: the 1.2 KiB connection (boxed once,
-//! not copied into every async layer), its 4 KiB record buffer, the key
-//! schedules and the peer's certificate.
+//! database. TLS runs on rustls's unbuffered API ([`tls`]), so the link
+//! holds no TLS record or plaintext buffer between frames either (a
+//! `tokio_rustls` stream kept 4 KiB per link for its whole life). What is
+//! left is rustls's connection state (boxed once, not copied into every
+//! async layer): key schedules and the peer's certificate.
 //! In cluster mode the link also has an entry in the cluster's device
 //! directory (`cluster.rs`).
 
@@ -35,13 +37,14 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::TcpStream;
 use tokio::time::{timeout, Instant};
-use tokio_rustls::server::TlsStream;
 
 use crate::router::{DeviceInfo, LinkHandle, QueueReceiver};
 use crate::store::{unix_now, AccountId, StoreError};
 use crate::AppState;
+
+mod tls;
+pub use tls::{accept, DeviceTls};
 
 /// Time allowed for the first frame.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -113,13 +116,11 @@ async fn write_frame<W: AsyncWrite + Unpin>(wr: &mut W, bytes: &[u8]) -> Result<
 }
 
 /// Serves one device link until it ends; the caller logs the outcome.
-pub async fn run(state: AppState, mut tls: Box<TlsStream<TcpStream>>) -> Result<(), LinkError> {
+pub async fn run(state: AppState, mut tls: Box<DeviceTls>) -> Result<(), LinkError> {
     // The certificate's copy is moved into the database call below, not
     // kept for the link's life (rustls keeps its own).
     let (id, key, cert) = {
         let cert = tls
-            .get_ref()
-            .1
             .peer_certificates()
             .and_then(|chain| chain.first())
             .ok_or_else(|| LinkError::Certificate("no client certificate".into()))?;
@@ -216,7 +217,7 @@ async fn send_pending_revokes(
     state: &AppState,
     id: &DeviceId,
     paired: bool,
-    tls: &mut TlsStream<TcpStream>,
+    tls: &mut DeviceTls,
 ) -> Result<Vec<(ControllerId, u64)>, LinkError> {
     if !paired {
         return Ok(Vec::new());
@@ -312,7 +313,7 @@ impl Conn<'_> {
     /// The link's one loop (issue 8: one task per link, no reader and
     /// writer halves): frames from the device are read and handled, queued
     /// frames and pings are written, and one timer serves every deadline.
-    async fn serve(&mut self, tls: &mut TlsStream<TcpStream>, handle: LinkHandle<Vec<u8>>) -> Result<(), LinkError> {
+    async fn serve(&mut self, tls: &mut DeviceTls, handle: LinkHandle<Vec<u8>>) -> Result<(), LinkError> {
         let LinkHandle { mut rx, close, .. } = handle;
         let mut stop = self.state.stop.clone();
         let mut io = LinkIo::default();
@@ -594,6 +595,10 @@ impl LinkIo {
                 let mut buf = ReadBuf::new(dest);
                 match Pin::new(&mut *tls).poll_read(cx, &mut buf) {
                     Poll::Ready(Ok(())) => {}
+                    // A TCP end without close_notify between frames is a hang-up too.
+                    Poll::Ready(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof && !reading_body => {
+                        return Poll::Ready(Err(LinkError::Closed))
+                    }
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e.into())),
                     Poll::Pending => return Poll::Pending,
                 }
@@ -642,7 +647,7 @@ mod tests {
     /// 1.2 KiB per layer; boxed, the whole task is under 2 KiB.
     #[test]
     fn an_idle_links_state_machine_stays_small() {
-        fn size_of_run<F: std::future::Future>(_: fn(AppState, Box<TlsStream<TcpStream>>) -> F) -> usize {
+        fn size_of_run<F: std::future::Future>(_: fn(AppState, Box<DeviceTls>) -> F) -> usize {
             std::mem::size_of::<F>()
         }
         let size = size_of_run(run);

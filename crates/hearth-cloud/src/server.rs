@@ -160,10 +160,14 @@ pub struct Acceptor {
 }
 
 /// Accepts connections until shutdown, handing each to `handle` in its own
-/// task with its own tracing span.
-async fn accept_loop<F, Fut>(listener: TcpListener, acc: Acceptor, kind: &'static str, handle: F)
+/// task with its own tracing span, after `handshake` (TLS) succeeded on it
+/// within [`HANDSHAKE_TIMEOUT`].
+async fn accept_loop<S, H, HFut, F, Fut>(listener: TcpListener, acc: Acceptor, kind: &'static str, handshake: H, handle: F)
 where
-    F: Fn(Box<tokio_rustls::server::TlsStream<TcpStream>>, SocketAddr, ConnGuard) -> Fut + Clone + Send + 'static,
+    H: Fn(TlsAcceptor, TcpStream) -> HFut + Clone + Send + 'static,
+    HFut: std::future::Future<Output = std::io::Result<Box<S>>> + Send + 'static,
+    S: Send + 'static,
+    F: Fn(Box<S>, SocketAddr, ConnGuard) -> Fut + Clone + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let mut stop = acc.stop.clone();
@@ -213,6 +217,7 @@ where
         let span = tracing::info_span!("conn", kind, peer = %addr, device = tracing::field::Empty);
         let tls = acc.tls.clone();
         let handle = handle.clone();
+        let handshake = handshake.clone();
         let mut conn_stop = acc.stop.clone();
         let metrics = acc.metrics.clone();
         // The handshake runs in the connection's task so a slow client
@@ -227,9 +232,7 @@ where
                 // this task for the link's whole life (issue 8: idle links
                 // must be cheap).
                 let outcome = {
-                    let handshake = Box::pin(async move {
-                        tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(tcp)).await.map(|r| r.map(Box::new))
-                    });
+                    let handshake = Box::pin(async move { tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(tls, tcp)).await });
                     tokio::select! {
                         r = handshake => r,
                         () = crate::stopped(&mut conn_stop) => return,
@@ -258,7 +261,8 @@ where
 /// Serves the HTTPS API port.
 pub async fn serve_api(listener: TcpListener, acc: Acceptor, app: axum::Router) {
     let stop = acc.stop.clone();
-    accept_loop(listener, acc, "api", move |stream, addr, guard| {
+    let handshake = |tls: TlsAcceptor, tcp: TcpStream| async move { tls.accept(tcp).await.map(Box::new) };
+    accept_loop(listener, acc, "api", handshake, move |stream, addr, guard| {
         serve_http(stream, addr, guard, app.clone(), stop.clone())
     })
     .await;
@@ -296,9 +300,12 @@ where
     drop(guard);
 }
 
-/// Serves the device port.
+/// Serves the device port. Its TLS runs on rustls's unbuffered API
+/// ([`crate::device_link::DeviceTls`]), so an idle link keeps no TLS
+/// buffers (issue 8); the API port keeps `tokio_rustls`, which hyper needs.
 pub async fn serve_devices(listener: TcpListener, acc: Acceptor, state: AppState) {
-    accept_loop(listener, acc, "device", move |stream, _addr, guard| {
+    let handshake = |tls: TlsAcceptor, tcp: TcpStream| crate::device_link::accept(tls.config().clone(), tcp);
+    accept_loop(listener, acc, "device", handshake, move |stream, _addr, guard| {
         let state = state.clone();
         async move {
             state.metrics.device_handshake();
