@@ -25,9 +25,16 @@ use rustls::ServerConfig;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-/// Most TLS bytes held from the device at once: one handshake message of
-/// rustls's limit (64 KiB) split over records, or one full record.
-const MAX_INCOMING: usize = 0x1_0000 + 2 * 0x4805;
+/// Most TLS bytes held from the device at once during the handshake: one
+/// handshake message of rustls's limit (64 KiB) split over records, plus a
+/// record header's worth of slack.
+const MAX_INCOMING_HANDSHAKE: usize = 0x1_0000 + 2 * 0x4805;
+/// Most TLS bytes held from the device at once after the handshake: one
+/// record (RFC 8446 §5.2: at most 2^14 + 256 bytes of ciphertext, plus the
+/// 5-byte header; rustls refuses longer ones). Between frames the buffer
+/// holds less than one record, since every whole record is processed
+/// before more is read.
+const MAX_INCOMING_TRAFFIC: usize = 0x4805;
 /// Bytes read from the socket per read (on the stack).
 const READ_CHUNK: usize = 4096;
 
@@ -57,6 +64,12 @@ pub struct DeviceTls {
     eof: bool,
     /// Our close_notify is queued.
     closing: bool,
+    /// rustls reported an error. Its unbuffered API does not remember that
+    /// itself: processing again would parse the same bad bytes once more
+    /// (and queue a second fatal alert), so nothing reaches rustls after it.
+    failed: bool,
+    /// The fatal alert after `failed` was taken from rustls (once only).
+    alerted: bool,
 }
 
 fn invalid(e: rustls::Error) -> io::Error {
@@ -77,6 +90,8 @@ pub async fn accept(config: Arc<ServerConfig>, tcp: TcpStream) -> io::Result<Box
         plain_read: 0,
         eof: false,
         closing: false,
+        failed: false,
+        alerted: false,
     });
     loop {
         match tls.process() {
@@ -112,15 +127,22 @@ impl DeviceTls {
     /// application data may flow: handshake and post-handshake records are
     /// answered into `outgoing`, application data goes to `plain`.
     fn process(&mut self) -> io::Result<Status> {
+        if self.failed {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "the TLS connection failed"));
+        }
         loop {
-            let UnbufferedStatus { discard, state } = self.conn.process_tls_records(&mut self.incoming);
+            let UnbufferedStatus { mut discard, state } = self.conn.process_tls_records(&mut self.incoming);
             let outcome = match state {
                 Err(e) => Some(Err(invalid(e))),
                 Ok(ConnectionState::ReadTraffic(mut read)) => {
                     let mut failed = None;
                     while let Some(record) = read.next_record() {
                         match record {
-                            Ok(record) => self.plain.extend_from_slice(record.payload),
+                            // rustls's contract: a record's own discard adds to the status's.
+                            Ok(record) => {
+                                discard += record.discard;
+                                self.plain.extend_from_slice(record.payload);
+                            }
                             Err(e) => {
                                 failed = Some(Err(invalid(e)));
                                 break;
@@ -167,15 +189,37 @@ impl DeviceTls {
             };
             self.discard(discard);
             if let Some(outcome) = outcome {
+                if outcome.is_err() {
+                    self.failed = true;
+                }
                 return outcome;
             }
         }
     }
 
-    /// After a TLS error: encodes the alert rustls queued, if any (the
-    /// next processing hands it out first, then reports the error again).
+    /// After a TLS error: encodes the fatal alert rustls queued, if any.
+    /// rustls hands a queued message out before it parses anything, so
+    /// exactly one more call gets the alert; it is never called again
+    /// (`failed`, `alerted`), as a further call would parse the bad bytes
+    /// again.
     fn queue_alert(&mut self) {
-        let _ = self.process();
+        self.failed = true;
+        if std::mem::replace(&mut self.alerted, true) {
+            return;
+        }
+        let UnbufferedStatus { discard, state } = self.conn.process_tls_records(&mut self.incoming);
+        if let Ok(ConnectionState::EncodeTlsData(mut encode)) = state {
+            let start = self.outgoing.len();
+            let written = match encode.encode(&mut []) {
+                Err(EncodeError::InsufficientSize(InsufficientSizeError { required_size })) => {
+                    self.outgoing.resize(start + required_size, 0);
+                    encode.encode(&mut self.outgoing[start..])
+                }
+                other => other,
+            };
+            self.outgoing.truncate(start + written.unwrap_or(0));
+        }
+        self.discard(discard);
     }
 
     /// Drops processed bytes; an empty buffer is freed, not kept.
@@ -189,15 +233,19 @@ impl DeviceTls {
 
     /// Reads what the socket has; `Ok(0)` at its end.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        if self.incoming.len() >= MAX_INCOMING {
+        let limit = if self.conn.is_handshaking() { MAX_INCOMING_HANDSHAKE } else { MAX_INCOMING_TRAFFIC };
+        if self.incoming.len() >= limit {
             return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, "TLS record larger than allowed")));
         }
         loop {
             ready!(self.tcp.poll_read_ready(cx))?;
             let mut chunk = [0u8; READ_CHUNK];
-            let room = READ_CHUNK.min(MAX_INCOMING - self.incoming.len());
+            let room = READ_CHUNK.min(limit - self.incoming.len());
             match self.tcp.try_read(&mut chunk[..room]) {
                 Ok(n) => {
+                    // Exactly what is needed: doubling would let a stalled
+                    // peer hold twice the limit.
+                    self.incoming.reserve_exact(n);
                     self.incoming.extend_from_slice(&chunk[..n]);
                     return Poll::Ready(Ok(n));
                 }
@@ -321,7 +369,8 @@ impl AsyncWrite for DeviceTls {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if !this.closing {
+        // After a TLS error only the alert (if any) and the TCP close go out.
+        if !this.closing && !this.failed {
             this.closing = true;
             this.encrypt(None)?;
         }
@@ -412,5 +461,93 @@ mod tests {
         assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
         let seen = device.await.unwrap().unwrap_err();
         assert!(seen.to_string().contains("CertificateRequired") || seen.to_string().contains("certificate"), "the client hears why: {seen}");
+    }
+
+    /// A cloud config and a device's client config with a valid certificate.
+    fn device_and_cloud() -> (Arc<ServerConfig>, Arc<rustls::ClientConfig>) {
+        let ca = hearth_pki::generate_ca("test cloud CA", Validity::days(1)).unwrap();
+        let manufacturer = hearth_pki::generate_ca("test manufacturer", Validity::days(1)).unwrap();
+        let server = hearth_pki::issue_server_cert(&ca, &["localhost".to_owned()], Validity::days(1)).unwrap();
+        let config = Arc::new(hearth_pki::server_config(&server, Some(&manufacturer.cert_pem), &[]).unwrap());
+        let id = DeviceId::random();
+        let key = p256::ecdsa::SigningKey::random(&mut rand::thread_rng());
+        let csr = hearth_pki::device_csr(&key, &id).unwrap();
+        let identity = CertifiedKey {
+            cert_pem: hearth_pki::sign_device_csr(&manufacturer, &csr, &id, Validity::days(1)).unwrap(),
+            key_pem: key.to_pkcs8_pem(LineEnding::LF).unwrap().to_string(),
+        };
+        (config, Arc::new(hearth_pki::client_config(&ca.cert_pem, Some(&identity)).unwrap()))
+    }
+
+    /// Security review (issue 8): after a bad record rustls's unbuffered
+    /// API must not be run again on the same bytes (a second fatal alert
+    /// trips a debug assertion in rustls, i.e. a panic in this test build).
+    /// Garbage before the handshake gets an error and at most an alert.
+    #[tokio::test]
+    async fn garbage_before_the_handshake_is_an_error_not_a_panic() {
+        let (config, _) = device_and_cloud();
+        for garbage in [&[0x17u8, 0x03, 0x03, 0xff, 0xff][..], &[0x00, 0x03, 0x03, 0x00, 0x01, 0x00], &[0x16, 0x03, 0x01, 0x00, 0x04, 1, 2, 3, 4]] {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let peer = tokio::spawn(async move {
+                let mut tcp = TcpStream::connect(addr).await.unwrap();
+                tcp.write_all(garbage).await.unwrap();
+                let mut answer = Vec::new();
+                let _ = tcp.read_to_end(&mut answer).await;
+                answer
+            });
+            let (tcp, _) = listener.accept().await.unwrap();
+            let err = accept(config.clone(), tcp).await.err().expect("refused");
+            assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
+            let answer = peer.await.unwrap();
+            // Nothing, or one alert record (content type 21).
+            assert!(answer.is_empty() || answer[0] == 0x15, "{answer:02x?}");
+            assert!(answer.len() < 64, "one alert at most: {answer:02x?}");
+        }
+    }
+
+    /// A record that does not decrypt after the handshake ends the link
+    /// with an error; later reads, writes and the shutdown do not touch
+    /// rustls again (no panic, no second alert).
+    #[tokio::test]
+    async fn a_corrupt_record_after_the_handshake_fails_the_link_once() {
+        let (config, client) = device_and_cloud();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let device = tokio::spawn(async move {
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            let name = hearth_pki::server_name("localhost").unwrap();
+            let mut tls = tokio_rustls::TlsConnector::from(client).connect(name, tcp).await.unwrap();
+            tls.write_all(b"hi").await.unwrap();
+            tls.flush().await.unwrap();
+            let mut ok = [0u8; 2];
+            tls.read_exact(&mut ok).await.unwrap();
+            // Application data with a wrong tag, straight onto the socket.
+            let mut junk = vec![0x17, 0x03, 0x03, 0x00, 0x20];
+            junk.extend_from_slice(&[0x5a; 32]);
+            tls.get_mut().0.write_all(&junk).await.unwrap();
+            let _ = tls.read(&mut [0u8; 16]).await;
+        });
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut tls = accept(config, tcp).await.unwrap();
+        let mut hi = [0u8; 2];
+        tls.read_exact(&mut hi).await.unwrap();
+        tls.write_all(b"ok").await.unwrap();
+        tls.flush().await.unwrap();
+        let err = tls.read(&mut [0u8; 16]).await.expect_err("the corrupt record fails the read");
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
+        assert!(tls.failed);
+        assert!(tls.read(&mut [0u8; 16]).await.is_err());
+        assert!(tls.write_all(b"more").await.is_err());
+        let _ = tls.shutdown().await;
+        device.await.unwrap();
+    }
+
+    /// After the handshake at most one record is held from the device.
+    #[test]
+    fn the_traffic_limit_is_one_record() {
+        // RFC 8446 §5.2: 2^14 + 256 bytes of ciphertext and a 5-byte header.
+        const { assert!(MAX_INCOMING_TRAFFIC >= (1 << 14) + 256 + 5) };
+        const { assert!(MAX_INCOMING_TRAFFIC + READ_CHUNK < MAX_INCOMING_HANDSHAKE) };
     }
 }
