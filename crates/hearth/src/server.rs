@@ -114,9 +114,27 @@ pub fn cloud_config(
     })
 }
 
+/// Connections the kernel may hold per listener until the cloud accepts
+/// them (Linux caps this at `net.core.somaxconn`, 4096 by default). In a
+/// reconnect storm the cloud accepts at its paced rate (issue 8,
+/// `hearth_cloud::server::ACCEPT_RATE`) and the rest wait here; with
+/// tokio's default of 1024 the queue filled within half a second and the
+/// kernel dropped further SYNs, which cost each of those devices a SYN
+/// retransmission (1 s, then 3 s, 7 s) and often a failed attempt and a
+/// longer backoff.
+pub const LISTEN_BACKLOG: u32 = 4096;
+
 /// Binds a listener with a message that says what to do when the port is taken.
 pub async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener> {
-    TcpListener::bind(addr).await.with_context(|| format!("cannot listen for {what} on {addr} (in use? pick another with --{what}-listen)"))
+    let listen = || -> std::io::Result<TcpListener> {
+        let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+        // As `TcpListener::bind` does: a restarted cloud may bind while
+        // the previous process's connections are in TIME_WAIT.
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(LISTEN_BACKLOG)
+    };
+    listen().with_context(|| format!("cannot listen for {what} on {addr} (in use? pick another with --{what}-listen)"))
 }
 
 /// Resolves on Ctrl-C or SIGTERM.
