@@ -471,9 +471,20 @@ impl Cluster {
 
     async fn device_up_at(self: &Arc<Self>, id: &DeviceId, link: u64, at_ms: u64) -> DeviceClaim {
         // Before the directory says so, so a claim racing with this one is
-        // settled against this link's time.
-        self.lock_links().insert(id.clone(), LocalLink { link, at_ms });
-        let guard = DeviceClaim { cluster: self.clone(), id: id.clone(), link, at_ms };
+        // settled against this link's time. Only while this link is still
+        // the router's, checked under the same lock: two links of one device
+        // registering on this node at once could otherwise leave the map
+        // naming the older one while the router holds the newer (security
+        // review). A link already replaced records nothing and removes
+        // nothing; the newer one does both.
+        {
+            let mut links = self.lock_links();
+            if self.router.device_link(id) != Some(link) {
+                return DeviceClaim { cluster: self.clone(), id: id.clone(), link, at_ms, recorded: false };
+            }
+            links.insert(id.clone(), LocalLink { link, at_ms });
+        }
+        let guard = DeviceClaim { cluster: self.clone(), id: id.clone(), link, at_ms, recorded: true };
         let claim = LinkEntry { node: self.node.0.clone(), at_ms };
         match self.store.claim_link(id.clone(), claim).await {
             Ok(LinkClaimed::Recorded { replaced: Some(old) }) if old.node != self.node.0 => {
@@ -551,6 +562,12 @@ impl Cluster {
         };
         match parsed {
             DeviceMsg::Claim { node, at_ms: theirs } => {
+                // Only compared and logged, but still a name from the wire.
+                if let Err(e) = node.parse::<NodeId>() {
+                    tracing::warn!(error = %e, "dropping a claim with an invalid node id");
+                    self.metrics.error(ErrorKind::Cluster);
+                    return;
+                }
                 let ours = self.lock_links().get(&id).filter(|l| l.link == link).map(|l| l.at_ms);
                 let theirs = LinkEntry { node, at_ms: theirs };
                 // The newest link wins; equal times are settled by node id
@@ -825,10 +842,16 @@ pub struct DeviceClaim {
     id: DeviceId,
     link: u64,
     at_ms: u64,
+    /// False when a newer link of the device on this node had replaced this
+    /// one before it was recorded: then there is nothing of it to remove.
+    recorded: bool,
 }
 
 impl Drop for DeviceClaim {
     fn drop(&mut self) {
+        if !self.recorded {
+            return;
+        }
         let c = &self.cluster;
         let newer_here = {
             let mut links = c.lock_links();
@@ -1289,5 +1312,26 @@ mod tests {
         t.stop.send_replace(true);
         tokio::time::timeout(Duration::from_secs(10), a.finish()).await.expect("the node did not stop");
         assert_eq!(t.holder(&id).await, None);
+    }
+
+    /// Security review: two links of one device registering on one node at
+    /// once, the older one's directory step running last. It must neither
+    /// take the node's bookkeeping from the newer link nor remove its entry.
+    #[tokio::test]
+    async fn a_link_replaced_before_it_was_recorded_records_nothing() {
+        let Some(t) = TestCluster::start("a_link_replaced_before_it_was_recorded_records_nothing", 1).await else { return };
+        let a = &t.nodes[0];
+        let id = DeviceId::random();
+        let at = now_ms();
+        let h1 = link(a, &id);
+        let h2 = link(a, &id);
+        let g2 = a.device_up_at(&id, h2.link, at).await;
+        let g1 = a.device_up_at(&id, h1.link, at).await;
+        assert!(!g1.recorded && g2.recorded);
+        assert_eq!(a.lock_links().get(&id).map(|l| l.link), Some(h2.link), "the map names the router's link");
+        drop(g1);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(t.holder(&id).await.as_deref(), Some("n0"), "the replaced link's end removed the newer entry");
+        drop(g2);
     }
 }
