@@ -224,8 +224,16 @@ pub async fn run_load(plan: &Plan, server: Server, kind: Kind, rate: f64, second
     let start = Instant::now() + Duration::from_millis(100);
     let end = start + Duration::from_secs_f64(seconds);
     let mut tasks = Vec::new();
-    for (ctl, link) in links {
-        tasks.push(tokio::spawn(drive(ctl, link, shared.clone(), kind, per_ctl, start, end)));
+    // Each controller's schedule is shifted by its share of one period, so
+    // the commands of all controllers together come evenly at `rate`. In
+    // step (as before), every controller's command fell due at the same
+    // instant once per period: bursts of one command per controller, and a
+    // round trip that measured the burst's queue (~50-100 ms at any rate).
+    let period = Duration::from_secs_f64(1.0 / per_ctl.max(0.001));
+    let n = links.len().max(1) as u32;
+    for (i, (ctl, link)) in links.into_iter().enumerate() {
+        let phase = period.mul_f64(f64::from(i as u32) / f64::from(n));
+        tasks.push(tokio::spawn(drive(ctl, link, shared.clone(), kind, per_ctl, start + phase, end)));
     }
     let mut sent = 0;
     let mut lost = 0;
@@ -271,7 +279,10 @@ impl Link {
         let stream = TlsConnector::from(tls).connect(name, tcp).await.context("TLS to the API port")?;
         let mut req = format!("wss://{addr}/api/v1/link").into_client_request()?;
         req.headers_mut().insert("authorization", format!("Bearer {}", ctl.spec.token).parse()?);
-        let (ws, _) = tokio::time::timeout(Duration::from_secs(10), tokio_tungstenite::client_async(req, stream))
+        // Generous: right after a mass link-up (90,000 devices on five
+        // nodes) a node's PostgreSQL pool is still busy with the devices'
+        // first state reports, and the link waits for its session look-up.
+        let (ws, _) = tokio::time::timeout(Duration::from_secs(60), tokio_tungstenite::client_async(req, stream))
             .await
             .context("the link upgrade timed out")?
             .context("opening the controller link")?;
