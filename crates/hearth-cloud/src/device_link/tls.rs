@@ -72,6 +72,21 @@ pub struct DeviceTls {
     alerted: bool,
 }
 
+/// Appends the TLS bytes rustls has to send (handshake messages, alerts)
+/// to `out`, sized by rustls's own answer; on failure `out` is unchanged.
+fn encode_into<Data>(out: &mut Vec<u8>, encode: &mut rustls::unbuffered::EncodeTlsData<'_, Data>) -> Result<(), EncodeError> {
+    let start = out.len();
+    let written = match encode.encode(&mut []) {
+        Err(EncodeError::InsufficientSize(InsufficientSizeError { required_size })) => {
+            out.resize(start + required_size, 0);
+            encode.encode(&mut out[start..])
+        }
+        other => other,
+    };
+    out.truncate(start + *written.as_ref().unwrap_or(&0));
+    written.map(|_| ())
+}
+
 fn invalid(e: rustls::Error) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
 }
@@ -152,21 +167,7 @@ impl DeviceTls {
                     failed
                 }
                 Ok(ConnectionState::EncodeTlsData(mut encode)) => {
-                    let start = self.outgoing.len();
-                    let written = match encode.encode(&mut []) {
-                        Err(EncodeError::InsufficientSize(InsufficientSizeError { required_size })) => {
-                            self.outgoing.resize(start + required_size, 0);
-                            encode.encode(&mut self.outgoing[start..])
-                        }
-                        other => other,
-                    };
-                    match written {
-                        Ok(n) => {
-                            self.outgoing.truncate(start + n);
-                            None
-                        }
-                        Err(e) => Some(Err(io::Error::other(e))),
-                    }
+                    encode_into(&mut self.outgoing, &mut encode).err().map(|e| Err(io::Error::other(e)))
                 }
                 // The bytes are in `outgoing` and leave in order before
                 // anything encoded later.
@@ -209,15 +210,7 @@ impl DeviceTls {
         }
         let UnbufferedStatus { discard, state } = self.conn.process_tls_records(&mut self.incoming);
         if let Ok(ConnectionState::EncodeTlsData(mut encode)) = state {
-            let start = self.outgoing.len();
-            let written = match encode.encode(&mut []) {
-                Err(EncodeError::InsufficientSize(InsufficientSizeError { required_size })) => {
-                    self.outgoing.resize(start + required_size, 0);
-                    encode.encode(&mut self.outgoing[start..])
-                }
-                other => other,
-            };
-            self.outgoing.truncate(start + written.unwrap_or(0));
+            let _ = encode_into(&mut self.outgoing, &mut encode);
         }
         self.discard(discard);
     }
@@ -392,19 +385,7 @@ mod tests {
     /// quiet holds no TLS or plaintext buffer, and mutual TLS still works.
     #[tokio::test]
     async fn an_idle_link_holds_no_buffers_and_mutual_tls_works() {
-        let ca = hearth_pki::generate_ca("test cloud CA", Validity::days(1)).unwrap();
-        let manufacturer = hearth_pki::generate_ca("test manufacturer", Validity::days(1)).unwrap();
-        let server = hearth_pki::issue_server_cert(&ca, &["localhost".to_owned()], Validity::days(1)).unwrap();
-        let config = Arc::new(hearth_pki::server_config(&server, Some(&manufacturer.cert_pem), &[]).unwrap());
-        let id = DeviceId::random();
-        let key = p256::ecdsa::SigningKey::random(&mut rand::thread_rng());
-        let csr = hearth_pki::device_csr(&key, &id).unwrap();
-        let identity = CertifiedKey {
-            cert_pem: hearth_pki::sign_device_csr(&manufacturer, &csr, &id, Validity::days(1)).unwrap(),
-            key_pem: key.to_pkcs8_pem(LineEnding::LF).unwrap().to_string(),
-        };
-        let client = Arc::new(hearth_pki::client_config(&ca.cert_pem, Some(&identity)).unwrap());
-
+        let (config, client, id) = device_and_cloud();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let device = tokio::spawn(async move {
@@ -463,8 +444,9 @@ mod tests {
         assert!(seen.to_string().contains("CertificateRequired") || seen.to_string().contains("certificate"), "the client hears why: {seen}");
     }
 
-    /// A cloud config and a device's client config with a valid certificate.
-    fn device_and_cloud() -> (Arc<ServerConfig>, Arc<rustls::ClientConfig>) {
+    /// A cloud config, and a device's client config with a valid certificate
+    /// for the returned id.
+    fn device_and_cloud() -> (Arc<ServerConfig>, Arc<rustls::ClientConfig>, DeviceId) {
         let ca = hearth_pki::generate_ca("test cloud CA", Validity::days(1)).unwrap();
         let manufacturer = hearth_pki::generate_ca("test manufacturer", Validity::days(1)).unwrap();
         let server = hearth_pki::issue_server_cert(&ca, &["localhost".to_owned()], Validity::days(1)).unwrap();
@@ -476,7 +458,7 @@ mod tests {
             cert_pem: hearth_pki::sign_device_csr(&manufacturer, &csr, &id, Validity::days(1)).unwrap(),
             key_pem: key.to_pkcs8_pem(LineEnding::LF).unwrap().to_string(),
         };
-        (config, Arc::new(hearth_pki::client_config(&ca.cert_pem, Some(&identity)).unwrap()))
+        (config, Arc::new(hearth_pki::client_config(&ca.cert_pem, Some(&identity)).unwrap()), id)
     }
 
     /// Security review (issue 8): after a bad record rustls's unbuffered
@@ -485,7 +467,7 @@ mod tests {
     /// Garbage before the handshake gets an error and at most an alert.
     #[tokio::test]
     async fn garbage_before_the_handshake_is_an_error_not_a_panic() {
-        let (config, _) = device_and_cloud();
+        let (config, _, _) = device_and_cloud();
         for garbage in [&[0x17u8, 0x03, 0x03, 0xff, 0xff][..], &[0x00, 0x03, 0x03, 0x00, 0x01, 0x00], &[0x16, 0x03, 0x01, 0x00, 0x04, 1, 2, 3, 4]] {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = listener.local_addr().unwrap();
@@ -511,7 +493,7 @@ mod tests {
     /// rustls again (no panic, no second alert).
     #[tokio::test]
     async fn a_corrupt_record_after_the_handshake_fails_the_link_once() {
-        let (config, client) = device_and_cloud();
+        let (config, client, _) = device_and_cloud();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let device = tokio::spawn(async move {
