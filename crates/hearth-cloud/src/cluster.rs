@@ -1088,6 +1088,7 @@ impl Shared {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::tests::PgSchema;
 
     #[test]
     fn names_become_subject_tokens_only_when_safe() {
@@ -1124,37 +1125,13 @@ mod tests {
 
     // ---- several nodes on the test PostgreSQL and NATS ----
 
-    /// A PostgreSQL schema of one test, dropped with everything in it.
-    struct TestSchema {
-        base: String,
-        name: String,
-    }
-
-    impl Drop for TestSchema {
-        fn drop(&mut self) {
-            // Not inside the test's runtime: a short-lived thread of its own.
-            let (base, name) = (self.base.clone(), self.name.clone());
-            let _ = std::thread::spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-                rt.block_on(async {
-                    let (client, conn) = tokio_postgres::connect(&base, tokio_postgres::NoTls).await.unwrap();
-                    tokio::spawn(conn);
-                    let end = "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1";
-                    client.execute(end, &[&name]).await.unwrap();
-                    client.batch_execute(&format!("DROP SCHEMA {name} CASCADE")).await.unwrap();
-                });
-            })
-            .join();
-        }
-    }
-
     /// Nodes `n0`, `n1`, … of one cluster: a schema and a subject prefix of
     /// their own, so tests running at once never see each other.
     struct TestCluster {
         nodes: Vec<Arc<Cluster>>,
         store: Store,
         stop: watch::Sender<bool>,
-        _schema: TestSchema,
+        _schema: PgSchema,
     }
 
     impl TestCluster {
@@ -1163,13 +1140,7 @@ mod tests {
                 println!("skipping {test}: HEARTH_TEST_POSTGRES or HEARTH_TEST_NATS is unset");
                 return None;
             };
-            let name = format!("t_{}", hex::encode(rand::random::<[u8; 8]>()));
-            let (client, conn) = tokio_postgres::connect(&base, tokio_postgres::NoTls).await.unwrap();
-            tokio::spawn(conn);
-            client.batch_execute(&format!("CREATE SCHEMA {name}")).await.unwrap();
-            let sep = if base.contains('?') { '&' } else { '?' };
-            let url = format!("{base}{sep}options=-csearch_path%3D{name}&application_name={name}").parse().unwrap();
-            let schema = TestSchema { base, name };
+            let (schema, url) = PgSchema::create(base).await;
             let store = Store::connect(&url).await.unwrap();
             let prefix: SubjectPrefix = format!("t{}", hex::encode(rand::random::<[u8; 8]>())).parse().unwrap();
             let (stop, stop_rx) = watch::channel(false);

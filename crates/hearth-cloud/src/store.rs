@@ -1664,7 +1664,7 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// A store under test and what keeps its data alive: a temporary
@@ -1698,10 +1698,26 @@ mod tests {
     }
 
     /// A schema `t_<random>` on the HEARTH_TEST_POSTGRES server, dropped on
-    /// drop, so tests run in parallel and leave nothing behind.
-    struct PgSchema {
+    /// drop, so tests run in parallel and leave nothing behind. Also the
+    /// cluster tests' schema (`cluster.rs`).
+    pub(crate) struct PgSchema {
         base: String,
         name: String,
+    }
+
+    impl PgSchema {
+        /// Creates a fresh schema on the server at `base` and returns it with
+        /// the database URL that confines a store to it (its pooled
+        /// connections carry the schema's name as `application_name`).
+        pub(crate) async fn create(base: String) -> (Self, DatabaseUrl) {
+            let name = format!("t_{}", hex::encode(rand::random::<[u8; 8]>()));
+            let (client, conn) = tokio_postgres::connect(&base, tokio_postgres::NoTls).await.unwrap();
+            tokio::spawn(conn);
+            client.batch_execute(&format!("CREATE SCHEMA {name}")).await.unwrap();
+            let sep = if base.contains('?') { '&' } else { '?' };
+            let url = format!("{base}{sep}options=-csearch_path%3D{name}&application_name={name}").parse().unwrap();
+            (Self { base, name }, url)
+        }
     }
 
     impl Drop for PgSchema {
@@ -1738,14 +1754,7 @@ mod tests {
         match std::env::var("HEARTH_TEST_POSTGRES") {
             Err(_) => println!("skipping PostgreSQL part of {test}: HEARTH_TEST_POSTGRES is unset"),
             Ok(base) => {
-                let name = format!("t_{}", hex::encode(rand::random::<[u8; 8]>()));
-                let (client, conn) = tokio_postgres::connect(&base, tokio_postgres::NoTls).await.unwrap();
-                tokio::spawn(conn);
-                client.batch_execute(&format!("CREATE SCHEMA {name}")).await.unwrap();
-                let sep = if base.contains('?') { '&' } else { '?' };
-                let url: DatabaseUrl =
-                    format!("{base}{sep}options=-csearch_path%3D{name}&application_name={name}").parse().unwrap();
-                let schema = PgSchema { base, name };
+                let (schema, url) = PgSchema::create(base).await;
                 let store = Store::connect(&url).await.unwrap();
                 dbs.push(TestDb { url, store, _dir: None, _schema: Some(schema) });
             }
