@@ -137,6 +137,8 @@ pub fn markdown(cfg: &Config, command: &str, reports: &[TargetReport]) -> String
         ("time to link all, s", |r| Some(r.connect_secs), |v| format!("{v:.1}")),
         ("handshakes/s (ramp)", |r| Some(r.handshakes_per_sec), |v| format!("{v:.0}")),
         ("failed attempts (ramp)", |r| Some(r.ramp_failures as f64), |v| format!("{v:.0}")),
+        ("links up after the idle settle", |r| Some(r.settled_up as f64), |v| format!("{v:.0}")),
+        ("links ended during the idle settle", |r| Some(r.settle_drops as f64), |v| format!("{v:.0}")),
         ("server RSS before, MiB", |r| Some(r.rss_before_kib as f64 / 1024.0), |v| format!("{v:.1}")),
         ("server RSS all linked idle, MiB", |r| Some(r.rss_after_kib as f64 / 1024.0), |v| format!("{v:.1}")),
         ("RSS per idle link, KiB", |r| Some(r.rss_per_link() / 1024.0), |v| format!("{v:.2}")),

@@ -107,6 +107,11 @@ pub struct TargetReport {
     pub handshakes_per_sec: f64,
     /// Failed connection attempts during the ramp.
     pub ramp_failures: u64,
+    /// Links up at the end of the idle settle (all of them, if the server
+    /// holds its links; fewer means links churn).
+    pub settled_up: usize,
+    /// Links that ended during the idle settle (0 if none churn).
+    pub settle_drops: u64,
     /// Server RSS before any device linked, KiB.
     pub rss_before_kib: u64,
     /// Server RSS with every device linked and idle, KiB.
@@ -454,11 +459,11 @@ pub async fn run(cfg: &Config) -> anyhow::Result<Vec<TargetReport>> {
     if let Some(schema) = schema {
         schema.drop_now().await;
     }
-    let reports = result?;
+    // Kept after a failed run too: that is when the logs matter most.
     if _kept.is_some() {
         let _ = tmp.keep();
     }
-    Ok(reports)
+    result
 }
 
 async fn run_targets(setup: &Setup<'_>, plan_path: &Path) -> anyhow::Result<Vec<TargetReport>> {
@@ -571,6 +576,16 @@ async fn run_target(setup: &Setup<'_>, plan_path: &Path, target: Target) -> anyh
     );
     tokio::time::sleep(Duration::from_secs_f64(cfg.settle)).await;
     let rss_after = pids.iter().map(|&p| rss_kib(p)).collect::<anyhow::Result<Vec<_>>>()?;
+    // "All linked once" is not "all held": an idle server must keep every
+    // link through the settle, which these two figures show.
+    let settled = workers.status().await?;
+    let settle_drops = settled.drops.saturating_sub(ramp_status.drops);
+    if settled.up < n || settle_drops > 0 {
+        eprintln!(
+            "hearth-bench: {target:?}: links churn: {} of {n} up after the {:.0} s settle, {settle_drops} ended during it",
+            settled.up, cfg.settle
+        );
+    }
 
     let load = if cfg.rate > 0.0 && cfg.seconds > 0.0 {
         let plan = crate::plan::Plan::load(plan_path)?;
@@ -628,6 +643,8 @@ async fn run_target(setup: &Setup<'_>, plan_path: &Path, target: Target) -> anyh
         connect_secs,
         handshakes_per_sec: ramp_status.handshakes as f64 / connect_secs.max(1e-3),
         ramp_failures: ramp_status.connect_failures,
+        settled_up: settled.up,
+        settle_drops,
         // All nodes together; per node in `nodes`.
         rss_before_kib: rss_before.iter().sum(),
         rss_after_kib: rss_after.iter().sum(),

@@ -43,7 +43,9 @@ use crate::router::{DeviceInfo, LinkHandle, QueueReceiver};
 use crate::store::{unix_now, AccountId, StoreError};
 use crate::AppState;
 
+mod gate;
 mod tls;
+pub use gate::SetupGate;
 pub use tls::{accept, DeviceTls};
 
 /// Time allowed for the first frame.
@@ -54,6 +56,12 @@ pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 pub const PING_EVERY: Duration = Duration::from_secs(15);
 /// A link that sent no frame for this long is dropped.
 pub const IDLE_LIMIT: Duration = Duration::from_secs(45);
+/// Time allowed for the database work that registers a link, after its
+/// hello. A device hears its first ping [`PING_EVERY`] after that and gives
+/// up on a silent cloud after 45 s (`hearth_device::agent::IDLE_TIMEOUT`),
+/// so a setup slower than this would only hold a link the device is about
+/// to drop; ending it here lets the device's backoff spread the retry.
+pub const SETUP_TIMEOUT: Duration = Duration::from_secs(15);
 /// Time allowed to write one frame.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// State reports are written to the database at most this often per
@@ -143,9 +151,17 @@ pub async fn run(state: AppState, mut tls: Box<DeviceTls>) -> Result<(), LinkErr
     // of them for as long as the link lives (7 KiB when measured), while
     // boxed ones take memory only while they run (issue 8: idle links must
     // be cheap).
-    let owner = Box::pin(state.store.device_connected(id.clone(), kind, cert, unix_now())).await?;
-    // Members only matter for a paired device.
-    let members = if owner.is_some() { Box::pin(state.store.members_of(id.clone())).await? } else { Vec::new() };
+    // Issue 8: registering waits its turn (see `gate`), and the slot is
+    // held until the link is registered, just before it is served.
+    let setup_slot = state.link_setups.enter().await?;
+    let setup = async {
+        let owner = state.store.device_connected(id.clone(), kind, cert, unix_now()).await?;
+        // Members only matter for a paired device.
+        let members = if owner.is_some() { state.store.members_of(id.clone()).await? } else { Vec::new() };
+        Ok::<_, LinkError>((owner, members))
+    };
+    let (owner, members) =
+        Box::pin(timeout(SETUP_TIMEOUT, setup)).await.map_err(|_| LinkError::Timeout("the database to register the link"))??;
     let paired = owner.is_some();
     let handle = state.router.add_device(&id, DeviceInfo { owner, setup_lookup, members });
     let link = handle.link;
@@ -170,7 +186,9 @@ pub async fn run(state: AppState, mut tls: Box<DeviceTls>) -> Result<(), LinkErr
         Conn { state: &state, id: &id, key: &key, link, pending_state: None, last_persist: None, held_since: None, revokes: Vec::new() };
     // Revokes first (issue 3): written before `serve` starts draining the
     // commands routed to this link, so the device applies them before any.
-    let result = match Box::pin(send_pending_revokes(&state, &id, paired, &mut tls)).await {
+    let sent = Box::pin(send_pending_revokes(&state, &id, paired, &mut tls)).await;
+    drop(setup_slot);
+    let result = match sent {
         Ok(sent) => {
             conn.revokes = sent;
             conn.serve(&mut tls, handle).await

@@ -137,6 +137,8 @@ pub(crate) struct Shared {
     pub(crate) router: Arc<router::Router>,
     pub(crate) limiter: ratelimit::RateLimiter,
     pub(crate) hash_slots: Semaphore,
+    /// Device links registering now, and those waiting to (issue 8).
+    pub(crate) link_setups: device_link::SetupGate,
     pub(crate) session_ttl: Duration,
     /// Becomes true when the server shuts down.
     pub(crate) stop: watch::Receiver<bool>,
@@ -236,6 +238,7 @@ pub async fn serve_with(
         router: router.clone(),
         limiter: ratelimit::RateLimiter::new(RATE_LIMIT_BURST, RATE_LIMIT_REFILL),
         hash_slots: Semaphore::new(auth::HASH_SLOTS),
+        link_setups: device_link::SetupGate::default(),
         session_ttl: config.session_ttl,
         stop: stop_rx.clone(),
     });

@@ -18,8 +18,9 @@
 //! [`ACCEPT_BURST`]). Beyond that the accept loop waits, so new connections
 //! queue in the kernel's listen backlog (and beyond it, in the clients' SYN
 //! retries) instead of all starting handshakes that share the CPU so thinly
-//! that every one of them times out. Devices add their own full-jitter
-//! backoff. A rate, not a cap on handshakes in flight: silent clients would
+//! that every one of them times out. The device port also pauses while
+//! many authenticated links wait to register (`device_link::SetupGate`).
+//! Devices add their own full-jitter backoff. A rate, not a cap on handshakes in flight: silent clients would
 //! hold such slots for the whole handshake deadline at no cost to
 //! themselves. There is no explicit "retry after" message: a device learns
 //! nothing before its handshake, and after it the expensive part is done.
@@ -67,6 +68,8 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 pub const ACCEPT_RATE: f64 = 2_000.0;
 /// Connections accepted at once before [`ACCEPT_RATE`] applies.
 pub const ACCEPT_BURST: f64 = 256.0;
+/// How often a paused accept loop looks again whether it may go on.
+const BUSY_RECHECK: Duration = Duration::from_millis(10);
 
 /// A token bucket for accepts, on tokio's clock (paused in tests).
 struct Pacer {
@@ -161,9 +164,17 @@ pub struct Acceptor {
 
 /// Accepts connections until shutdown, handing each to `handle` in its own
 /// task with its own tracing span, after `handshake` (TLS) succeeded on it
-/// within [`HANDSHAKE_TIMEOUT`].
-async fn accept_loop<S, H, HFut, F, Fut>(listener: TcpListener, acc: Acceptor, kind: &'static str, handshake: H, handle: F)
-where
+/// within [`HANDSHAKE_TIMEOUT`]. While `busy` says so, it accepts nothing
+/// (the device port: too many links wait to register, see
+/// `device_link::SetupGate`).
+async fn accept_loop<S, H, HFut, F, Fut>(
+    listener: TcpListener,
+    acc: Acceptor,
+    kind: &'static str,
+    busy: impl Fn() -> bool,
+    handshake: H,
+    handle: F,
+) where
     H: Fn(TlsAcceptor, TcpStream) -> HFut + Clone + Send + 'static,
     HFut: std::future::Future<Output = std::io::Result<Box<S>>> + Send + 'static,
     S: Send + 'static,
@@ -180,6 +191,13 @@ where
             acc.metrics.accept_throttled();
             tokio::select! {
                 () = tokio::time::sleep(wait) => {}
+                () = crate::stopped(&mut stop) => return,
+            }
+        }
+        while busy() {
+            acc.metrics.accept_throttled();
+            tokio::select! {
+                () = tokio::time::sleep(BUSY_RECHECK) => {}
                 () = crate::stopped(&mut stop) => return,
             }
         }
@@ -262,7 +280,7 @@ where
 pub async fn serve_api(listener: TcpListener, acc: Acceptor, app: axum::Router) {
     let stop = acc.stop.clone();
     let handshake = |tls: TlsAcceptor, tcp: TcpStream| async move { tls.accept(tcp).await.map(Box::new) };
-    accept_loop(listener, acc, "api", handshake, move |stream, addr, guard| {
+    accept_loop(listener, acc, "api", || false, handshake, move |stream, addr, guard| {
         serve_http(stream, addr, guard, app.clone(), stop.clone())
     })
     .await;
@@ -305,7 +323,9 @@ where
 /// buffers (issue 8); the API port keeps `tokio_rustls`, which hyper needs.
 pub async fn serve_devices(listener: TcpListener, acc: Acceptor, state: AppState) {
     let handshake = |tls: TlsAcceptor, tcp: TcpStream| crate::device_link::accept(tls.config().clone(), tcp);
-    accept_loop(listener, acc, "device", handshake, move |stream, _addr, guard| {
+    let gate_state = state.clone();
+    let busy = move || gate_state.link_setups.saturated();
+    accept_loop(listener, acc, "device", busy, handshake, move |stream, _addr, guard| {
         let state = state.clone();
         async move {
             state.metrics.device_handshake();

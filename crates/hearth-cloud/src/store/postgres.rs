@@ -7,27 +7,62 @@
 //! private network (docs/deploy.md); a URL asking for `sslmode=require` is
 //! refused when connecting rather than silently downgraded.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use tokio::sync::{MappedMutexGuard, Mutex, MutexGuard};
-use tokio_postgres::{Client, Config, NoTls};
+use tokio::sync::{RwLock, RwLockMappedWriteGuard, RwLockReadGuard, RwLockWriteGuard};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, Config, NoTls, Row, Statement};
 
 use super::{sql_time, unix_now, Migration, StoreError, MIGRATIONS};
 
-/// Connections per cloud node. Every store call is one or two short
-/// statements, so a handful of connections keeps up with the API while
-/// leaving PostgreSQL's `max_connections` (100 by default) for many nodes.
+/// Connections per cloud node. Statements from many tasks share each
+/// connection, pipelined (tokio-postgres sends a statement without waiting
+/// for the previous one's answer), so a handful keeps up with thousands of
+/// device links setting up at once and still leaves PostgreSQL's
+/// `max_connections` (100 by default) for many nodes.
 pub(super) const POOL_SIZE: usize = 4;
+
+/// Prepared statements kept per connection. The store's SQL is a fixed set
+/// of strings well under this; the bound only matters if that changes.
+const STATEMENT_CACHE: usize = 256;
 
 /// Key of the advisory lock held while migrating, so nodes starting together
 /// do not race on `CREATE TABLE` ("hearth" in ASCII, then 1).
 const MIGRATION_LOCK: i64 = 0x6865_6172_7468_0001;
 
+/// One connection and the statements prepared on it.
+struct Slot {
+    /// Read-locked by single statements (any number at once: they are
+    /// pipelined on the connection), write-locked by a transaction, which
+    /// must have the connection to itself, and to replace a dead one.
+    client: RwLock<Option<Client>>,
+    /// Keyed by SQL text. Only valid for the client they were prepared on:
+    /// emptied whenever the client is replaced.
+    statements: std::sync::Mutex<HashMap<String, Statement>>,
+}
+
 /// A fixed set of lazily (re)opened connections.
 pub(super) struct Pool {
     config: Config,
-    slots: Box<[Mutex<Option<Client>>]>,
+    slots: Box<[Slot]>,
     next: AtomicUsize,
+    /// For soft state only; see [`Pool::soft_state`].
+    soft: Soft,
+}
+
+/// The connections for soft state: asynchronous commit.
+struct Soft {
+    config: Config,
+    slots: Box<[Slot]>,
+    next: AtomicUsize,
+}
+
+/// Connections for soft state per node.
+const SOFT_POOL_SIZE: usize = 2;
+
+fn slots(n: usize) -> Box<[Slot]> {
+    (0..n).map(|_| Slot { client: RwLock::new(None), statements: std::sync::Mutex::new(HashMap::new()) }).collect()
 }
 
 impl Pool {
@@ -35,40 +70,163 @@ impl Pool {
     /// and brings the schema up to date.
     pub(super) async fn open(url: &str) -> Result<Self, StoreError> {
         let config: Config = url.parse()?;
-        let pool =
-            Self { config, slots: (0..POOL_SIZE).map(|_| Mutex::new(None)).collect(), next: AtomicUsize::new(0) };
+        let mut soft = config.clone();
+        // Appended, so options the URL sets (a search_path) still apply.
+        let options = match config.get_options() {
+            Some(o) => format!("{o} -c synchronous_commit=off"),
+            None => "-c synchronous_commit=off".to_owned(),
+        };
+        soft.options(&options);
+        let pool = Self {
+            config,
+            slots: slots(POOL_SIZE),
+            next: AtomicUsize::new(0),
+            soft: Soft { config: soft, slots: slots(SOFT_POOL_SIZE), next: AtomicUsize::new(0) },
+        };
         {
-            let mut client = pool.client().await?;
+            let mut client = pool.exclusive().await?;
             migrate(&mut client).await?;
         }
         Ok(pool)
     }
 
-    /// A connection to use exclusively until the guard drops: a free one if
-    /// any, otherwise the next in turn. A connection that has died (server
-    /// restart, network) is replaced here, so the pool heals itself.
-    pub(super) async fn client(&self) -> Result<MappedMutexGuard<'_, Client>, StoreError> {
-        let mut guard = match self.slots.iter().find_map(|s| s.try_lock().ok()) {
+    /// A connection to run single statements on, shared with other tasks
+    /// doing the same (issue 8: a link's setup waits for its own
+    /// statements, not for whole round trips of every other link's). The
+    /// connections are taken in turn.
+    pub(super) async fn client(&self) -> Result<Shared<'_>, StoreError> {
+        shared(&self.config, &self.slots, &self.next).await
+    }
+
+    /// [`Pool::client`] for soft state: data the cloud rebuilds by itself
+    /// (which node holds a device's link, when a device was last seen),
+    /// written with asynchronous commit. A commit then returns before its
+    /// WAL reaches the disk, so a PostgreSQL crash may lose the last
+    /// fraction of a second of such writes, never a half of one (it is a
+    /// documented PostgreSQL mode, not `fsync = off`). Links re-register
+    /// when their devices redial after such a crash. Issue 8: link churn
+    /// commits two or three of these per link, and waiting for the disk on
+    /// each capped a storm's pace. Never for accounts, pairings, grants or
+    /// anything else a user or a device relies on.
+    pub(super) async fn soft_state(&self) -> Result<Shared<'_>, StoreError> {
+        shared(&self.soft.config, &self.soft.slots, &self.soft.next).await
+    }
+
+    /// A connection for a transaction, used by nothing else until the
+    /// guard drops: a free one if any, otherwise the next in turn.
+    pub(super) async fn exclusive(&self) -> Result<Exclusive<'_>, StoreError> {
+        let (slot, guard) = match self.slots.iter().find_map(|s| s.client.try_write().ok().map(|g| (s, g))) {
             Some(free) => free,
             None => {
-                let i = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
-                self.slots[i].lock().await
+                let slot = &self.slots[self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len()];
+                (slot, slot.client.write().await)
             }
         };
-        if guard.as_ref().is_none_or(Client::is_closed) {
-            let (client, connection) = self.config.connect(NoTls).await?;
-            tokio::spawn(async move {
-                if let Err(error) = connection.await {
-                    tracing::warn!(%error, "PostgreSQL connection ended");
-                }
-            });
-            *guard = Some(client);
-        }
-        MutexGuard::try_map(guard, Option::as_mut).map_err(|_| StoreError::Corrupt {
-            // Unreachable: the slot was filled just above.
+        RwLockWriteGuard::try_map(reopen(&self.config, slot, guard).await?, Option::as_mut).map(Exclusive).map_err(|_| StoreError::Corrupt {
+            // Unreachable: `reopen` fills the slot.
             what: "connection pool",
             reason: "empty slot after connecting".into(),
         })
+    }
+}
+
+/// A shared connection from `slots`, taken in turn.
+async fn shared<'a>(config: &Config, slots: &'a [Slot], next: &AtomicUsize) -> Result<Shared<'a>, StoreError> {
+    let slot = &slots[next.fetch_add(1, Ordering::Relaxed) % slots.len()];
+    let open = |guard: RwLockReadGuard<'a, Option<Client>>| {
+        RwLockReadGuard::try_map(guard, |c| c.as_ref().filter(|c| !c.is_closed())).ok()
+    };
+    if let Some(client) = open(slot.client.read().await) {
+        return Ok(Shared { client, slot });
+    }
+    let guard = reopen(config, slot, slot.client.write().await).await?;
+    let client = open(guard.downgrade()).ok_or_else(|| StoreError::Corrupt {
+        // Unreachable unless the new connection died at once.
+        what: "connection pool",
+        reason: "the connection closed as soon as it opened".into(),
+    })?;
+    Ok(Shared { client, slot })
+}
+
+/// Replaces a missing or dead connection (server restart, network), so
+/// the pool heals itself; the statements prepared on the old one go
+/// with it.
+async fn reopen<'a>(
+    config: &Config,
+    slot: &Slot,
+    mut guard: RwLockWriteGuard<'a, Option<Client>>,
+) -> Result<RwLockWriteGuard<'a, Option<Client>>, StoreError> {
+    if guard.as_ref().is_none_or(Client::is_closed) {
+        slot.statements.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clear();
+        let (client, connection) = config.connect(NoTls).await?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::warn!(%error, "PostgreSQL connection ended");
+            }
+        });
+        *guard = Some(client);
+    }
+    Ok(guard)
+}
+
+/// A shared connection: single statements, each prepared once per
+/// connection and then only bound and executed (one round trip instead of
+/// two, and no re-planning in PostgreSQL).
+pub(super) struct Shared<'a> {
+    client: RwLockReadGuard<'a, Client>,
+    slot: &'a Slot,
+}
+
+type Params<'p> = &'p [&'p (dyn ToSql + Sync)];
+
+impl Shared<'_> {
+    async fn statement(&self, sql: &str) -> Result<Statement, tokio_postgres::Error> {
+        let cached = self.slot.statements.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(sql).cloned();
+        if let Some(statement) = cached {
+            return Ok(statement);
+        }
+        let statement = self.client.prepare(sql).await?;
+        let mut cache = self.slot.statements.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if cache.len() < STATEMENT_CACHE {
+            cache.insert(sql.to_owned(), statement.clone());
+        }
+        Ok(statement)
+    }
+
+    pub(super) async fn query(&self, sql: &str, params: Params<'_>) -> Result<Vec<Row>, tokio_postgres::Error> {
+        let statement = self.statement(sql).await?;
+        self.client.query(&statement, params).await
+    }
+
+    pub(super) async fn query_one(&self, sql: &str, params: Params<'_>) -> Result<Row, tokio_postgres::Error> {
+        let statement = self.statement(sql).await?;
+        self.client.query_one(&statement, params).await
+    }
+
+    pub(super) async fn query_opt(&self, sql: &str, params: Params<'_>) -> Result<Option<Row>, tokio_postgres::Error> {
+        let statement = self.statement(sql).await?;
+        self.client.query_opt(&statement, params).await
+    }
+
+    pub(super) async fn execute(&self, sql: &str, params: Params<'_>) -> Result<u64, tokio_postgres::Error> {
+        let statement = self.statement(sql).await?;
+        self.client.execute(&statement, params).await
+    }
+}
+
+/// A connection held alone, for a transaction.
+pub(super) struct Exclusive<'a>(RwLockMappedWriteGuard<'a, Client>);
+
+impl std::ops::Deref for Exclusive<'_> {
+    type Target = Client;
+    fn deref(&self) -> &Client {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Exclusive<'_> {
+    fn deref_mut(&mut self) -> &mut Client {
+        &mut self.0
     }
 }
 
@@ -120,4 +278,91 @@ async fn migrate_locked(client: &mut Client) -> Result<(), StoreError> {
         tracing::info!(version, "applied database migration (PostgreSQL)");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::tests::PgSchema;
+    use crate::store::DatabaseUrl;
+
+    async fn pool() -> Option<(PgSchema, Pool)> {
+        let Ok(base) = std::env::var("HEARTH_TEST_POSTGRES") else {
+            println!("skipping a PostgreSQL pool test: HEARTH_TEST_POSTGRES is unset");
+            return None;
+        };
+        let (schema, url) = PgSchema::create(base).await;
+        let DatabaseUrl::Postgres(url) = url else { unreachable!("PgSchema makes PostgreSQL URLs") };
+        Some((schema, Pool::open(&url).await.unwrap()))
+    }
+
+    async fn show(c: &Shared<'_>, setting: &str) -> String {
+        c.query_one(&format!("SHOW {setting}"), &[]).await.unwrap().get(0)
+    }
+
+    #[tokio::test]
+    async fn only_soft_state_commits_asynchronously_and_both_keep_the_urls_options() {
+        let Some((schema, pool)) = pool().await else { return };
+        let soft = pool.soft_state().await.unwrap();
+        assert_eq!(show(&soft, "synchronous_commit").await, "off");
+        assert_eq!(show(&soft, "search_path").await, schema.name());
+        drop(soft);
+        for _ in 0..POOL_SIZE {
+            let c = pool.client().await.unwrap();
+            assert_ne!(show(&c, "synchronous_commit").await, "off");
+            assert_eq!(show(&c, "search_path").await, schema.name());
+        }
+        let tx = pool.exclusive().await.unwrap();
+        let row = tx.query_one("SHOW synchronous_commit", &[]).await.unwrap();
+        assert_ne!(row.get::<_, String>(0), "off");
+    }
+
+    #[tokio::test]
+    async fn statements_from_many_tasks_share_the_connections_and_are_prepared_once_each() {
+        let Some((_schema, pool)) = pool().await else { return };
+        let pool = std::sync::Arc::new(pool);
+        // More at once than there are connections: they pipeline.
+        let tasks: Vec<_> = (0..200i64)
+            .map(|i| {
+                let pool = pool.clone();
+                tokio::spawn(async move {
+                    let c = pool.client().await.unwrap();
+                    c.query_one("SELECT $1::BIGINT + 1", &[&i]).await.unwrap().get::<_, i64>(0)
+                })
+            })
+            .collect();
+        for (i, t) in tasks.into_iter().enumerate() {
+            assert_eq!(t.await.unwrap(), i as i64 + 1);
+        }
+        for slot in &pool.slots[..] {
+            let cache = slot.statements.lock().unwrap();
+            assert_eq!(cache.len(), 1, "one statement, prepared once on each connection");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_killed_connection_is_reopened_with_its_statements_forgotten() {
+        let Some((_schema, pool)) = pool().await else { return };
+        let c = pool.client().await.unwrap();
+        let pid: i32 = c.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+        drop(c);
+        let killer = pool.soft_state().await.unwrap();
+        killer.query_one("SELECT pg_terminate_backend($1)", &[&pid]).await.unwrap();
+        drop(killer);
+        // The connection's task notices the hang-up; a statement racing it
+        // may fail once. The slot is then found dead and reopened.
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        for _ in 0..POOL_SIZE {
+            if let Ok(c) = pool.client().await {
+                let _ = c.query_one("SELECT pg_backend_pid()", &[]).await;
+            }
+        }
+        // Every connection works, none is the terminated one, and the
+        // statement prepared on the dead one was not reused on its successor.
+        for _ in 0..POOL_SIZE {
+            let c = pool.client().await.unwrap();
+            let now: i32 = c.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+            assert_ne!(now, pid, "the terminated backend is not used again");
+        }
+    }
 }
