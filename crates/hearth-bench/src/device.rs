@@ -154,6 +154,8 @@ pub struct SimDevice {
     id: DeviceId,
     core: DeviceCore,
     tls: Arc<rustls::ClientConfig>,
+    /// The cloud's busy hint from the last link, as the real agent keeps it.
+    retry_after: Option<Duration>,
 }
 
 /// What every device of a worker shares.
@@ -197,7 +199,7 @@ pub fn build(plan: &Plan, range: std::ops::Range<usize>) -> anyhow::Result<Vec<S
         let core = DeviceCore::new(spec.id.clone(), DeviceKind::Plug, key, SetupSecret::random(), state);
         let identity = hearth_pki::CertifiedKey { cert_pem: spec.cert_pem.clone(), key_pem: spec.key_pem.clone() };
         let tls = Arc::new(hearth_pki::client_config(roots_pem, Some(&identity))?);
-        out.push(SimDevice { index, id: spec.id.clone(), core, tls });
+        out.push(SimDevice { index, id: spec.id.clone(), core, tls, retry_after: None });
     }
     Ok(out)
 }
@@ -228,7 +230,11 @@ pub async fn run(mut dev: SimDevice, env: Arc<Env>) {
                 tracing_like(&dev, "link ended", &e);
             }
         }
-        let delay = backoff.next_delay(&mut rand::thread_rng());
+        // The same reconnect timing as `hearth_device::agent`.
+        let delay = match dev.retry_after.take() {
+            Some(hint) => backoff.next_delay_after(hint, &mut rand::thread_rng()),
+            None => backoff.next_delay(&mut rand::thread_rng()),
+        };
         tokio::time::sleep(delay).await;
     }
 }
@@ -296,6 +302,10 @@ async fn serve_hearth(dev: &mut SimDevice, env: &Env, tls: &mut TlsStream<TcpStr
         let mut body = vec![0u8; frame_len(header)?];
         timeout(READ_IDLE, tls.read_exact(&mut body)).await.context("frame body timed out")??;
         let frame: CloudFrame = decode_body(&body)?;
+        if let CloudFrame::Busy { retry_after } = frame {
+            dev.retry_after = Some(Duration::from_secs(retry_after.into()));
+            bail!("the cloud is busy: redial in {retry_after} s at the earliest");
+        }
         let is_command = matches!(frame, CloudFrame::Command { .. });
         let t = std::time::Instant::now();
         let answer = dev.core.handle(frame, &mut MemoryStore, crate::plan::unix_now());

@@ -153,7 +153,13 @@ pub async fn run(state: AppState, mut tls: Box<DeviceTls>) -> Result<(), LinkErr
     // be cheap).
     // Issue 8: registering waits its turn (see `gate`), and the slot is
     // held until the link is registered, just before it is served.
-    let setup_slot = state.link_setups.enter().await?;
+    let setup_slot = match state.link_setups.enter().await {
+        Ok(slot) => slot,
+        Err(e) => {
+            Box::pin(turn_away(&mut tls)).await;
+            return Err(e);
+        }
+    };
     let setup = async {
         let owner = state.store.device_connected(id.clone(), kind, cert, unix_now()).await?;
         // Members only matter for a paired device.
@@ -207,6 +213,21 @@ pub async fn run(state: AppState, mut tls: Box<DeviceTls>) -> Result<(), LinkErr
     // Best effort: tell the device we are done (TLS close_notify).
     let _ = timeout(Duration::from_secs(1), tls.shutdown()).await;
     result
+}
+
+/// The hint a link turned away by the setup gate gets (issue 8: "a retry
+/// after hint"): about how long the queue it could not enter takes to
+/// drain. The device adds its own jitter.
+pub const BUSY_RETRY_AFTER: Duration = gate::SETUP_QUEUE_WAIT;
+
+/// Tells a device the cloud is too busy to register its link and when to
+/// redial, then closes the link. Best effort: the device may be gone.
+async fn turn_away<S: AsyncRead + AsyncWrite + Unpin>(tls: &mut S) {
+    let busy = CloudFrame::Busy { retry_after: BUSY_RETRY_AFTER.as_secs().try_into().unwrap_or(u32::MAX) };
+    if let Ok(bytes) = hearth_proto::link::encode_frame(&busy) {
+        let _ = write_frame(tls, &bytes).await;
+    }
+    let _ = timeout(Duration::from_secs(1), tls.shutdown()).await;
 }
 
 struct Conn<'a> {
@@ -710,6 +731,18 @@ mod tests {
         // The router dropped the link.
         drop(tx);
         assert!(matches!(next(&mut io, &mut cloud, &mut rx).await, Ok(Ok(Event::QueueClosed))));
+    }
+
+    #[tokio::test]
+    async fn a_device_turned_away_reads_when_to_redial_then_the_end_of_the_link() {
+        let (mut device, mut cloud) = tokio::io::duplex(1024);
+        turn_away(&mut cloud).await;
+        // Everything up to the close: one busy frame and nothing else.
+        let mut bytes = Vec::new();
+        device.read_to_end(&mut bytes).await.unwrap();
+        let (frame, used) = hearth_proto::link::decode_frame::<CloudFrame>(&bytes).unwrap().unwrap();
+        assert_eq!(frame, CloudFrame::Busy { retry_after: 10 });
+        assert_eq!(used, bytes.len());
     }
 
     #[tokio::test(start_paused = true)]

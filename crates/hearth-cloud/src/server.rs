@@ -22,8 +22,10 @@
 //! many authenticated links wait to register (`device_link::SetupGate`).
 //! Devices add their own full-jitter backoff. A rate, not a cap on handshakes in flight: silent clients would
 //! hold such slots for the whole handshake deadline at no cost to
-//! themselves. There is no explicit "retry after" message: a device learns
-//! nothing before its handshake, and after it the expensive part is done.
+//! themselves. The "retry after" hint comes after the handshake, from the
+//! gate: a link it turns away gets a busy frame naming when to redial
+//! (`device_link::BUSY_RETRY_AFTER`); before the handshake a device can
+//! learn nothing it could trust.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};

@@ -252,6 +252,7 @@ pub fn spawn(opts: AgentOptions) -> anyhow::Result<AgentHandle> {
     let agent = Agent {
         updater,
         state_dir: dir.clone(),
+        retry_after: None,
         core,
         store,
         events,
@@ -370,6 +371,8 @@ struct Agent {
     updater: Option<crate::update::UpdateHandle>,
     /// The state directory (for the trial-boot health report).
     state_dir: PathBuf,
+    /// The cloud's last busy hint: redial no sooner than this.
+    retry_after: Option<Duration>,
 }
 
 impl Agent {
@@ -402,7 +405,10 @@ impl Agent {
                 }
                 Err(why) => warn!("cannot connect to the cloud: {why}"),
             }
-            let delay = backoff.next_delay(&mut rand::thread_rng());
+            let delay = match self.retry_after.take() {
+                Some(hint) => backoff.next_delay_after(hint, &mut rand::thread_rng()),
+                None => backoff.next_delay(&mut rand::thread_rng()),
+            };
             info!("redialling the cloud in {:.1} s", delay.as_secs_f64());
             let wake = Instant::now() + delay;
             loop {
@@ -605,6 +611,10 @@ impl Agent {
         let mut out = Vec::new();
         while let Some(body) = link.next_body()? {
             match link::decode_body::<CloudFrame>(&body) {
+                Ok(CloudFrame::Busy { retry_after }) => {
+                    info!("the cloud is busy and asks for a redial in {retry_after} s at the earliest");
+                    self.retry_after = Some(Duration::from_secs(retry_after.into()));
+                }
                 Ok(frame) => match self.core.handle(frame, &mut self.store, unix_now()) {
                     Ok(frames) => {
                         out.extend(frames);

@@ -51,6 +51,15 @@ impl Backoff {
         self.next_delay_with(|cap| rng.gen_range(Duration::ZERO..=cap))
     }
 
+    /// The next sleep after the cloud asked for none shorter than `hint`
+    /// (its busy frame): drawn uniformly from `[hint, hint + cap]`, so
+    /// devices turned away at once still spread out. The hint is capped at
+    /// [`CAP`]: it comes from whoever holds the cloud's TLS key, and a
+    /// device must not be told to stay away for hours.
+    pub fn next_delay_after<R: Rng + ?Sized>(&mut self, hint: Duration, rng: &mut R) -> Duration {
+        hint.min(CAP) + self.next_delay(rng)
+    }
+
     /// Records that a link was up for `up_for` before it closed.
     pub fn link_closed(&mut self, up_for: Duration) {
         if up_for >= STABLE_AFTER {
@@ -68,6 +77,19 @@ mod tests {
 
     fn secs(s: u64) -> Duration {
         Duration::from_secs(s)
+    }
+
+    #[test]
+    fn a_busy_hint_is_a_floor_under_the_jitter_and_is_itself_capped() {
+        let mut rng = StdRng::seed_from_u64(7);
+        let mut b = Backoff::new();
+        for _ in 0..50 {
+            let d = b.next_delay_after(secs(10), &mut rng);
+            assert!(d >= secs(10) && d <= secs(10) + CAP, "{d:?}");
+        }
+        let mut b = Backoff::new();
+        let d = b.next_delay_after(secs(86_400), &mut rng);
+        assert!(d >= CAP && d <= CAP + BASE, "a day is capped: {d:?}");
     }
 
     #[test]

@@ -210,6 +210,7 @@ async fn connection<T: From<LanCommand>>(acceptor: TlsAcceptor, tcp: TcpStream, 
         let out = match frame {
             CloudFrame::Ping { n } => vec![DeviceFrame::Pong { n }],
             CloudFrame::Pair { .. } => return Err("pairing is not offered on the LAN".into()),
+            CloudFrame::Busy { .. } => return Err("a busy hint means nothing on the LAN".into()),
             CloudFrame::Command { envelope } => {
                 let (reply, answer) = oneshot::channel();
                 to_agent.send(T::from(LanCommand { envelope, reply })).await.map_err(|_| "the agent stopped".to_owned())?;

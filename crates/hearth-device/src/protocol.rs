@@ -416,6 +416,8 @@ impl DeviceCore {
         self.clock = now;
         match frame {
             CloudFrame::Ping { n } => Ok(vec![DeviceFrame::Pong { n }]),
+            // Nothing to answer: the agent's reconnect timing takes the hint.
+            CloudFrame::Busy { .. } => Ok(Vec::new()),
             CloudFrame::Command { envelope } => self.command(&envelope, store, now),
             CloudFrame::Pair { req, request } => self.pair(req, &request, store, now),
         }

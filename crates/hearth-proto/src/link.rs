@@ -106,6 +106,15 @@ pub enum CloudFrame {
         /// Echoed back.
         n: u64,
     },
+    /// The cloud is too busy to register this link and closes it (issue 8,
+    /// reconnect storms): redial no sooner than `retry_after` seconds. The
+    /// device adds its own jitter on top, so devices turned away together
+    /// spread out. Not authenticated beyond the link's TLS, so a device
+    /// caps what it honours (`hearth_device::backoff`).
+    Busy {
+        /// Seconds to wait before redialling.
+        retry_after: u32,
+    },
 }
 
 /// Cloud → controller (WebSocket text messages).
@@ -208,6 +217,15 @@ mod tests {
         assert_eq!(&bytes[4..], br#"{"type":"ping","n":7}"#);
         assert_eq!(decode_frame::<CloudFrame>(&bytes).unwrap(), Some((f, bytes.len())));
         assert_eq!(decode_frame::<CloudFrame>(&bytes[..5]).unwrap(), None);
+    }
+
+    #[test]
+    fn the_busy_frame_has_a_fixed_shape() {
+        let f = CloudFrame::Busy { retry_after: 10 };
+        let bytes = encode_frame(&f).unwrap();
+        assert_eq!(&bytes[4..], br#"{"type":"busy","retry_after":10}"#);
+        assert_eq!(decode_frame::<CloudFrame>(&bytes).unwrap(), Some((f, bytes.len())));
+        assert!(decode_body::<CloudFrame>(br#"{"type":"busy","retry_after":-1}"#).is_err());
     }
 
     #[test]

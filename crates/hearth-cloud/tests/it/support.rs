@@ -391,6 +391,8 @@ pub fn run_plug(
             };
             let replies = match frame {
                 CloudFrame::Ping { n } => vec![DeviceFrame::Pong { n }],
+                // The cloud closes the link right after.
+                CloudFrame::Busy { .. } => Vec::new(),
                 CloudFrame::Pair { req, request } => {
                     let outcome = match gate.attempt(&secret, &request) {
                         Ok(()) => PairOutcome::Ok(

@@ -89,3 +89,24 @@ fn run_can_be_spawned_on_a_multithreaded_runtime() {
     let fut = hearth_device::run(hearth_device::AgentOptions::new("/nonexistent"), async {});
     assert_send_static(&fut);
 }
+
+#[tokio::test]
+async fn a_busy_cloud_is_redialled_no_sooner_than_it_asked() {
+    let pki = Pki::new();
+    let cloud = FakeCloud::genuine(&pki).await;
+    let dev = Device::new(&pki, DeviceKind::Plug);
+    let agent = dev.spawn(cloud.addr);
+    let mut link = cloud.accept().await;
+    link.greeting(&dev.public_key()).await;
+    // Without the hint the first redial comes within 1 s (backoff::BASE).
+    link.send(&hearth_proto::link::CloudFrame::Busy { retry_after: 2 }).await;
+    let turned_away = std::time::Instant::now();
+    drop(link);
+
+    let mut again = cloud.accept().await;
+    let waited = turned_away.elapsed();
+    assert!(waited >= std::time::Duration::from_secs(2), "redialled after {waited:?}");
+    assert!(waited <= std::time::Duration::from_secs(4), "hint plus at most one backoff cap: {waited:?}");
+    again.greeting(&dev.public_key()).await;
+    agent.shutdown().await.unwrap();
+}

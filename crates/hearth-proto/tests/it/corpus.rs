@@ -195,6 +195,7 @@ fn seeds() -> Vec<Seed> {
         s("signed_payload", "wrong-device", cbor(&CommandPayload { device: "222222222222222222222222".parse().unwrap(), ..cmd.clone() })),
         s("cloud_frame", "command", encode_frame(&CloudFrame::Command { envelope: signed_cmd.clone() }).unwrap()),
         s("cloud_frame", "ping", encode_frame(&CloudFrame::Ping { n: 7 }).unwrap()),
+        s("cloud_frame", "busy", encode_frame(&CloudFrame::Busy { retry_after: 10 }).unwrap()),
         s("cloud_frame", "pair", encode_frame(&CloudFrame::Pair { req: 1, request: f.pending.request().clone() }).unwrap()),
         s("cloud_frame", "unknown-type", encode_frame(&serde_json::json!({"type": "reboot"})).unwrap()),
         s("cloud_frame", "oversized-header", vec![0xff, 0xff, 0xff, 0xff, b'{']),
