@@ -44,15 +44,14 @@ struct Slot {
 
 /// A fixed set of lazily (re)opened connections.
 pub(super) struct Pool {
-    config: Config,
-    slots: Box<[Slot]>,
-    next: AtomicUsize,
+    /// For everything but soft state.
+    main: Connections,
     /// For soft state only; see [`Pool::soft_state`].
-    soft: Soft,
+    soft: Connections,
 }
 
-/// The connections for soft state: asynchronous commit.
-struct Soft {
+/// Connections opened with one configuration, taken in turn.
+struct Connections {
     config: Config,
     slots: Box<[Slot]>,
     next: AtomicUsize,
@@ -61,8 +60,70 @@ struct Soft {
 /// Connections for soft state per node.
 const SOFT_POOL_SIZE: usize = 2;
 
-fn slots(n: usize) -> Box<[Slot]> {
-    (0..n).map(|_| Slot { client: RwLock::new(None), statements: std::sync::Mutex::new(HashMap::new()) }).collect()
+impl Connections {
+    fn new(config: Config, n: usize) -> Self {
+        let slots = (0..n).map(|_| Slot { client: RwLock::new(None), statements: std::sync::Mutex::new(HashMap::new()) });
+        Self { config, slots: slots.collect(), next: AtomicUsize::new(0) }
+    }
+
+    fn in_turn(&self) -> &Slot {
+        &self.slots[self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len()]
+    }
+
+    /// A shared connection, the next in turn.
+    async fn shared<'a>(&'a self) -> Result<Shared<'a>, StoreError> {
+        let slot = self.in_turn();
+        let open = |guard: RwLockReadGuard<'a, Option<Client>>| {
+            RwLockReadGuard::try_map(guard, |c| c.as_ref().filter(|c| !c.is_closed())).ok()
+        };
+        if let Some(client) = open(slot.client.read().await) {
+            return Ok(Shared { client, slot });
+        }
+        let guard = self.reopen(slot, slot.client.write().await).await?;
+        let client = open(guard.downgrade()).ok_or_else(|| StoreError::Corrupt {
+            // Unreachable unless the new connection died at once.
+            what: "connection pool",
+            reason: "the connection closed as soon as it opened".into(),
+        })?;
+        Ok(Shared { client, slot })
+    }
+
+    /// A connection held alone: a free one if any, otherwise the next in turn.
+    async fn exclusive(&self) -> Result<Exclusive<'_>, StoreError> {
+        let (slot, guard) = match self.slots.iter().find_map(|s| s.client.try_write().ok().map(|g| (s, g))) {
+            Some(free) => free,
+            None => {
+                let slot = self.in_turn();
+                (slot, slot.client.write().await)
+            }
+        };
+        RwLockWriteGuard::try_map(self.reopen(slot, guard).await?, Option::as_mut).map(Exclusive).map_err(|_| StoreError::Corrupt {
+            // Unreachable: `reopen` fills the slot.
+            what: "connection pool",
+            reason: "empty slot after connecting".into(),
+        })
+    }
+
+    /// Replaces a missing or dead connection (server restart, network), so
+    /// the pool heals itself; the statements prepared on the old one go
+    /// with it.
+    async fn reopen<'a>(
+        &self,
+        slot: &Slot,
+        mut guard: RwLockWriteGuard<'a, Option<Client>>,
+    ) -> Result<RwLockWriteGuard<'a, Option<Client>>, StoreError> {
+        if guard.as_ref().is_none_or(Client::is_closed) {
+            slot.statements.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clear();
+            let (client, connection) = self.config.connect(NoTls).await?;
+            tokio::spawn(async move {
+                if let Err(error) = connection.await {
+                    tracing::warn!(%error, "PostgreSQL connection ended");
+                }
+            });
+            *guard = Some(client);
+        }
+        Ok(guard)
+    }
 }
 
 impl Pool {
@@ -77,12 +138,7 @@ impl Pool {
             None => "-c synchronous_commit=off".to_owned(),
         };
         soft.options(&options);
-        let pool = Self {
-            config,
-            slots: slots(POOL_SIZE),
-            next: AtomicUsize::new(0),
-            soft: Soft { config: soft, slots: slots(SOFT_POOL_SIZE), next: AtomicUsize::new(0) },
-        };
+        let pool = Self { main: Connections::new(config, POOL_SIZE), soft: Connections::new(soft, SOFT_POOL_SIZE) };
         {
             let mut client = pool.exclusive().await?;
             migrate(&mut client).await?;
@@ -95,7 +151,7 @@ impl Pool {
     /// statements, not for whole round trips of every other link's). The
     /// connections are taken in turn.
     pub(super) async fn client(&self) -> Result<Shared<'_>, StoreError> {
-        shared(&self.config, &self.slots, &self.next).await
+        self.main.shared().await
     }
 
     /// [`Pool::client`] for soft state: data the cloud rebuilds by itself
@@ -109,64 +165,14 @@ impl Pool {
     /// each capped a storm's pace. Never for accounts, pairings, grants or
     /// anything else a user or a device relies on.
     pub(super) async fn soft_state(&self) -> Result<Shared<'_>, StoreError> {
-        shared(&self.soft.config, &self.soft.slots, &self.soft.next).await
+        self.soft.shared().await
     }
 
     /// A connection for a transaction, used by nothing else until the
     /// guard drops: a free one if any, otherwise the next in turn.
     pub(super) async fn exclusive(&self) -> Result<Exclusive<'_>, StoreError> {
-        let (slot, guard) = match self.slots.iter().find_map(|s| s.client.try_write().ok().map(|g| (s, g))) {
-            Some(free) => free,
-            None => {
-                let slot = &self.slots[self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len()];
-                (slot, slot.client.write().await)
-            }
-        };
-        RwLockWriteGuard::try_map(reopen(&self.config, slot, guard).await?, Option::as_mut).map(Exclusive).map_err(|_| StoreError::Corrupt {
-            // Unreachable: `reopen` fills the slot.
-            what: "connection pool",
-            reason: "empty slot after connecting".into(),
-        })
+        self.main.exclusive().await
     }
-}
-
-/// A shared connection from `slots`, taken in turn.
-async fn shared<'a>(config: &Config, slots: &'a [Slot], next: &AtomicUsize) -> Result<Shared<'a>, StoreError> {
-    let slot = &slots[next.fetch_add(1, Ordering::Relaxed) % slots.len()];
-    let open = |guard: RwLockReadGuard<'a, Option<Client>>| {
-        RwLockReadGuard::try_map(guard, |c| c.as_ref().filter(|c| !c.is_closed())).ok()
-    };
-    if let Some(client) = open(slot.client.read().await) {
-        return Ok(Shared { client, slot });
-    }
-    let guard = reopen(config, slot, slot.client.write().await).await?;
-    let client = open(guard.downgrade()).ok_or_else(|| StoreError::Corrupt {
-        // Unreachable unless the new connection died at once.
-        what: "connection pool",
-        reason: "the connection closed as soon as it opened".into(),
-    })?;
-    Ok(Shared { client, slot })
-}
-
-/// Replaces a missing or dead connection (server restart, network), so
-/// the pool heals itself; the statements prepared on the old one go
-/// with it.
-async fn reopen<'a>(
-    config: &Config,
-    slot: &Slot,
-    mut guard: RwLockWriteGuard<'a, Option<Client>>,
-) -> Result<RwLockWriteGuard<'a, Option<Client>>, StoreError> {
-    if guard.as_ref().is_none_or(Client::is_closed) {
-        slot.statements.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clear();
-        let (client, connection) = config.connect(NoTls).await?;
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::warn!(%error, "PostgreSQL connection ended");
-            }
-        });
-        *guard = Some(client);
-    }
-    Ok(guard)
 }
 
 /// A shared connection: single statements, each prepared once per
@@ -334,7 +340,7 @@ mod tests {
         for (i, t) in tasks.into_iter().enumerate() {
             assert_eq!(t.await.unwrap(), i as i64 + 1);
         }
-        for slot in &pool.slots[..] {
+        for slot in &pool.main.slots[..] {
             let cache = slot.statements.lock().unwrap();
             assert_eq!(cache.len(), 1, "one statement, prepared once on each connection");
         }
