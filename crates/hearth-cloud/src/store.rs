@@ -16,7 +16,7 @@
 //! with one shared connection behind a mutex. SQLite serialises writers
 //! anyway, and one connection keeps the pragmas (WAL, foreign keys) in one
 //! place. PostgreSQL uses a small fixed pool of async connections
-//! ([`postgres::Pool`]) shared by pipelined single statements, two of them
+//! ([`postgres::Pool`]) with statements prepared once per connection, two of them
 //! for soft state with asynchronous commit ([`postgres::Pool::soft_state`]).
 
 use std::fmt;

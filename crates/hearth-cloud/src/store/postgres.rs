@@ -10,17 +10,17 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use tokio::sync::{RwLock, RwLockMappedWriteGuard, RwLockReadGuard, RwLockWriteGuard};
+use tokio::sync::{RwLock, RwLockMappedWriteGuard, RwLockWriteGuard};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Config, NoTls, Row, Statement};
 
 use super::{sql_time, unix_now, Migration, StoreError, MIGRATIONS};
 
-/// Connections per cloud node. Statements from many tasks share each
-/// connection, pipelined (tokio-postgres sends a statement without waiting
-/// for the previous one's answer), so a handful keeps up with thousands of
-/// device links setting up at once and still leaves PostgreSQL's
-/// `max_connections` (100 by default) for many nodes.
+/// Connections per cloud node: one statement or transaction at a time on
+/// each. Sharing a connection between tasks (tokio-postgres pipelines
+/// them) was tried and stalled: a caller that stops polling its statement
+/// holds up every answer behind it on that connection (the controller
+/// backpressure test hung on PostgreSQL).
 pub(super) const POOL_SIZE: usize = 4;
 
 /// Prepared statements kept per connection. The store's SQL is a fixed set
@@ -33,9 +33,7 @@ const MIGRATION_LOCK: i64 = 0x6865_6172_7468_0001;
 
 /// One connection and the statements prepared on it.
 struct Slot {
-    /// Read-locked by single statements (any number at once: they are
-    /// pipelined on the connection), write-locked by a transaction, which
-    /// must have the connection to itself, and to replace a dead one.
+    /// Held alone by whoever runs a statement or transaction on it.
     client: RwLock<Option<Client>>,
     /// Keyed by SQL text. Only valid for the client they were prepared on:
     /// emptied whenever the client is replaced.
@@ -57,6 +55,11 @@ struct Connections {
     next: AtomicUsize,
 }
 
+/// Unreachable: `reopen` fills the slot.
+fn unreachable_empty() -> StoreError {
+    StoreError::Corrupt { what: "connection pool", reason: "empty slot after connecting".into() }
+}
+
 /// Connections for soft state per node.
 const SOFT_POOL_SIZE: usize = 2;
 
@@ -70,38 +73,28 @@ impl Connections {
         &self.slots[self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len()]
     }
 
-    /// A shared connection, the next in turn.
-    async fn shared<'a>(&'a self) -> Result<Shared<'a>, StoreError> {
-        let slot = self.in_turn();
-        let open = |guard: RwLockReadGuard<'a, Option<Client>>| {
-            RwLockReadGuard::try_map(guard, |c| c.as_ref().filter(|c| !c.is_closed())).ok()
-        };
-        if let Some(client) = open(slot.client.read().await) {
-            return Ok(Shared { client, slot });
-        }
-        let guard = self.reopen(slot, slot.client.write().await).await?;
-        let client = open(guard.downgrade()).ok_or_else(|| StoreError::Corrupt {
-            // Unreachable unless the new connection died at once.
-            what: "connection pool",
-            reason: "the connection closed as soon as it opened".into(),
-        })?;
+    /// A connection for single statements: a free one if any, otherwise
+    /// the next in turn.
+    async fn shared(&self) -> Result<Shared<'_>, StoreError> {
+        let (slot, guard) = self.take().await;
+        let client = RwLockWriteGuard::try_map(self.reopen(slot, guard).await?, Option::as_mut).map_err(|_| unreachable_empty())?;
         Ok(Shared { client, slot })
     }
 
-    /// A connection held alone: a free one if any, otherwise the next in turn.
-    async fn exclusive(&self) -> Result<Exclusive<'_>, StoreError> {
-        let (slot, guard) = match self.slots.iter().find_map(|s| s.client.try_write().ok().map(|g| (s, g))) {
+    async fn take(&self) -> (&Slot, RwLockWriteGuard<'_, Option<Client>>) {
+        match self.slots.iter().find_map(|s| s.client.try_write().ok().map(|g| (s, g))) {
             Some(free) => free,
             None => {
                 let slot = self.in_turn();
                 (slot, slot.client.write().await)
             }
-        };
-        RwLockWriteGuard::try_map(self.reopen(slot, guard).await?, Option::as_mut).map(Exclusive).map_err(|_| StoreError::Corrupt {
-            // Unreachable: `reopen` fills the slot.
-            what: "connection pool",
-            reason: "empty slot after connecting".into(),
-        })
+        }
+    }
+
+    /// A connection held alone: a free one if any, otherwise the next in turn.
+    async fn exclusive(&self) -> Result<Exclusive<'_>, StoreError> {
+        let (slot, guard) = self.take().await;
+        RwLockWriteGuard::try_map(self.reopen(slot, guard).await?, Option::as_mut).map(Exclusive).map_err(|_| unreachable_empty())
     }
 
     /// Replaces a missing or dead connection (server restart, network), so
@@ -146,10 +139,8 @@ impl Pool {
         Ok(pool)
     }
 
-    /// A connection to run single statements on, shared with other tasks
-    /// doing the same (issue 8: a link's setup waits for its own
-    /// statements, not for whole round trips of every other link's). The
-    /// connections are taken in turn.
+    /// A connection to run single statements on, each prepared once per
+    /// connection: a free one if any, otherwise the next in turn.
     pub(super) async fn client(&self) -> Result<Shared<'_>, StoreError> {
         self.main.shared().await
     }
@@ -175,11 +166,11 @@ impl Pool {
     }
 }
 
-/// A shared connection: single statements, each prepared once per
+/// A pooled connection for single statements, each prepared once per
 /// connection and then only bound and executed (one round trip instead of
 /// two, and no re-planning in PostgreSQL).
 pub(super) struct Shared<'a> {
-    client: RwLockReadGuard<'a, Client>,
+    client: RwLockMappedWriteGuard<'a, Client>,
     slot: &'a Slot,
 }
 
@@ -324,10 +315,10 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn statements_from_many_tasks_share_the_connections_and_are_prepared_once_each() {
+    async fn statements_from_many_tasks_take_turns_and_are_prepared_once_per_connection() {
         let Some((_schema, pool)) = pool().await else { return };
         let pool = std::sync::Arc::new(pool);
-        // More at once than there are connections: they pipeline.
+        // More at once than there are connections: they take turns.
         let tasks: Vec<_> = (0..200i64)
             .map(|i| {
                 let pool = pool.clone();
