@@ -18,15 +18,16 @@
 //! A node that registers a device link records itself in the directory
 //! (`device_links`, [`Store::claim_link`]) and removes the entry when that
 //! link ends, if the entry is still that link's. A node with a request for
-//! a device not linked to it reads the holder from the directory and asks
-//! that node. The holder answers every request: with the device's answer,
+//! a device not linked to it reads the holder from the directory (or from
+//! its copy of an answer read less than [`holders::TTL`] ago, ADR 0017)
+//! and asks that node. The holder answers every request: with the device's answer,
 //! or "offline" if it does not hold the device (any more). A holder that
 //! died leaves its entries behind; NATS then answers "no responders" at
 //! once, which means offline, as it did when nobody subscribed to a
 //! device's own subject. After either "offline" the requester reads the
 //! directory once more and asks the new holder if the device moved
-//! meanwhile; neither answer means the message reached a device, so this
-//! never delivers a command twice.
+//! meanwhile (dropping its copy of the old answer); neither answer means
+//! the message reached a device, so this never delivers a command twice.
 //!
 //! Delivery is at most once: NATS core does not store or redeliver. A
 //! command whose answer is lost is reported as a timeout; the controller
@@ -61,6 +62,8 @@ use crate::metrics::{ErrorKind, Metrics, Route};
 use crate::router::{PushSink, RouteError, Router};
 use crate::store::{AccountId, LinkClaimed, LinkEntry, Store};
 use crate::Shared;
+
+mod holders;
 
 /// Largest message a node sends or accepts on NATS: a device frame's worth
 /// of envelope plus the message's own small fields. Larger ones are dropped
@@ -269,6 +272,8 @@ pub struct Cluster {
     /// The directory entry each device link on this node recorded, to
     /// settle a claim from another node and to remove only its own entry.
     links: Mutex<HashMap<DeviceId, LocalLink>>,
+    /// Recent directory answers for requests to other nodes.
+    recent_holders: holders::Holders,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -344,6 +349,7 @@ impl Cluster {
             metrics,
             accounts: Mutex::new(HashMap::new()),
             links: Mutex::new(HashMap::new()),
+            recent_holders: holders::Holders::default(),
             tasks: Mutex::new(Vec::new()),
         });
         let inbox = cluster
@@ -687,21 +693,40 @@ impl Cluster {
         Ok(payload)
     }
 
-    /// Asks the node holding the device, within `wait` in all. If that
-    /// node says it does not hold the device, or no node answers on its
-    /// subject (killed), the directory is read once more and the new
-    /// holder asked if the device moved meanwhile: neither answer means
-    /// the message reached a device, so it is never delivered twice.
+    /// Asks the node holding the device, within `wait` in all. The holder
+    /// comes from this node's recent copy of a directory answer, or else
+    /// from the directory; a node that answered is remembered, any failure
+    /// drops the copy. If that node says it does not hold the device, or no
+    /// node answers on its subject (killed), the directory is read once
+    /// more and the new holder asked if the device moved meanwhile: neither
+    /// answer means the message reached a device, so it is never delivered
+    /// twice.
     async fn request(&self, id: &DeviceId, msg: DeviceMsg, wait: Duration) -> Result<Reply, RouteError> {
         let deadline = Instant::now() + wait;
         let payload = Self::encode(id, msg)?;
-        let Some(node) = self.holder(id, deadline).await? else { return Err(RouteError::Offline) };
-        match self.request_node(&node, payload.clone(), deadline).await {
-            Err(RouteError::Offline) => match self.holder(id, deadline).await? {
-                Some(moved) if moved != node => self.request_node(&moved, payload, deadline).await,
-                _ => Err(RouteError::Offline),
-            },
-            other => other,
+        let node = match self.recent_holders.get(id, Instant::now()) {
+            Some(node) => node,
+            None => self.holder(id, deadline).await?.ok_or(RouteError::Offline)?,
+        };
+        let outcome = match self.request_node(&node, payload.clone(), deadline).await {
+            Err(RouteError::Offline) => {
+                self.recent_holders.forget(id, &node);
+                match self.holder(id, deadline).await? {
+                    Some(moved) if moved != node => self.request_node(&moved, payload, deadline).await.map(|r| (moved, r)),
+                    _ => Err(RouteError::Offline),
+                }
+            }
+            other => other.map(|r| (node.clone(), r)),
+        };
+        match outcome {
+            Ok((answered, reply)) => {
+                self.recent_holders.put(id, Some(&answered), Instant::now());
+                Ok(reply)
+            }
+            Err(e) => {
+                self.recent_holders.forget(id, &node);
+                Err(e)
+            }
         }
     }
 
@@ -1220,6 +1245,55 @@ mod tests {
         let _gc = c.device_up(&on_c, hc.link).await;
         let presence = a.presence(vec![id.clone(), absent, on_c]).await;
         assert_eq!(presence.iter().map(|p| p.0).collect::<Vec<_>>(), [true, false, true]);
+    }
+
+    /// ADR 0017: the holder a node read is asked again without reading the
+    /// directory; when it is out of date, the old holder says so and the
+    /// directory is read once more.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_recent_holder_is_asked_without_the_directory_and_a_stale_one_costs_one_more_read() {
+        let Some(t) =
+            TestCluster::start("a_recent_holder_is_asked_without_the_directory_and_a_stale_one_costs_one_more_read", 3).await
+        else {
+            return;
+        };
+        let (a, b, c) = (&t.nodes[0], &t.nodes[1], &t.nodes[2]);
+        let id = DeviceId::random();
+        let ha = link(a, &id);
+        let _ga = a.device_up(&id, ha.link).await;
+        assert!(matches!(c.request(&id, DeviceMsg::Info {}, QUICK_TIMEOUT).await, Ok(Reply::Info { .. })));
+        assert_eq!(c.recent_holders.get(&id, Instant::now()), Some(a.node.clone()));
+
+        // With the directory emptied behind its back, c still reaches the
+        // device: it did not read the directory.
+        let entry = a.lock_links().get(&id).copied().unwrap();
+        assert_eq!(t.store.release_node_links("n0".into()).await.unwrap(), 1);
+        assert!(matches!(c.request(&id, DeviceMsg::Info {}, QUICK_TIMEOUT).await, Ok(Reply::Info { .. })));
+        // Put the entry back, so b's claim below replaces it and tells a.
+        t.store.claim_link(id.clone(), LinkEntry { node: "n0".into(), at_ms: entry.at_ms }).await.unwrap();
+
+        // The device moves to b (a drops its link on b's claim). c's copy
+        // still names a, which answers "offline"; c reads the directory
+        // once more and the command reaches the device on b, once.
+        let mut hb = link(b, &id);
+        let _gb = b.device_up(&id, hb.link).await;
+        eventually("a drops its older link", || a.router.device_link(&id).is_none()).await;
+        assert_eq!(c.recent_holders.get(&id, Instant::now()), Some(a.node.clone()), "the copy is meant to be stale here");
+        let queued = c.request(&id, DeviceMsg::Command { envelope: vec![9; 10], wait: false }, QUICK_TIMEOUT).await;
+        assert!(matches!(queued, Ok(Reply::Queued)), "{queued:?}");
+        let frame = tokio::time::timeout(Duration::from_secs(2), hb.rx.recv()).await.unwrap().unwrap();
+        assert!(matches!(
+            hearth_proto::link::decode_frame::<CloudFrame>(&frame).unwrap(),
+            Some((CloudFrame::Command { envelope }, _)) if envelope == vec![9; 10]
+        ));
+        assert!(hb.rx.try_recv().is_err(), "the command was delivered twice");
+        assert_eq!(c.recent_holders.get(&id, Instant::now()), Some(b.node.clone()));
+
+        // The link ends: b says "offline", the directory has no entry, and
+        // c keeps no copy.
+        b.router.remove_device(&id, hb.link);
+        assert_eq!(c.request(&id, DeviceMsg::Info {}, QUICK_TIMEOUT).await.unwrap_err(), RouteError::Offline);
+        assert_eq!(c.recent_holders.get(&id, Instant::now()), None);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
