@@ -153,7 +153,7 @@ pub async fn run(state: AppState, mut tls: Box<DeviceTls>) -> Result<(), LinkErr
     // be cheap).
     // Issue 8: registering waits its turn (see `gate`), and the slot is
     // held until the link is registered, just before it is served.
-    let setup_slot = match state.link_setups.enter().await {
+    let setup_slot = match state.link_setups.enter(&id).await {
         Ok(slot) => slot,
         Err(e) => {
             Box::pin(turn_away(&mut tls)).await;
