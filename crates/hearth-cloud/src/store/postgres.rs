@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use tokio::sync::{RwLock, RwLockMappedWriteGuard, RwLockWriteGuard};
+use tokio::sync::{MappedMutexGuard, Mutex, MutexGuard};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Config, NoTls, Row, Statement};
 
@@ -33,8 +33,8 @@ const MIGRATION_LOCK: i64 = 0x6865_6172_7468_0001;
 
 /// One connection and the statements prepared on it.
 struct Slot {
-    /// Held alone by whoever runs a statement or transaction on it.
-    client: RwLock<Option<Client>>,
+    /// Held by whoever runs a statement or transaction on it.
+    client: Mutex<Option<Client>>,
     /// Keyed by SQL text. Only valid for the client they were prepared on:
     /// emptied whenever the client is replaced.
     statements: std::sync::Mutex<HashMap<String, Statement>>,
@@ -65,7 +65,7 @@ const SOFT_POOL_SIZE: usize = 2;
 
 impl Connections {
     fn new(config: Config, n: usize) -> Self {
-        let slots = (0..n).map(|_| Slot { client: RwLock::new(None), statements: std::sync::Mutex::new(HashMap::new()) });
+        let slots = (0..n).map(|_| Slot { client: Mutex::new(None), statements: std::sync::Mutex::new(HashMap::new()) });
         Self { config, slots: slots.collect(), next: AtomicUsize::new(0) }
     }
 
@@ -73,28 +73,18 @@ impl Connections {
         &self.slots[self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len()]
     }
 
-    /// A connection for single statements: a free one if any, otherwise
-    /// the next in turn.
-    async fn shared(&self) -> Result<Shared<'_>, StoreError> {
-        let (slot, guard) = self.take().await;
-        let client = RwLockWriteGuard::try_map(self.reopen(slot, guard).await?, Option::as_mut).map_err(|_| unreachable_empty())?;
-        Ok(Shared { client, slot })
-    }
-
-    async fn take(&self) -> (&Slot, RwLockWriteGuard<'_, Option<Client>>) {
-        match self.slots.iter().find_map(|s| s.client.try_write().ok().map(|g| (s, g))) {
+    /// A connection held until the guard drops: a free one if any,
+    /// otherwise the next in turn.
+    async fn take(&self) -> Result<Pooled<'_>, StoreError> {
+        let (slot, guard) = match self.slots.iter().find_map(|s| s.client.try_lock().ok().map(|g| (s, g))) {
             Some(free) => free,
             None => {
                 let slot = self.in_turn();
-                (slot, slot.client.write().await)
+                (slot, slot.client.lock().await)
             }
-        }
-    }
-
-    /// A connection held alone: a free one if any, otherwise the next in turn.
-    async fn exclusive(&self) -> Result<Exclusive<'_>, StoreError> {
-        let (slot, guard) = self.take().await;
-        RwLockWriteGuard::try_map(self.reopen(slot, guard).await?, Option::as_mut).map(Exclusive).map_err(|_| unreachable_empty())
+        };
+        let client = MutexGuard::try_map(self.reopen(slot, guard).await?, Option::as_mut).map_err(|_| unreachable_empty())?;
+        Ok(Pooled { client, slot })
     }
 
     /// Replaces a missing or dead connection (server restart, network), so
@@ -103,8 +93,8 @@ impl Connections {
     async fn reopen<'a>(
         &self,
         slot: &Slot,
-        mut guard: RwLockWriteGuard<'a, Option<Client>>,
-    ) -> Result<RwLockWriteGuard<'a, Option<Client>>, StoreError> {
+        mut guard: MutexGuard<'a, Option<Client>>,
+    ) -> Result<MutexGuard<'a, Option<Client>>, StoreError> {
         if guard.as_ref().is_none_or(Client::is_closed) {
             slot.statements.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clear();
             let (client, connection) = self.config.connect(NoTls).await?;
@@ -141,8 +131,8 @@ impl Pool {
 
     /// A connection to run single statements on, each prepared once per
     /// connection: a free one if any, otherwise the next in turn.
-    pub(super) async fn client(&self) -> Result<Shared<'_>, StoreError> {
-        self.main.shared().await
+    pub(super) async fn client(&self) -> Result<Pooled<'_>, StoreError> {
+        self.main.take().await
     }
 
     /// [`Pool::client`] for soft state: data the cloud rebuilds by itself
@@ -155,28 +145,30 @@ impl Pool {
     /// commits two or three of these per link, and waiting for the disk on
     /// each capped a storm's pace. Never for accounts, pairings, grants or
     /// anything else a user or a device relies on.
-    pub(super) async fn soft_state(&self) -> Result<Shared<'_>, StoreError> {
-        self.soft.shared().await
+    pub(super) async fn soft_state(&self) -> Result<Pooled<'_>, StoreError> {
+        self.soft.take().await
     }
 
-    /// A connection for a transaction, used by nothing else until the
-    /// guard drops: a free one if any, otherwise the next in turn.
-    pub(super) async fn exclusive(&self) -> Result<Exclusive<'_>, StoreError> {
-        self.main.exclusive().await
+    /// A connection for a transaction ([`Pooled`] dereferences to the
+    /// client): the same pool as [`Pool::client`], named for what the
+    /// caller does with it.
+    pub(super) async fn exclusive(&self) -> Result<Pooled<'_>, StoreError> {
+        self.main.take().await
     }
 }
 
-/// A pooled connection for single statements, each prepared once per
-/// connection and then only bound and executed (one round trip instead of
-/// two, and no re-planning in PostgreSQL).
-pub(super) struct Shared<'a> {
-    client: RwLockMappedWriteGuard<'a, Client>,
+/// A pooled connection, used by nothing else until dropped. Its single
+/// statements are prepared once per connection and then only bound and
+/// executed (one round trip instead of two, and no re-planning in
+/// PostgreSQL); transactions go through the client it dereferences to.
+pub(super) struct Pooled<'a> {
+    client: MappedMutexGuard<'a, Client>,
     slot: &'a Slot,
 }
 
 type Params<'p> = &'p [&'p (dyn ToSql + Sync)];
 
-impl Shared<'_> {
+impl Pooled<'_> {
     async fn statement(&self, sql: &str) -> Result<Statement, tokio_postgres::Error> {
         let cached = self.slot.statements.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(sql).cloned();
         if let Some(statement) = cached {
@@ -211,19 +203,16 @@ impl Shared<'_> {
     }
 }
 
-/// A connection held alone, for a transaction.
-pub(super) struct Exclusive<'a>(RwLockMappedWriteGuard<'a, Client>);
-
-impl std::ops::Deref for Exclusive<'_> {
+impl std::ops::Deref for Pooled<'_> {
     type Target = Client;
     fn deref(&self) -> &Client {
-        &self.0
+        &self.client
     }
 }
 
-impl std::ops::DerefMut for Exclusive<'_> {
+impl std::ops::DerefMut for Pooled<'_> {
     fn deref_mut(&mut self) -> &mut Client {
-        &mut self.0
+        &mut self.client
     }
 }
 
@@ -293,7 +282,7 @@ mod tests {
         Some((schema, Pool::open(&url).await.unwrap()))
     }
 
-    async fn show(c: &Shared<'_>, setting: &str) -> String {
+    async fn show(c: &Pooled<'_>, setting: &str) -> String {
         c.query_one(&format!("SHOW {setting}"), &[]).await.unwrap().get(0)
     }
 
