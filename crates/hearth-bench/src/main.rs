@@ -61,6 +61,11 @@ struct RunArgs {
     /// Extra environment for the cloud process, KEY=VALUE (repeatable).
     #[arg(long)]
     cloud_env: Vec<String>,
+    /// Passed to every Hearth node as `--device-accept-rate` (new device
+    /// connections per second; default the cloud's own, 2,000). Nodes that
+    /// share this machine's CPUs may do better with a share of it each.
+    #[arg(long)]
+    device_accept_rate: Option<u32>,
     /// Length of the load phase, seconds.
     #[arg(long, default_value_t = 20.0)]
     seconds: f64,
@@ -174,7 +179,13 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                 settle: a.settle,
                 restart: !a.no_restart,
                 targets,
-                cloud_cmd: vec![a.hearth.into_os_string(), OsString::from("cloud"), OsString::from("serve")],
+                cloud_cmd: {
+                    let mut cmd = vec![a.hearth.into_os_string(), OsString::from("cloud"), OsString::from("serve")];
+                    if let Some(rate) = a.device_accept_rate {
+                        cmd.extend([OsString::from("--device-accept-rate"), OsString::from(rate.to_string())]);
+                    }
+                    cmd
+                },
                 bench_exe: std::env::current_exe().context("locating hearth-bench")?,
                 mosquitto: a.mosquitto,
                 link_timeout: Duration::from_secs(a.link_timeout),

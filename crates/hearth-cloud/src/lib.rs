@@ -90,7 +90,9 @@ pub use store::{DatabaseUrl, DatabaseUrlError};
 /// The firmware update repository the API port serves (see `tuf_serve.rs`).
 pub use tuf_serve::{OnlineKeys, TufConfig};
 /// The connection limits and deadlines of both ports (see `server.rs`).
-pub use server::{HANDSHAKE_TIMEOUT, HEADER_TIMEOUT, MAX_CONNECTIONS, MAX_CONNECTIONS_PER_ADDRESS, MAX_DEVICE_LINKS};
+pub use server::{
+    ACCEPT_RATE, HANDSHAKE_TIMEOUT, HEADER_TIMEOUT, MAX_ACCEPT_RATE, MAX_CONNECTIONS, MAX_CONNECTIONS_PER_ADDRESS, MAX_DEVICE_LINKS,
+};
 
 /// Login and signup attempts allowed at once per client IP and per email.
 pub const RATE_LIMIT_BURST: u32 = 10;
@@ -159,6 +161,9 @@ pub struct ServeOptions {
     /// Serve Prometheus metrics (`GET /metrics`, plain HTTP, no auth) on
     /// this listener; bind it where only the scraper can reach it.
     pub metrics: Option<tokio::net::TcpListener>,
+    /// New device connections accepted per second; `None`:
+    /// [`ACCEPT_RATE`]. Lower it for nodes that share CPUs.
+    pub device_accept_rate: Option<u32>,
 }
 
 pub(crate) type AppState = Arc<Shared>;
@@ -197,7 +202,7 @@ pub async fn serve_with(
     options: ServeOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let ServeOptions { web, cluster: cluster_config, metrics: metrics_listener } = options;
+    let ServeOptions { web, cluster: cluster_config, metrics: metrics_listener, device_accept_rate } = options;
     // Cluster mode shares all state through the database; SQLite is a
     // file on one machine, so nodes on it would each see their own.
     if cluster_config.is_some() {
@@ -243,12 +248,13 @@ pub async fn serve_with(
         stop: stop_rx.clone(),
     });
 
-    let acceptor = |tls: rustls::ServerConfig, max: usize| server::Acceptor {
+    let acceptor = |tls: rustls::ServerConfig, max: usize, accept_rate: u32| server::Acceptor {
         tls: tokio_rustls::TlsAcceptor::from(Arc::new(tls)),
         limit: Arc::new(Semaphore::new(max)),
         done: done_tx.clone(),
         stop: stop_rx.clone(),
         metrics: metrics.clone(),
+        accept_rate,
     };
     let metrics_task = metrics_listener.map(|listener| {
         let (router, metrics, cluster) = (router.clone(), metrics.clone(), cluster.clone());
@@ -275,8 +281,8 @@ pub async fn serve_with(
     });
     app = app.merge(web::routes(true, config.manufacturer_ca_pem.clone()));
     // Security headers on every answer of each listener (issue 7, `headers.rs`).
-    let api_task = tokio::spawn(server::serve_api(listeners.api, acceptor(api_tls, server::MAX_CONNECTIONS), headers::secure(app, true)));
-    let device_task = tokio::spawn(server::serve_devices(listeners.devices, acceptor(device_tls, server::MAX_DEVICE_LINKS), state.clone()));
+    let api_task = tokio::spawn(server::serve_api(listeners.api, acceptor(api_tls, server::MAX_CONNECTIONS, server::ACCEPT_RATE), headers::secure(app, true)));
+    let device_task = tokio::spawn(server::serve_devices(listeners.devices, acceptor(device_tls, server::MAX_DEVICE_LINKS, device_accept_rate.unwrap_or(server::ACCEPT_RATE)), state.clone()));
     let sweeper = tokio::spawn(sweep_sessions(store, stop_rx.clone()));
     drop(done_tx);
     drop(state);

@@ -63,11 +63,15 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time in-flight HTTP requests get to finish at shutdown.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
-/// New connections accepted per second and port. A P-256 mutual-TLS
-/// handshake costs the server about a millisecond of CPU, so this keeps a
-/// two-core machine busy without starving the links it already has, and
-/// still takes back 18,000 devices within ten seconds.
-pub const ACCEPT_RATE: f64 = 2_000.0;
+/// New connections accepted per second and port, unless configured
+/// otherwise for the device port ([`crate::ServeOptions::device_accept_rate`]).
+/// A P-256 mutual-TLS handshake costs the server about a millisecond of
+/// CPU, so this keeps a two-core machine busy without starving the links
+/// it already has, and still takes back 18,000 devices within ten seconds.
+/// Nodes that share CPUs should divide it between them.
+pub const ACCEPT_RATE: u32 = 2_000;
+/// The largest accept rate that may be configured.
+pub const MAX_ACCEPT_RATE: u32 = 100_000;
 /// Connections accepted at once before [`ACCEPT_RATE`] applies.
 pub const ACCEPT_BURST: f64 = 256.0;
 /// How often a paused accept loop looks again whether it may go on.
@@ -75,26 +79,33 @@ const BUSY_RECHECK: Duration = Duration::from_millis(10);
 
 /// A token bucket for accepts, on tokio's clock (paused in tests).
 struct Pacer {
+    /// Accepts per second.
+    rate: f64,
+    /// Accepts at once: [`ACCEPT_BURST`], or one second's worth if less.
+    burst: f64,
     tokens: f64,
     at: tokio::time::Instant,
 }
 
 impl Pacer {
-    fn new() -> Self {
-        Self { tokens: ACCEPT_BURST, at: tokio::time::Instant::now() }
+    /// `rate` accepts per second, clamped to 1..=[`MAX_ACCEPT_RATE`].
+    fn new(rate: u32) -> Self {
+        let rate = f64::from(rate.clamp(1, MAX_ACCEPT_RATE));
+        let burst = ACCEPT_BURST.min(rate);
+        Self { rate, burst, tokens: burst, at: tokio::time::Instant::now() }
     }
 
     /// Takes a token, or says how long until one is there.
     fn take(&mut self) -> Result<(), Duration> {
         let now = tokio::time::Instant::now();
-        let refill = now.saturating_duration_since(self.at).as_secs_f64() * ACCEPT_RATE;
-        self.tokens = (self.tokens + refill).min(ACCEPT_BURST);
+        let refill = now.saturating_duration_since(self.at).as_secs_f64() * self.rate;
+        self.tokens = (self.tokens + refill).min(self.burst);
         self.at = now;
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             Ok(())
         } else {
-            Err(Duration::from_secs_f64((1.0 - self.tokens) / ACCEPT_RATE))
+            Err(Duration::from_secs_f64((1.0 - self.tokens) / self.rate))
         }
     }
 }
@@ -162,6 +173,8 @@ pub struct Acceptor {
     pub stop: watch::Receiver<bool>,
     /// Where refusals and handshakes are counted.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// New connections accepted per second (see [`ACCEPT_RATE`]).
+    pub accept_rate: u32,
 }
 
 /// Accepts connections until shutdown, handing each to `handle` in its own
@@ -185,7 +198,7 @@ async fn accept_loop<S, H, HFut, F, Fut>(
 {
     let mut stop = acc.stop.clone();
     let per_address = Arc::new(PerAddress::default());
-    let mut pacer = Pacer::new();
+    let mut pacer = Pacer::new(acc.accept_rate);
     loop {
         // The accept rate first: in a reconnect storm the accept loop
         // waits here and the backlog absorbs the rest.
@@ -393,22 +406,33 @@ mod pacer_tests {
 
     #[tokio::test(start_paused = true)]
     async fn accepts_come_in_a_burst_then_at_the_rate() {
-        let mut p = Pacer::new();
-        for _ in 0..ACCEPT_BURST as usize {
-            p.take().unwrap();
-        }
-        let wait = p.take().unwrap_err();
-        assert!(wait <= Duration::from_secs_f64(1.0 / ACCEPT_RATE) + Duration::from_micros(1), "{wait:?}");
-        tokio::time::advance(wait).await;
-        p.take().unwrap();
-        // Over one more second, never more than the rate (plus rounding).
-        let mut taken = 0;
-        for _ in 0..1000 {
-            tokio::time::advance(Duration::from_millis(1)).await;
-            while p.take().is_ok() {
-                taken += 1;
+        // The default, and a configured rate below the burst (several
+        // nodes sharing CPUs): at most one second's worth at once.
+        for (rate, burst) in [(ACCEPT_RATE, ACCEPT_BURST as usize), (200, 200)] {
+            let mut p = Pacer::new(rate);
+            for _ in 0..burst {
+                p.take().unwrap();
             }
+            let wait = p.take().unwrap_err();
+            assert!(wait <= Duration::from_secs_f64(1.0 / f64::from(rate)) + Duration::from_micros(1), "{rate}/s: {wait:?}");
+            tokio::time::advance(wait).await;
+            p.take().unwrap();
+            // Over one more second, never more than the rate (plus rounding).
+            let mut taken = 0;
+            for _ in 0..1000 {
+                tokio::time::advance(Duration::from_millis(1)).await;
+                while p.take().is_ok() {
+                    taken += 1;
+                }
+            }
+            let rate = rate as usize;
+            assert!((rate - 2..=rate + 1).contains(&taken), "{rate}/s: took {taken}");
         }
-        assert!((ACCEPT_RATE as usize - 2..=ACCEPT_RATE as usize + 1).contains(&taken), "{taken}");
+    }
+
+    #[test]
+    fn a_rate_out_of_range_is_clamped() {
+        assert_eq!(Pacer::new(0).rate, 1.0);
+        assert_eq!(Pacer::new(u32::MAX).rate, f64::from(MAX_ACCEPT_RATE));
     }
 }

@@ -45,6 +45,12 @@ pub struct ServeArgs {
     /// auth): bind it to an address only the scraper can reach.
     #[arg(long)]
     pub metrics_listen: Option<SocketAddr>,
+    /// New device connections accepted per second (the rest wait in the
+    /// listen backlog). Nodes sharing one machine's CPUs should split the
+    /// default between them.
+    #[arg(long, default_value_t = hearth_cloud::ACCEPT_RATE,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(hearth_cloud::MAX_ACCEPT_RATE)))]
+    pub device_accept_rate: u32,
     /// A firmware repository (`hearth fw init`) to serve under /tuf/ on the API port.
     #[arg(long)]
     pub tuf_repo: Option<PathBuf>,
@@ -206,8 +212,37 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         None => None,
     };
     let metrics = metrics_listener(args.metrics_listen).await?;
-    let options = hearth_cloud::ServeOptions { web, cluster, metrics };
+    let options = hearth_cloud::ServeOptions { web, cluster, metrics, device_accept_rate: Some(args.device_accept_rate) };
     hearth_cloud::serve_with(config, hearth_cloud::Listeners { api, devices }, options, shutdown_signal()).await?;
     println!("hearth cloud: stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::ServeArgs;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    fn parse(extra: &[&str]) -> Result<ServeArgs, clap::Error> {
+        let args = ["serve", "--pki", "p", "--data-dir", "d"].iter().chain(extra);
+        Cli::try_parse_from(args).map(|c| c.serve)
+    }
+
+    #[test]
+    fn the_device_accept_rate_defaults_to_the_clouds_and_is_bounded() {
+        assert_eq!(parse(&[]).unwrap().device_accept_rate, hearth_cloud::ACCEPT_RATE);
+        assert_eq!(parse(&["--device-accept-rate", "400"]).unwrap().device_accept_rate, 400);
+        for bad in ["0", "100001", "-5", "fast"] {
+            let flag = format!("--device-accept-rate={bad}");
+            let e = parse(&[&flag]).err().unwrap_or_else(|| panic!("{bad} was taken"));
+            assert!(e.to_string().contains("--device-accept-rate"), "{e}");
+        }
+    }
 }

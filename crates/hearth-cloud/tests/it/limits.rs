@@ -11,13 +11,13 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hearth_cloud::{HANDSHAKE_TIMEOUT, HEADER_TIMEOUT, MAX_CONNECTIONS_PER_ADDRESS};
+use hearth_cloud::{ServeOptions, HANDSHAKE_TIMEOUT, HEADER_TIMEOUT, MAX_CONNECTIONS_PER_ADDRESS};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 
-use crate::support::{read_response, Cloud};
+use crate::support::{read_response, Cloud, TestDevice};
 
 /// Another loopback address: Linux routes all of 127.0.0.0/8 to `lo`, so a
 /// second client address needs no network.
@@ -148,6 +148,27 @@ async fn the_device_port_limits_addresses_too() {
         }
         assert!(Instant::now() < deadline, "slots were not given back after the clients closed");
     }
+    cloud.shutdown().await.unwrap();
+}
+
+/// `--device-accept-rate` (issue 8, for nodes sharing CPUs): at 4 a
+/// second, twelve devices dialling at once get their handshakes over about
+/// two seconds (a burst of one second's worth, then the rate), where the
+/// default rate takes them all at once.
+#[tokio::test]
+async fn the_device_port_accepts_at_the_configured_rate() {
+    let cloud = Cloud::start_with_options(ServeOptions { device_accept_rate: Some(4), ..ServeOptions::default() }).await;
+    let devices: Vec<_> = (0..12).map(|_| TestDevice::new(&cloud.manufacturer)).collect();
+    let started = Instant::now();
+    let linked = futures_util::future::join_all(devices.iter().map(|d| d.connect(&cloud))).await;
+    let took = started.elapsed();
+    for r in &linked {
+        if let Err(e) = r {
+            panic!("a device could not link: {e}");
+        }
+    }
+    assert!(took >= Duration::from_millis(1900), "12 handshakes at 4/s after a burst of 4 took only {took:?}");
+    assert!(took < Duration::from_secs(6), "took {took:?}");
     cloud.shutdown().await.unwrap();
 }
 

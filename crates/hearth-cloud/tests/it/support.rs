@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hearth_cloud::{CloudConfig, Listeners};
+use hearth_cloud::{CloudConfig, Listeners, ServeOptions};
 use hearth_pki::{CertifiedKey, Validity};
 use hearth_proto::capability::DeviceKind;
 use hearth_proto::ids::DeviceId;
@@ -53,6 +53,15 @@ impl Cloud {
 
     /// A cloud on PostgreSQL in `schema`, or on SQLite in a temporary directory.
     pub async fn start_on(schema: Option<crate::pg::PgSchema>, session_ttl: Duration) -> Self {
+        Self::start_with(schema, session_ttl, ServeOptions::default()).await
+    }
+
+    /// A cloud with `options` on the test database.
+    pub async fn start_with_options(options: ServeOptions) -> Self {
+        Self::start_with(crate::pg::default_cloud_schema().await, Duration::from_secs(3600), options).await
+    }
+
+    async fn start_with(schema: Option<crate::pg::PgSchema>, session_ttl: Duration, options: ServeOptions) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let manufacturer = hearth_pki::generate_ca("test manufacturer", Validity::days(1)).unwrap();
         let cloud_ca = hearth_pki::generate_ca("test cloud", Validity::days(1)).unwrap();
@@ -73,7 +82,7 @@ impl Cloud {
             tuf: None,
         };
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(hearth_cloud::serve(config, Listeners { api, devices }, async {
+        let task = tokio::spawn(hearth_cloud::serve_with(config, Listeners { api, devices }, options, async {
             let _ = stopped.await;
         }));
         let cloud =
