@@ -106,12 +106,21 @@ async function refresh() {
     if (p && p.at > started) d.online = p.online;
   }
   const old = devices;
-  const next = new Map(list.map((d) => [d.id, d]));
-  for (const [id, d] of next) {
-    const o = old.get(id);
+  const next = new Map();
+  for (const d of list) {
+    const o = old.get(d.id);
+    if (!o) {
+      next.set(d.id, d);
+      continue;
+    }
     // Keep a newer live state than the listed one.
-    if (o && o.seq !== undefined && (d.seq === undefined || o.seq > d.seq)) Object.assign(d, { seq: o.seq, state: o.state, at: o.at, problem: null });
-    if (o && o.live) d.live = o.live;
+    if (o.seq !== undefined && (d.seq === undefined || o.seq > d.seq)) Object.assign(d, { seq: o.seq, state: o.state, at: o.at, problem: null });
+    if (o.live) d.live = o.live;
+    // Updated in place, not replaced: a screen holding this device object
+    // (a listing that finished after it opened) keeps seeing its pushes.
+    for (const k of Object.keys(o)) if (!(k in d)) delete o[k];
+    Object.assign(o, d);
+    next.set(d.id, o);
   }
   devices.clear();
   for (const [id, d] of next) devices.set(id, d);
@@ -480,10 +489,15 @@ async function deviceScreen(id) {
     );
   };
   const firmwareAction = async (command, message) => {
+    const seqBefore = dev.seq;
     const r = await ctl.firmwareCommand(dev, command);
     if (r.refused) flash(`${dev.name} refused: ${r.refused}`, "error");
     else {
-      dev.state = r.state;
+      // The update client reports after it acts, so a state report pushed
+      // while this command was on its way is at least as new as the
+      // result's copy: the result must not put the older status back (it
+      // hid an offered release now and then).
+      if (dev.seq === seqBefore) dev.state = r.state;
       flash(message);
       renderFirmware();
     }
