@@ -1188,6 +1188,17 @@ mod tests {
         node.router.add_device(id, crate::router::DeviceInfo { owner: None, setup_lookup: None, members: Vec::new() })
     }
 
+    /// `from` queues a command for `id`, and the device's link `to` gets it.
+    async fn command_reaches(from: &Cluster, id: &DeviceId, to: &mut crate::router::LinkHandle<Vec<u8>>, sent: Vec<u8>) {
+        let queued = from.request(id, DeviceMsg::Command { envelope: sent.clone(), wait: false }, QUICK_TIMEOUT).await;
+        assert!(matches!(queued, Ok(Reply::Queued)), "{queued:?}");
+        let frame = tokio::time::timeout(Duration::from_secs(2), to.rx.recv()).await.unwrap().unwrap();
+        assert!(matches!(
+            hearth_proto::link::decode_frame::<CloudFrame>(&frame).unwrap(),
+            Some((CloudFrame::Command { envelope }, _)) if envelope == sent
+        ));
+    }
+
     async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
         let deadline = Instant::now() + Duration::from_secs(5);
         while !check() {
@@ -1223,13 +1234,7 @@ mod tests {
         let _gb = b.device_up(&id, hb.link).await;
         eventually("a drops its older link", || a.router.device_link(&id).is_none()).await;
         assert_eq!(t.holder(&id).await.as_deref(), Some("n1"));
-        let queued = c.request(&id, DeviceMsg::Command { envelope: vec![7; 100], wait: false }, QUICK_TIMEOUT).await;
-        assert!(matches!(queued, Ok(Reply::Queued)), "{queued:?}");
-        let frame = tokio::time::timeout(Duration::from_secs(2), hb.rx.recv()).await.unwrap().unwrap();
-        assert!(matches!(
-            hearth_proto::link::decode_frame::<CloudFrame>(&frame).unwrap(),
-            Some((CloudFrame::Command { envelope }, _)) if envelope == vec![7; 100]
-        ));
+        command_reaches(c, &id, &mut hb, vec![7; 100]).await;
 
         // A node asked about a device it does not hold says so at once
         // rather than leaving the requester to its deadline.
@@ -1279,13 +1284,7 @@ mod tests {
         let _gb = b.device_up(&id, hb.link).await;
         eventually("a drops its older link", || a.router.device_link(&id).is_none()).await;
         assert_eq!(c.recent_holders.get(&id, Instant::now()), Some(a.node.clone()), "the copy is meant to be stale here");
-        let queued = c.request(&id, DeviceMsg::Command { envelope: vec![9; 10], wait: false }, QUICK_TIMEOUT).await;
-        assert!(matches!(queued, Ok(Reply::Queued)), "{queued:?}");
-        let frame = tokio::time::timeout(Duration::from_secs(2), hb.rx.recv()).await.unwrap().unwrap();
-        assert!(matches!(
-            hearth_proto::link::decode_frame::<CloudFrame>(&frame).unwrap(),
-            Some((CloudFrame::Command { envelope }, _)) if envelope == vec![9; 10]
-        ));
+        command_reaches(c, &id, &mut hb, vec![9; 10]).await;
         assert!(hb.rx.try_recv().is_err(), "the command was delivered twice");
         assert_eq!(c.recent_holders.get(&id, Instant::now()), Some(b.node.clone()));
 
